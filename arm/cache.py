@@ -1,0 +1,120 @@
+"""Content-keyed outputs, built once and published atomically.
+
+Every stage writes into a temporary sibling of its final folder and renames it into place when
+complete, under a file lock so that concurrent jobs of a sweep (local or Slurm) build it once.
+A folder at the final path is therefore always complete; a killed build leaves only a temporary
+sibling, which the next build removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+TMP_MARK = ".tmp-"
+
+
+def content_key(*parts: Any, length: int = 16) -> str:
+    """A stable hex digest of JSON-serialisable parts (dict key order does not matter)."""
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def to_plain(obj: Any) -> Any:
+    """OmegaConf nodes and mappings to plain, JSON-friendly Python objects."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, DictConfig | ListConfig):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a core dependency
+        pass
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created if missing), released on exit."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def tmp_sibling(final: Path) -> Path:
+    return final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def remove_stale_tmp(final: Path) -> None:
+    """Remove temporary siblings left by killed builds (call while holding the lock)."""
+    for stale in final.parent.glob(f"{final.name}{TMP_MARK}*"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def build_once(final: Path, build: Callable[[Path], None], *, is_complete: Callable[[Path], bool] | None = None) -> bool:
+    """Build the folder `final` with `build(tmp_dir)` unless it already exists.
+
+    Returns True when it was built now, False when an existing complete folder was reused.
+    `build` writes into the temporary folder it is given; on any exception the temporary folder
+    is removed and nothing appears at `final`.
+    """
+    complete = is_complete or (lambda p: p.is_dir())
+    if complete(final):
+        return False
+    with file_lock(final.with_name(final.name + ".lock")):
+        if complete(final):
+            return False
+        remove_stale_tmp(final)
+        if final.exists():  # incomplete leftover (is_complete said no): redo it
+            shutil.rmtree(final)
+        tmp = tmp_sibling(final)
+        tmp.mkdir(parents=True)
+        try:
+            build(tmp)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return True
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file, with an error naming the file when it is missing or malformed."""
+    from arm.errors import InputError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: file not found") from exc
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from exc

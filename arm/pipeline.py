@@ -1,0 +1,208 @@
+"""One job: trajectory -> merge -> evaluate -> report.
+
+Each stage's output is cached under a content key (the stage's config and its inputs' keys), so a
+sweep trains a trajectory once and evaluates each reference model once.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from arm.cache import build_once, content_key, to_plain
+from arm.errors import ConfigError
+from arm.trajectory import (
+    PACKAGE_DIR,
+    DomainData,
+    ModelRef,
+    Trajectory,
+    ensure_data,
+    ensure_trajectory,
+    source_digest,
+)
+
+log = logging.getLogger(__name__)
+
+EVAL_CODE = [PACKAGE_DIR.parent / "evals" / f for f in ("runner.py", "scoring.py", "sandbox.py", "tasks/utils.py")]
+EVAL_SETTINGS = ("backend", "dtype", "batch_size", "limit", "num_fewshot", "gen_kwargs", "apply_chat_template", "vllm")
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+    cache: Path
+    run_dir: Path
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any], run_dir: Path | None = None) -> Paths:
+        base = Path.cwd()
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            hydra_cfg = HydraConfig.get()
+            base = Path(hydra_cfg.runtime.cwd)
+            run_dir = run_dir or Path(hydra_cfg.runtime.output_dir)
+        except (ImportError, ValueError):
+            pass
+
+        def absolute(p: str | Path) -> Path:
+            p = Path(p).expanduser()
+            return p if p.is_absolute() else base / p
+
+        root = absolute(cfg["paths"]["root"])
+        run_dir = absolute(run_dir) if run_dir else root / "runs" / "adhoc"
+        return cls(root=root, cache=absolute(cfg["paths"]["cache"]), run_dir=run_dir)
+
+
+def validate(cfg: Mapping[str, Any]) -> None:
+    """Cheap checks of the composed config, before any work."""
+    from evals.runner import synthetic_templates, task_specs
+
+    domain = cfg["domain"]
+    specs = task_specs(domain)
+    if domain.get("synthetic"):
+        known = synthetic_templates()
+        for spec in specs:
+            if spec.name not in known:
+                raise ConfigError("domain.tasks", f"unknown synthetic task '{spec.name}' (known: {', '.join(known)})")
+    elif not (cfg.get("trajectory") or {}).get("path") and cfg["model"].get("kind") == "tiny":
+        raise ConfigError("trajectory.path", f"the tiny model trains only on synthetic domains; '{domain['name']}' needs trajectory.path")
+    split = cfg["eval"].get("split", "test")
+    if split not in ("test", "validation"):
+        raise ConfigError("eval.split", f"'{split}' is not one of: test, validation")
+    if cfg["logger"]["name"] not in ("wandb", "none"):
+        raise ConfigError("logger.name", f"unknown logger '{cfg['logger']['name']}'")
+    if cfg["merge"]["name"] != "none":
+        from arm.merge_engine import validate_merge_config
+
+        validate_merge_config(cfg["merge"])
+
+
+def eval_key(model: ModelRef, cfg: Mapping[str, Any], data: DomainData | None) -> str:
+    eval_cfg = to_plain(cfg["eval"])
+    settings = {k: eval_cfg.get(k) for k in EVAL_SETTINGS}
+    return content_key(
+        "eval", model.key, settings, eval_cfg.get("split", "test"), to_plain(cfg["domain"].get("tasks")),
+        data.key if data else None, source_digest(*[f for f in EVAL_CODE if f.exists()]),
+        *[source_digest(f) for f in sorted((PACKAGE_DIR.parent / "evals" / "tasks").glob("*.yaml"))],
+    )
+
+
+def evaluate_cached(
+    model: ModelRef,
+    *,
+    role: str,
+    cfg: Mapping[str, Any],
+    data: DomainData | None,
+    paths: Paths,
+    method: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    merge_wall_s: float | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """Evaluate `model` once per evaluation key; returns the result and its folder."""
+    from evals import runner
+    from evals.results import RESULTS_NAME, build_result, load_result, write_result
+
+    key = eval_key(model, cfg, data)
+    folder = paths.cache / "evals" / f"{cfg['model']['name']}-{cfg['domain']['name']}-{model.name}-{key}"
+    specs = runner.task_specs(cfg["domain"])
+    split = cfg["eval"].get("split", "test")
+    unsafe = bool(cfg["domain"].get("unsafe_code", False))
+
+    def build(tmp: Path) -> None:
+        include = None
+        if cfg["domain"].get("synthetic"):
+            include = runner.write_synthetic_tasks(specs, data.folder, split, tmp / "tasks")
+        log.info("evaluating %s (%s) on %s/%s", model.name, model.path, cfg["domain"]["name"], split)
+        evaluation = runner.evaluate(model.path, specs, cfg["eval"], tmp, include_path=include,
+                                     model_cfg=cfg["model"], unsafe_code=unsafe, seed=int(cfg.get("seed", 0)))
+        result = build_result(
+            name=model.name, role=role, model=cfg["model"]["name"], domain=cfg["domain"]["name"], split=split,
+            model_path=model.path, evaluation=evaluation, config=to_plain(cfg), cache_key=key, step=model.step,
+            method=method, params=params, merge_wall_s=merge_wall_s,
+        )
+        write_result(tmp / RESULTS_NAME, result)
+
+    if not build_once(folder, build, is_complete=lambda p: (p / RESULTS_NAME).is_file()):
+        log.info("reusing evaluation of %s (%s)", model.name, folder.name)
+    return load_result(folder / RESULTS_NAME), folder
+
+
+def merge_cached(trajectory: Trajectory, cfg: Mapping[str, Any], paths: Paths) -> tuple[ModelRef, dict[str, Any]]:
+    """Run the configured merge method on the trajectory's early checkpoints, once per key."""
+    from arm.merge_engine import merge_from_config, merge_identity
+
+    merge_cfg = to_plain(cfg["merge"])
+    method = merge_cfg["name"]
+    key = content_key("merge", merge_identity(merge_cfg), trajectory.base.key, [r.key for r in trajectory.early])
+    folder = paths.cache / "merged" / f"{cfg['model']['name']}-{cfg['domain']['name']}-{method}-{key}"
+    summary_file = folder / "merge_summary.json"
+    if not summary_file.is_file():
+        from arm.cache import atomic_write_json, file_lock
+
+        with file_lock(folder.with_name(folder.name + ".lock")):
+            if not summary_file.is_file():
+                if folder.exists():
+                    shutil.rmtree(folder)
+                start = time.perf_counter()
+                summary = merge_from_config({**merge_cfg, "overwrite": False}, trajectory.base.path, trajectory.inputs, folder, progress=False)
+                summary = {**to_plain(summary), "wall_s": round(time.perf_counter() - start, 3), "out_dir": str(folder)}
+                atomic_write_json(summary_file, summary)
+    from arm.cache import read_json
+
+    summary = read_json(summary_file)
+    return ModelRef(method, folder, key), summary
+
+
+def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
+    """Run one job and return {"results": [...], "table": markdown, "run_dir": ...}."""
+    from arm.cache import atomic_write_text
+    from arm.tracking import start_tracker
+    from evals.results import RESULTS_NAME, write_result
+    from evals.table import build_table, to_markdown
+
+    validate(cfg)
+    paths = Paths.from_cfg(cfg, run_dir)
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    config = to_plain(cfg)
+    tracker = start_tracker(cfg, paths.run_dir, config)
+    results: list[dict[str, Any]] = []
+    try:
+        data = ensure_data(cfg["domain"], paths.cache) if cfg["domain"].get("synthetic") else None
+        trajectory = ensure_trajectory(cfg, data, paths.cache)
+        ref_cfg = cfg.get("references") or {}
+        todo: list[tuple[ModelRef, dict[str, Any]]] = [
+            (ref, {"role": "reference"})
+            for ref in trajectory.references(ref_cfg.get("base", True), ref_cfg.get("early", True), ref_cfg.get("converged", True))
+        ]
+        if cfg["merge"]["name"] != "none":
+            merged, summary = merge_cached(trajectory, cfg, paths)
+            todo.append((merged, {"role": "merge", "method": merged.name, "params": summary.get("params"),
+                                  "merge_wall_s": summary.get("wall_s")}))
+        for model, extra in todo:
+            result, folder = evaluate_cached(model, cfg=cfg, data=data, paths=paths, **extra)
+            job_copy = paths.run_dir / "results" / model.name
+            job_copy.mkdir(parents=True, exist_ok=True)
+            write_result(job_copy / RESULTS_NAME, result)
+            if (folder / "samples.jsonl").is_file():
+                shutil.copy(folder / "samples.jsonl", job_copy / "samples.jsonl")
+            from evals.runner import read_samples
+
+            tracker.log_result(result, read_samples(folder / "samples.jsonl"))
+            results.append(result)
+        table = build_table(results)
+        markdown = to_markdown(table)
+        atomic_write_text(paths.run_dir / "table.md", markdown)
+        tracker.log_table(table)
+    finally:
+        tracker.finish()
+    print(f"\n== {cfg['model']['name']} / {cfg['domain']['name']} / merge={cfg['merge']['name']} ==\n{markdown}")
+    print(f"results: {paths.run_dir / 'results'}\ntrajectory: {trajectory.folder}")
+    if tracker.location:
+        print(f"W&B run files: {tracker.location}")
+    return {"results": results, "table": markdown, "run_dir": str(paths.run_dir), "trajectory": str(trajectory.folder)}

@@ -1,0 +1,100 @@
+"""Experiment tracking: one W&B run per Hydra job (logger=wandb), or nothing (logger=none).
+
+W&B runs offline unless the environment says otherwise (WANDB_MODE), and every file it writes stays
+inside the job's run folder: WANDB_DIR, WANDB_CACHE_DIR, WANDB_DATA_DIR, WANDB_CONFIG_DIR and
+WANDB_ARTIFACT_DIR all point there unless the user has set them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SAMPLE_ROWS = 100  # per evaluated model, in the W&B samples table
+
+
+class NullTracker:
+    """logger=none: nothing is tracked beyond results.json files."""
+
+    location: str | None = None
+
+    def log_result(self, result: Mapping[str, Any], samples: Sequence[Mapping[str, Any]]) -> None:
+        pass
+
+    def log_table(self, table: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, Any]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbTracker(NullTracker):
+    def __init__(self, cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any]):
+        logger_cfg = cfg["logger"]
+        wandb_dir = Path(run_dir) / "wandb"
+        for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", ".cache"), ("WANDB_DATA_DIR", ".data"),
+                         ("WANDB_CONFIG_DIR", ".config"), ("WANDB_ARTIFACT_DIR", ".artifacts")):
+            path = wandb_dir / sub if sub else Path(run_dir)
+            path.mkdir(parents=True, exist_ok=True)
+            os.environ[var] = str(path)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        model, domain, method = cfg["model"]["name"], cfg["domain"]["name"], cfg["merge"]["name"]
+        tags = [f"model:{model}", f"domain:{domain}", f"method:{method}", *list(logger_cfg.get("tags") or [])]
+        self.run = wandb.init(
+            project=logger_cfg.get("project"),
+            entity=logger_cfg.get("entity"),
+            group=logger_cfg.get("group"),
+            name=f"{model}-{domain}-{method}",
+            tags=tags,
+            config=dict(config),
+            dir=str(run_dir),
+            mode=logger_cfg.get("mode") or "offline",
+        )
+        self.wandb = wandb
+        self.location = self.run.dir if self.run is not None else None
+        self._rows: list[list[Any]] = []
+
+    def log_result(self, result: Mapping[str, Any], samples: Sequence[Mapping[str, Any]]) -> None:
+        name = result["name"]
+        for task, cell in result["primary"].items():
+            metric = cell["metric"].split(",")[0]
+            self.run.summary[f"{task}/{metric}/{name}"] = cell["value"]
+            self._rows.append([name, result["role"], result.get("step"), task, cell["metric"], cell["value"], cell["n"]])
+        if samples:
+            columns = ["task", "id", "prompt", "target", "prediction", "score"]
+            data = [[s.get(c) if not isinstance(s.get(c), dict | list) else str(s.get(c)) for c in columns] for s in samples[:SAMPLE_ROWS]]
+            self.run.log({f"samples/{name}": self.wandb.Table(columns=columns, data=data)})
+
+    def log_table(self, table: Any) -> None:
+        self.run.log({"results": self.wandb.Table(columns=["name", "role", "step", "task", "metric", "value", "n"], data=self._rows)})
+        if table is not None:
+            from evals.table import to_markdown
+
+            self.run.summary["table_markdown"] = to_markdown(table)
+
+    def log_metrics(self, metrics: Mapping[str, Any]) -> None:
+        self.run.log(dict(metrics))
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def start_tracker(cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any]) -> NullTracker:
+    name = cfg["logger"]["name"]
+    if name == "none":
+        return NullTracker()
+    if name == "wandb":
+        return WandbTracker(cfg, run_dir, config)
+    from arm.errors import ConfigError
+
+    raise ConfigError("logger.name", f"unknown logger '{name}' (known: wandb, none)")

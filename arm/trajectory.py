@@ -1,0 +1,253 @@
+"""The trajectory: the inputs of every merge method (base + early SFT checkpoints) and the
+converged SFT checkpoint they are compared with.
+
+Either read from an SFT output folder (`checkpoint-<step>/` folders as transformers' Trainer writes
+them, optionally a `base/` folder and a `manifest.json`), or trained by the SFT stage and cached
+under a content key (the embedded default trains its own tiny trajectory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from arm.cache import atomic_write_json, build_once, content_key, read_json, to_plain
+from arm.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def source_digest(*files: Path) -> str:
+    """Digest of source files whose behaviour a cached output depends on."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(Path(file).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One model of the trajectory: its folder, its step, and a key naming its content."""
+
+    name: str
+    path: Path
+    key: str
+    step: int | None = None
+
+
+@dataclass
+class Trajectory:
+    base: ModelRef
+    early: list[ModelRef]
+    converged: ModelRef | None
+    folder: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def inputs(self) -> list[Path]:
+        """The early checkpoints, ordered by step: the inputs of every merge method."""
+        return [ref.path for ref in self.early]
+
+    def references(self, base: bool = True, early: bool = True, converged: bool = True) -> list[ModelRef]:
+        refs = ([self.base] if base else []) + (list(self.early) if early else [])
+        if converged and self.converged is not None:
+            refs.append(self.converged)
+        return refs
+
+
+# ---------------------------------------------------------------------------------------------
+# Data of the synthetic domains
+
+
+@dataclass(frozen=True)
+class DomainData:
+    name: str
+    folder: Path
+    key: str
+
+    def split(self, name: str) -> list[dict]:
+        from arm.domains import read_split
+
+        return read_split(self.folder / f"{name}.jsonl")
+
+
+def data_params(domain_cfg: Mapping) -> tuple[dict, int]:
+    params = dict(to_plain(domain_cfg.get("data") or {}))
+    seed = int(params.pop("seed", 0))
+    return params, seed
+
+
+def ensure_data(domain_cfg: Mapping, cache_dir: Path) -> DomainData:
+    """Generate the synthetic domain's splits once per (generator code, knobs, seed)."""
+    from arm import domains
+
+    generator = domain_cfg.get("generator")
+    try:
+        module = domains.get_generator(generator)
+    except ValueError as exc:
+        raise ConfigError("domain.generator", str(exc)) from exc
+    params, seed = data_params(domain_cfg)
+    key = content_key("data", generator, params, seed, source_digest(Path(module.__file__), PACKAGE_DIR / "domains" / "__init__.py"))
+    folder = Path(cache_dir) / "data" / f"{domain_cfg['name']}-{key}"
+
+    def build(tmp: Path) -> None:
+        try:
+            splits = domains.generate_splits(generator, params, seed)
+        except ValueError as exc:
+            raise ConfigError("domain.data", str(exc)) from exc
+        domains.write_splits(splits, tmp)
+        atomic_write_json(tmp / "data.json", {"generator": generator, "params": params, "seed": seed,
+                                               "sizes": {k: len(v) for k, v in splits.items()}})
+
+    if build_once(folder, build):
+        log.info("generated %s data in %s", domain_cfg["name"], folder)
+    return DomainData(domain_cfg["name"], folder, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading an SFT output folder
+
+
+def find_checkpoints(folder: Path) -> dict[int, Path]:
+    """`checkpoint-<step>/` folders below `folder`, by step."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: trajectory folder not found")
+    found = {}
+    for child in folder.iterdir():
+        match = CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir():
+            found[int(match.group(1))] = child
+    if not found:
+        raise InputError(f"{folder}: no checkpoint-<step>/ folders (expected the output folder of an SFT run)")
+    return dict(sorted(found.items()))
+
+
+def folder_key(path: Path) -> str:
+    """A content key for a model folder we did not build: its weight files' names, sizes and mtimes."""
+    path = Path(path)
+    stats = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in path.glob("*.safetensors"))
+    return content_key("folder", str(path.resolve()), stats)
+
+
+def check_early_steps(early_steps: Sequence[int], available: Sequence[int], key: str) -> list[int]:
+    steps = [int(s) for s in early_steps]
+    if not steps:
+        raise ConfigError(key, "the list of early checkpoints is empty")
+    if steps != sorted(set(steps)):
+        raise ConfigError(key, f"early checkpoint steps must be distinct and ordered by step, got {steps}")
+    missing = [s for s in steps if s not in available]
+    if missing:
+        raise ConfigError(key, f"no checkpoint for step(s) {missing}; available: {list(available)}")
+    return steps
+
+
+def from_folder(
+    folder: Path,
+    *,
+    base: str | Path | None,
+    early_steps: Sequence[int] | None,
+    converged_step: int | None = None,
+    key: str | None = None,
+) -> Trajectory:
+    """A trajectory from an SFT output folder (Trainer layout, or the one the SFT stage writes)."""
+    folder = Path(folder)
+    checkpoints = find_checkpoints(folder)
+    manifest_path = folder / "manifest.json"
+    manifest = read_json(manifest_path) if manifest_path.is_file() else {}
+    steps = list(checkpoints)
+    if early_steps is None:
+        early_steps = manifest.get("early_steps")
+        if not early_steps:
+            raise ConfigError("trajectory.early_steps", f"{folder} has no manifest naming them; set them (available steps: {steps})")
+    early = check_early_steps(early_steps, steps, "trajectory.early_steps")
+    converged = int(converged_step) if converged_step is not None else int(manifest.get("converged_step", steps[-1]))
+    if converged not in checkpoints:
+        raise ConfigError("trajectory.converged_step", f"no checkpoint for step {converged}; available: {steps}")
+    if converged <= early[-1]:
+        raise ConfigError("trajectory.early_steps", f"early steps {early} must come before the converged step {converged}")
+
+    if base is None:
+        base_path = folder / manifest.get("base", "base")
+        if not base_path.is_dir():
+            raise ConfigError("trajectory.base", f"{folder} has no base/ folder; set trajectory.base to the base model")
+    else:
+        base_path = Path(base)
+        if not base_path.is_dir():
+            raise InputError(
+                f"{base_path}: base model folder not found (trajectory.base). Models cannot be downloaded "
+                "here: point trajectory.base at a local copy"
+            )
+
+    def ref(name: str, path: Path, step: int | None) -> ModelRef:
+        return ModelRef(name, path, content_key(key, path.name) if key else folder_key(path), step)
+
+    return Trajectory(
+        base=ref("base", base_path, None),
+        early=[ref(f"sft@{s}", checkpoints[s], s) for s in early],
+        converged=ref("sft_converged", checkpoints[converged], converged),
+        folder=folder,
+        manifest=manifest,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training the trajectory (embedded default)
+
+
+def sft_config(cfg: Mapping) -> dict:
+    """model.sft merged with domain.sft (domain wins)."""
+    from omegaconf import OmegaConf
+
+    model_sft = cfg["model"].get("sft") or {}
+    domain_sft = cfg["domain"].get("sft") or {}
+    return to_plain(OmegaConf.merge(OmegaConf.create(to_plain(model_sft)), OmegaConf.create(to_plain(domain_sft))))
+
+
+def trajectory_key(cfg: Mapping, data: DomainData) -> str:
+    sft = sft_config(cfg)
+    sft.pop("early_steps", None)  # which checkpoints feed the merge does not change the training run
+    model = to_plain(cfg["model"])
+    model.pop("sft", None)
+    code = source_digest(PACKAGE_DIR / "sft.py", PACKAGE_DIR / "tiny.py")
+    return content_key("trajectory", model, sft, data.key, int(cfg.get("seed", 0)), code)
+
+
+def ensure_trajectory(cfg: Mapping, data: DomainData | None, cache_dir: Path) -> Trajectory:
+    traj_cfg = cfg.get("trajectory") or {}
+    early_override = traj_cfg.get("early_steps")
+    if traj_cfg.get("path"):
+        return from_folder(
+            Path(traj_cfg["path"]),
+            base=traj_cfg.get("base"),
+            early_steps=to_plain(early_override) if early_override is not None else to_plain(cfg["model"].get("sft", {}).get("early_steps")),
+            converged_step=traj_cfg.get("converged_step"),
+        )
+    if data is None:
+        raise ConfigError("trajectory.path", f"domain '{cfg['domain']['name']}' has no synthetic data: set trajectory.path to an SFT output folder")
+    key = trajectory_key(cfg, data)
+    folder = Path(cache_dir) / "trajectories" / f"{cfg['model']['name']}-{cfg['domain']['name']}-{key}"
+    sft = sft_config(cfg)
+
+    def build(tmp: Path) -> None:
+        from arm.sft import train_trajectory
+
+        splits = {name: data.split(name) for name in ("train", "validation")}
+        log.info("training the %s trajectory on %s (%d examples) into %s", cfg["model"]["name"], data.name, len(splits["train"]), folder)
+        manifest = train_trajectory(to_plain(cfg["model"]), sft, splits, tmp, seed=int(cfg.get("seed", 0)))
+        manifest.update({"domain": data.name, "data_key": data.key, "key": key})
+        atomic_write_json(tmp / "manifest.json", manifest)
+
+    built = build_once(folder, build, is_complete=lambda p: (p / "manifest.json").is_file())
+    if not built:
+        log.info("reusing trajectory %s", folder)
+    early = to_plain(early_override) if early_override is not None else sft.get("early_steps")
+    return from_folder(folder, base=None, early_steps=early, converged_step=traj_cfg.get("converged_step"), key=key)

@@ -1,0 +1,146 @@
+"""The results.json written for every evaluated model, and its reader.
+
+One file per (model folder, evaluation setting). Schema version 1:
+
+    schema_version   1
+    name             row label: "base", "sft@<step>", "sft_converged", or the merge method's name
+    role             "reference" or "merge"
+    method, params   the merge method and its parameters (null for references)
+    model, domain    config names (model=..., domain=...)
+    step             trajectory step of a reference checkpoint (null for base and merges)
+    model_path       the evaluated folder
+    split            "test" or "validation"
+    metrics          {task: {"<metric>,<filter>": value, ..., "n": documents}}
+    primary          {task: {"metric": "<metric>,<filter>", "value": v, "n": n}} (the table's cells)
+    eval             backend, device, model_args, gen_kwargs per task, limit, num_fewshot
+    wall_s           {"eval": s, "merge": s or null}
+    git, versions, created, cache_key, config (the resolved Hydra config that produced it)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from arm.cache import atomic_write_json, read_json
+from arm.errors import InputError
+from arm.provenance import git_revision, now_iso, versions
+
+SCHEMA_VERSION = 1
+RESULTS_NAME = "results.json"
+REQUIRED = {
+    "schema_version": int,
+    "name": str,
+    "role": str,
+    "model": str,
+    "domain": str,
+    "split": str,
+    "metrics": dict,
+    "primary": dict,
+    "eval": dict,
+    "wall_s": dict,
+    "git": dict,
+    "created": str,
+    "config": dict,
+}
+ROLES = ("reference", "merge")
+
+
+def build_result(
+    *,
+    name: str,
+    role: str,
+    model: str,
+    domain: str,
+    split: str,
+    model_path: Path,
+    evaluation: Mapping[str, Any],
+    config: Mapping[str, Any],
+    cache_key: str,
+    step: int | None = None,
+    method: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    merge_wall_s: float | None = None,
+) -> dict[str, Any]:
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "role": role,
+        "method": method,
+        "params": dict(params) if params is not None else None,
+        "model": model,
+        "domain": domain,
+        "step": step,
+        "model_path": str(model_path),
+        "split": split,
+        "metrics": evaluation["metrics"],
+        "primary": evaluation["primary"],
+        "eval": {k: evaluation.get(k) for k in ("backend", "device", "model_args", "gen_kwargs", "limit", "num_fewshot")},
+        "wall_s": {"eval": evaluation.get("eval_wall_s"), "merge": merge_wall_s},
+        "git": git_revision(),
+        "versions": versions(),
+        "created": now_iso(),
+        "cache_key": cache_key,
+        "config": dict(config),
+    }
+    validate_result(result, source="<new result>")
+    return result
+
+
+def validate_result(result: Any, source: str | Path) -> dict[str, Any]:
+    """Check the schema; errors name the file and the key."""
+    if not isinstance(result, dict):
+        raise InputError(f"{source}: a results file holds a JSON object, not {type(result).__name__}")
+    for key, kind in REQUIRED.items():
+        if key not in result:
+            raise InputError(f"{source}: missing key '{key}'")
+        if not isinstance(result[key], kind):
+            raise InputError(f"{source}: key '{key}' should be {kind.__name__}, not {type(result[key]).__name__}")
+    if result["schema_version"] != SCHEMA_VERSION:
+        raise InputError(f"{source}: schema_version {result['schema_version']} is not {SCHEMA_VERSION}")
+    if result["role"] not in ROLES:
+        raise InputError(f"{source}: key 'role' is '{result['role']}', not one of {ROLES}")
+    for task, cell in result["primary"].items():
+        if not isinstance(cell, dict) or not {"metric", "value", "n"} <= set(cell):
+            raise InputError(f"{source}: key 'primary.{task}' needs metric, value and n")
+        if not isinstance(cell["value"], int | float):
+            raise InputError(f"{source}: key 'primary.{task}.value' is not a number")
+    return result
+
+
+def write_result(path: Path, result: Mapping[str, Any]) -> None:
+    atomic_write_json(Path(path), result)
+
+
+def load_result(path: Path) -> dict[str, Any]:
+    return validate_result(read_json(Path(path)), source=path)
+
+
+def find_result_files(paths: Iterable[Path]) -> list[Path]:
+    """results.json files given directly or anywhere below the given folders."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            found.extend(sorted(p for p in path.rglob(RESULTS_NAME) if ".tmp-" not in str(p)))
+        else:
+            raise InputError(f"{path}: no such file or folder")
+    return found
+
+
+def load_results(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """Load and de-duplicate results (the same evaluation copied into several run folders)."""
+    files = find_result_files(paths)
+    seen: dict[str, dict[str, Any]] = {}
+    ordered: list[dict[str, Any]] = []
+    for file in files:
+        result = load_result(file)
+        key = result.get("cache_key") or str(file)
+        if key in seen:
+            continue
+        seen[key] = result
+        result["_file"] = str(file)
+        ordered.append(result)
+    return ordered

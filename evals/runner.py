@@ -1,0 +1,235 @@
+"""Evaluate one model folder with lm-evaluation-harness (Python API).
+
+Backends: `hf` (CPU or one GPU, any machine) and `vllm` (GPU machines). The synthetic tasks are YAML
+templates in evals/tasks/; the runner writes a copy with absolute data paths and the chosen split
+into the evaluation's own folder, so each result keeps the exact task definition it was scored with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from arm.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "tasks"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task as the domain config names it, with its headline metric."""
+
+    name: str
+    metric: str
+    filter: str = "none"
+
+    @property
+    def key(self) -> str:
+        return f"{self.metric},{self.filter}"
+
+
+def task_specs(domain_cfg: Mapping) -> list[TaskSpec]:
+    tasks = domain_cfg.get("tasks") or []
+    if not tasks:
+        raise ConfigError("domain.tasks", f"domain '{domain_cfg.get('name')}' lists no evaluation task")
+    specs = []
+    for i, task in enumerate(tasks):
+        for field in ("name", "metric"):
+            if not task.get(field):
+                raise ConfigError(f"domain.tasks[{i}].{field}", "missing")
+        specs.append(TaskSpec(task["name"], task["metric"], task.get("filter") or "none"))
+    return specs
+
+
+def synthetic_templates() -> list[str]:
+    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.yaml"))
+
+
+def write_synthetic_tasks(specs: Sequence[TaskSpec], data_dir: Path, split: str, dest: Path) -> Path:
+    """Instantiate the synthetic task templates for `data_dir` and `split` into `dest`."""
+    if split not in ("validation", "test"):
+        raise ConfigError("eval.split", f"'{split}' is not one of: validation, test")
+    dest.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(data_dir).resolve()
+    for spec in specs:
+        template = TEMPLATE_DIR / f"{spec.name}.yaml"
+        if not template.is_file():
+            raise ConfigError("domain.tasks", f"unknown synthetic task '{spec.name}' (known: {', '.join(synthetic_templates())})")
+        split_file = data_dir / f"{split}.jsonl"
+        if not split_file.is_file():
+            raise InputError(f"{split_file}: data split not found for task '{spec.name}'")
+        text = template.read_text().replace("__DATA_DIR__", str(data_dir)).replace("__SPLIT__", split)
+        (dest / template.name).write_text(text)
+    shutil.copy(TEMPLATE_DIR / "utils.py", dest / "utils.py")
+    return dest
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_args_for(backend: str, model_path: Path, eval_cfg: Mapping, model_cfg: Mapping | None) -> dict[str, Any]:
+    """lm-eval `model_args` for a backend, built from the eval and model configs."""
+    model_cfg = model_cfg or {}
+    dtype = eval_cfg.get("dtype", "auto")
+    if backend == "hf":
+        args: dict[str, Any] = {"pretrained": str(model_path), "dtype": dtype}
+        return args
+    if backend == "vllm":
+        vllm_cfg = dict(model_cfg.get("vllm") or {})
+        vllm_cfg.update(eval_cfg.get("vllm") or {})
+        args = {"pretrained": str(model_path), "dtype": dtype}
+        for key in ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "max_model_len", "seed"):
+            if vllm_cfg.get(key) is not None:
+                args[key] = vllm_cfg[key]
+        return args
+    raise ConfigError("eval.backend", f"unknown backend '{backend}' (known: hf, vllm)")
+
+
+def check_model_folder(model_path: Path) -> None:
+    path = Path(model_path)
+    if not path.is_dir():
+        raise InputError(f"{path}: model folder not found")
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path}: not a Hugging Face model folder (no config.json)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise InputError(f"{path}: no weights (*.safetensors) in the model folder")
+
+
+def evaluate(
+    model_path: Path,
+    specs: Sequence[TaskSpec],
+    eval_cfg: Mapping,
+    out_dir: Path,
+    *,
+    include_path: Path | None,
+    model_cfg: Mapping | None = None,
+    unsafe_code: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run lm-eval on `model_path` and write samples.jsonl into `out_dir`.
+
+    Returns {"metrics": {task: {metric: value, ..., "n": n}}, "primary": {...}, "gen_kwargs":
+    {task: ...}, "eval_wall_s": seconds, "backend": ..., "model_args": ...}.
+    """
+    check_model_folder(model_path)
+    backend = eval_cfg.get("backend", "hf")
+    model_args = model_args_for(backend, model_path, eval_cfg, model_cfg)
+    device = resolve_device(eval_cfg.get("device", "auto"))
+    if unsafe_code:
+        # lm-eval's code_eval metric (HumanEval, MBPP) refuses to run without this variable.
+        os.environ["HF_ALLOW_CODE_EVAL"] = "1"
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None:
+        manager = TaskManager(include_path=str(include_path), include_defaults=False, verbosity="ERROR")
+    else:
+        manager = TaskManager(verbosity="ERROR")
+    unknown = [s.name for s in specs if s.name not in manager.all_tasks]
+    if unknown:
+        raise ConfigError("domain.tasks", f"lm-eval does not know task(s) {unknown}")
+
+    start = time.perf_counter()
+    raw = simple_evaluate(
+        model=backend,
+        model_args=model_args,
+        tasks=[s.name for s in specs],
+        num_fewshot=eval_cfg.get("num_fewshot"),
+        batch_size=eval_cfg.get("batch_size", 16),
+        device=device if backend == "hf" else None,
+        limit=eval_cfg.get("limit"),
+        log_samples=True,
+        task_manager=manager,
+        gen_kwargs=dict(eval_cfg["gen_kwargs"]) if eval_cfg.get("gen_kwargs") else None,
+        apply_chat_template=bool(eval_cfg.get("apply_chat_template", False)),
+        confirm_run_unsafe_code=unsafe_code,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        verbosity="ERROR",
+    )
+    wall = time.perf_counter() - start
+    if raw is None:  # only non-zero ranks of a distributed run get None
+        raise RuntimeError("lm-eval returned no results on this rank")
+
+    metrics: dict[str, dict[str, Any]] = {}
+    primary: dict[str, Any] = {}
+    for spec in specs:
+        task_results = raw["results"].get(spec.name)
+        if task_results is None:
+            raise RuntimeError(f"lm-eval produced no results for task '{spec.name}'")
+        if spec.key not in task_results:
+            known = sorted(k for k in task_results if "," in k and "_stderr" not in k)
+            raise ConfigError("domain.tasks", f"task '{spec.name}' has no metric '{spec.key}' (it reports {known})")
+        n = raw.get("n-samples", {}).get(spec.name, {}).get("effective")
+        metrics[spec.name] = {k: _num(v) for k, v in task_results.items() if "," in k}
+        metrics[spec.name]["n"] = n
+        primary[spec.name] = {"metric": spec.key, "value": _num(task_results[spec.key]), "n": n}
+
+    gen_kwargs = {name: cfg.get("generation_kwargs") for name, cfg in (raw.get("configs") or {}).items()}
+    _write_samples(raw.get("samples") or {}, specs, out_dir / "samples.jsonl")
+    return {
+        "metrics": metrics,
+        "primary": primary,
+        "gen_kwargs": gen_kwargs,
+        "eval_wall_s": round(wall, 3),
+        "backend": backend,
+        "device": device if backend == "hf" else "cuda",
+        "model_args": model_args,
+        "limit": eval_cfg.get("limit"),
+        "num_fewshot": eval_cfg.get("num_fewshot"),
+    }
+
+
+def _num(value: Any) -> Any:
+    if isinstance(value, float | int):
+        return float(value)
+    return value  # lm-eval writes "N/A" for missing stderr
+
+
+def _write_samples(samples: Mapping[str, list], specs: Sequence[TaskSpec], path: Path) -> None:
+    with open(path, "w") as out:
+        for spec in specs:
+            for sample in samples.get(spec.name, []):
+                doc = sample.get("doc", {})
+                response = sample.get("filtered_resps") or sample.get("resps") or [""]
+                while isinstance(response, list):
+                    response = response[0] if response else ""
+                record = {
+                    "task": spec.name,
+                    "doc_id": sample.get("doc_id"),
+                    "id": doc.get("id"),
+                    "prompt": doc.get("prompt", sample.get("arguments")),
+                    "target": sample.get("target"),
+                    "prediction": response,
+                    "score": sample.get(spec.metric),
+                }
+                out.write(json.dumps(record, default=str) + "\n")
+
+
+def read_samples(path: Path, limit: int | None = None) -> list[dict]:
+    rows = []
+    if not Path(path).is_file():
+        return rows
+    with open(path) as handle:
+        for line in handle:
+            rows.append(json.loads(line))
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
