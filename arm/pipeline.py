@@ -70,7 +70,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
         for spec in specs:
             if spec.name not in known:
                 raise ConfigError("domain.tasks", f"unknown synthetic task '{spec.name}' (known: {', '.join(known)})")
-    elif not (cfg.get("trajectory") or {}).get("path") and cfg["model"].get("kind") == "tiny":
+    elif not (cfg.get("trajectory") or {}).get("path") and cfg["model"].get("arch") is not None:
         raise ConfigError("trajectory.path", f"the tiny model trains only on synthetic domains; '{domain['name']}' needs trajectory.path")
     split = cfg["eval"].get("split", "test")
     if split not in ("test", "validation"):

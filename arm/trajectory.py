@@ -76,7 +76,10 @@ class DomainData:
     def split(self, name: str) -> list[dict]:
         from arm.domains import read_split
 
-        return read_split(self.folder / f"{name}.jsonl")
+        try:
+            return read_split(self.folder / f"{name}.jsonl")
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
 
 
 def data_params(domain_cfg: Mapping) -> tuple[dict, int]:
@@ -236,11 +239,17 @@ def ensure_trajectory(cfg: Mapping, data: DomainData | None, cache_dir: Path) ->
     key = trajectory_key(cfg, data)
     folder = Path(cache_dir) / "trajectories" / f"{cfg['model']['name']}-{cfg['domain']['name']}-{key}"
     sft = sft_config(cfg)
+    splits = {name: data.split(name) for name in ("train", "validation")}
+    from arm.sft import resolve_sft_config
+
+    try:  # every SFT key is checked before any training starts
+        resolve_sft_config(sft, len(splits["train"]))
+    except ValueError as exc:
+        raise ConfigError("model.sft", str(exc)) from exc
 
     def build(tmp: Path) -> None:
         from arm.sft import train_trajectory
 
-        splits = {name: data.split(name) for name in ("train", "validation")}
         log.info("training the %s trajectory on %s (%d examples) into %s", cfg["model"]["name"], data.name, len(splits["train"]), folder)
         manifest = train_trajectory(to_plain(cfg["model"]), sft, splits, tmp, seed=int(cfg.get("seed", 0)))
         manifest.update({"domain": data.name, "data_key": data.key, "key": key})

@@ -137,9 +137,9 @@ def evaluate(
     from lm_eval.tasks import TaskManager
 
     if include_path is not None:
-        manager = TaskManager(include_path=str(include_path), include_defaults=False, verbosity="ERROR")
+        manager = TaskManager(include_path=str(include_path), include_defaults=False)
     else:
-        manager = TaskManager(verbosity="ERROR")
+        manager = TaskManager()
     unknown = [s.name for s in specs if s.name not in manager.all_tasks]
     if unknown:
         raise ConfigError("domain.tasks", f"lm-eval does not know task(s) {unknown}")
@@ -162,7 +162,6 @@ def evaluate(
         numpy_random_seed=seed,
         torch_random_seed=seed,
         fewshot_random_seed=seed,
-        verbosity="ERROR",
     )
     wall = time.perf_counter() - start
     if raw is None:  # only non-zero ranks of a distributed run get None

@@ -1,0 +1,159 @@
+"""End to end on a small trajectory: SFT -> lm-eval (hf backend) -> results.json -> table -> W&B offline.
+
+Real components throughout: the tiny Qwen3 is trained here for a few steps, lm-eval evaluates every
+reference model, W&B writes its offline run into the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from arm.errors import ArmError, ConfigError, InputError
+from evals.results import load_result
+from tests.conftest import REPO
+
+# A trajectory that trains in seconds: the tiny architecture, a few hundred examples, 24 steps.
+SMALL = [
+    "model.sft.epochs=2",  # 192 examples / batch 16 = 12 steps per epoch: 24 steps
+    "model.sft.warmup_steps=2",
+    "model.sft.eval_every=6",
+    "model.sft.save_steps=[6,12,18]",
+    "model.sft.early_steps=[6,12]",
+    "model.sft.batch_size=16",
+    "domain.data.n_train=192",
+    "domain.data.n_validation=32",
+    "domain.data.n_test=24",
+    "eval.batch_size=24",
+]
+REFERENCES = ["base", "sft@6", "sft@12", "sft_converged"]
+
+
+def run(compose, tmp_path: Path, *overrides: str, run_name: str = "run") -> dict:
+    from arm.pipeline import run_job
+
+    cfg = compose(*SMALL, f"paths.root={tmp_path}", *overrides)
+    return run_job(cfg, run_dir=tmp_path / "runs" / run_name)
+
+
+def eval_folders(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "cache" / "evals").iterdir() if p.is_dir())
+
+
+@pytest.mark.slow
+def test_math_job_end_to_end_and_cache_reuse(compose, tmp_path):
+    out = run(compose, tmp_path, "domain=math_synth", "logger=wandb")
+    run_dir = Path(out["run_dir"])
+
+    # One results.json per reference model, schema-checked, with provenance.
+    names = sorted(p.parent.name for p in (run_dir / "results").glob("*/results.json"))
+    assert names == sorted(REFERENCES)
+    for name in REFERENCES:
+        result = load_result(run_dir / "results" / name / "results.json")
+        assert result["domain"] == "math_synth" and result["model"] == "tiny" and result["split"] == "test"
+        assert result["primary"]["math_synth"]["n"] == 24
+        assert 0.0 <= result["primary"]["math_synth"]["value"] <= 1.0
+        assert result["config"]["domain"]["name"] == "math_synth"
+        assert result["eval"]["gen_kwargs"]["math_synth"]["max_gen_toks"] == 8
+        assert result["wall_s"]["eval"] > 0
+        assert result["git"]["revision"] is None or len(result["git"]["revision"]) == 40
+        assert (run_dir / "results" / name / "samples.jsonl").is_file()
+    assert load_result(run_dir / "results" / "sft@12" / "results.json")["step"] == 12
+    assert load_result(run_dir / "results" / "sft_converged" / "results.json")["step"] == 24
+
+    # The table of the job.
+    table = (run_dir / "table.md").read_text()
+    for row in REFERENCES:
+        assert f"| {row} |" in table
+
+    # The trajectory manifest.
+    manifest = json.loads((Path(out["trajectory"]) / "manifest.json").read_text())
+    assert manifest["early_steps"] == [6, 12] and manifest["converged_step"] == 24
+    assert [c["step"] for c in manifest["checkpoints"]] == [6, 12, 18, 24]
+    for checkpoint in manifest["checkpoints"]:
+        assert (Path(out["trajectory"]) / checkpoint["path"] / "model.safetensors").is_file()
+        assert checkpoint["val_loss"] > 0
+
+    # W&B wrote an offline run inside the run folder, nowhere else.
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+    # Second job, same config: nothing is trained or evaluated again.
+    trajectory_mtime = (Path(out["trajectory"]) / "manifest.json").stat().st_mtime_ns
+    before = eval_folders(tmp_path)
+    again = run(compose, tmp_path, "domain=math_synth", "logger=none", run_name="again")
+    assert (Path(again["trajectory"]) / "manifest.json").stat().st_mtime_ns == trajectory_mtime
+    assert eval_folders(tmp_path) == before
+    first = load_result(run_dir / "results" / "sft@6" / "results.json")
+    second = load_result(Path(again["run_dir"]) / "results" / "sft@6" / "results.json")
+    assert first["created"] == second["created"] and first["primary"] == second["primary"]
+
+    # A different evaluation setting is a different key: evaluated anew, trajectory reused.
+    run(compose, tmp_path, "domain=math_synth", "logger=none", "eval.limit=8", run_name="limited")
+    assert len(eval_folders(tmp_path)) == len(before) + len(REFERENCES)
+    assert (Path(out["trajectory"]) / "manifest.json").stat().st_mtime_ns == trajectory_mtime
+
+
+@pytest.mark.slow
+def test_code_job_end_to_end(compose, tmp_path):
+    out = run(compose, tmp_path, "domain=code_synth", "logger=none")
+    result = load_result(Path(out["run_dir"]) / "results" / "sft_converged" / "results.json")
+    assert result["primary"]["code_synth"]["metric"] == "pass@1,none"
+    assert result["primary"]["code_synth"]["n"] == 24
+
+
+def test_existing_trajectory_folder_is_read_as_is(compose, tmp_path):
+    """A Trainer-style SFT output folder is used without training; bad ones fail naming the folder."""
+    from arm.trajectory import ensure_trajectory
+
+    folder = tmp_path / "sft-run"
+    for step in (10, 20, 30):
+        (folder / f"checkpoint-{step}").mkdir(parents=True)
+    (folder / "base").mkdir()
+    cfg = compose(f"trajectory.path={folder}", "trajectory.early_steps=[10,20]")
+    traj = ensure_trajectory(cfg, None, tmp_path / "cache")
+    assert [r.step for r in traj.early] == [10, 20] and traj.converged.step == 30
+    assert traj.inputs == [folder / "checkpoint-10", folder / "checkpoint-20"]
+
+    with pytest.raises(ConfigError, match="ordered by step"):
+        ensure_trajectory(compose(f"trajectory.path={folder}", "trajectory.early_steps=[20,10]"), None, tmp_path)
+    with pytest.raises(ConfigError, match="empty"):
+        ensure_trajectory(compose(f"trajectory.path={folder}", "trajectory.early_steps=[]"), None, tmp_path)
+    with pytest.raises(ConfigError, match="no checkpoint for step"):
+        ensure_trajectory(compose(f"trajectory.path={folder}", "trajectory.early_steps=[10,15]"), None, tmp_path)
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no checkpoint-<step>/ folders"):
+        ensure_trajectory(compose(f"trajectory.path={empty}", "trajectory.early_steps=[1]"), None, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trajectory.path=/nonexistent/sft-run"], "/nonexistent/sft-run"),
+        (["domain.tasks=[{name: no_such_task, metric: exact_match}]"], "no_such_task"),
+        (["eval.split=train"], "eval.split"),
+        (["model.sft.early_steps=[7]"], "early_steps"),
+    ],
+)
+def test_bad_input_fails_cleanly_before_work(compose, tmp_path, overrides, message):
+    from arm.pipeline import run_job
+
+    cfg = compose(*SMALL, f"paths.root={tmp_path}", "logger=none", *overrides)
+    with pytest.raises(ArmError, match=message.replace("[", r"\[")):
+        run_job(cfg, run_dir=tmp_path / "runs" / "bad")
+    for stage in ("trajectories", "evals"):
+        assert not (tmp_path / "cache" / stage).exists() or not any((tmp_path / "cache" / stage).iterdir())
+
+
+def test_cli_reports_bad_path_with_exit_code(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "arm", f"paths.root={tmp_path}", "logger=none", "trajectory.path=/nonexistent/run",
+         "trajectory.early_steps=[1]"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "/nonexistent/run" in proc.stderr and "Traceback" not in proc.stderr
