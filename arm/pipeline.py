@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from arm.cache import build_once, content_key, to_plain
-from arm.errors import ConfigError
+from arm.errors import ConfigError, InputError
 from arm.trajectory import (
     PACKAGE_DIR,
     DomainData,
@@ -80,7 +80,10 @@ def validate(cfg: Mapping[str, Any]) -> None:
     if cfg["merge"]["name"] != "none":
         from arm.merge_engine import validate_merge_config
 
-        validate_merge_config(cfg["merge"])
+        try:
+            validate_merge_config(cfg["merge"])
+        except ValueError as exc:  # the engine's errors name the merge.* key
+            raise ConfigError("merge", str(exc)) from exc
 
 
 def eval_key(model: ModelRef, cfg: Mapping[str, Any], data: DomainData | None) -> str:
@@ -150,13 +153,35 @@ def merge_cached(trajectory: Trajectory, cfg: Mapping[str, Any], paths: Paths) -
                 if folder.exists():
                     shutil.rmtree(folder)
                 start = time.perf_counter()
-                summary = merge_from_config({**merge_cfg, "overwrite": False}, trajectory.base.path, trajectory.inputs, folder, progress=False)
+                try:
+                    summary = merge_from_config({**merge_cfg, "overwrite": False}, trajectory.base.path, trajectory.inputs,
+                                                folder, progress=False)
+                except ValueError as exc:  # bad inputs or parameters: the message names the file, tensor or key
+                    raise InputError(f"merge '{method}': {exc}") from exc
                 summary = {**to_plain(summary), "wall_s": round(time.perf_counter() - start, 3), "out_dir": str(folder)}
                 atomic_write_json(summary_file, summary)
     from arm.cache import read_json
 
     summary = read_json(summary_file)
     return ModelRef(method, folder, key), summary
+
+
+def plot_job(trajectory: Trajectory, results: list[dict[str, Any]], cfg: Mapping[str, Any], out: Path) -> Path | None:
+    """Validation loss along the trajectory and the evaluated references' scores vs step (PNG)."""
+    if not trajectory.manifest.get("history"):
+        return None  # a trajectory read from elsewhere may have no loss history
+    from arm.trajectory_report import plot_trajectory
+
+    task = next(iter(results[0]["primary"])) if results else None
+    models = [
+        {"step": r["step"] or 0, "score": r["primary"][task]["value"]}
+        for r in results
+        if r["role"] == "reference" and task in r["primary"]
+    ]
+    split = cfg["eval"].get("split", "test")
+    plot_trajectory(trajectory.manifest, {"models": sorted(models, key=lambda m: m["step"]), "split": split,
+                                          "domain": cfg["domain"]["name"]}, out)
+    return out
 
 
 def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
@@ -199,10 +224,15 @@ def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, An
         markdown = to_markdown(table)
         atomic_write_text(paths.run_dir / "table.md", markdown)
         tracker.log_table(table)
+        plot = plot_job(trajectory, results, cfg, paths.run_dir / "trajectory.png")
+        if plot is not None:
+            tracker.log_image("trajectory", plot)
     finally:
         tracker.finish()
     print(f"\n== {cfg['model']['name']} / {cfg['domain']['name']} / merge={cfg['merge']['name']} ==\n{markdown}")
     print(f"results: {paths.run_dir / 'results'}\ntrajectory: {trajectory.folder}")
+    if plot is not None:
+        print(f"plot: {plot}")
     if tracker.location:
         print(f"W&B run files: {tracker.location}")
     return {"results": results, "table": markdown, "run_dir": str(paths.run_dir), "trajectory": str(trajectory.folder)}

@@ -32,6 +32,9 @@ class NullTracker:
     def log_metrics(self, metrics: Mapping[str, Any]) -> None:
         pass
 
+    def log_image(self, name: str, path: Path) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
@@ -84,6 +87,9 @@ class WandbTracker(NullTracker):
 
     def log_metrics(self, metrics: Mapping[str, Any]) -> None:
         self.run.log(dict(metrics))
+
+    def log_image(self, name: str, path: Path) -> None:
+        self.run.log({name: self.wandb.Image(str(path))})
 
     def finish(self) -> None:
         self.run.finish()

@@ -80,6 +80,7 @@ def test_math_job_end_to_end_and_cache_reuse(compose, tmp_path):
 
     # W&B wrote an offline run inside the run folder, nowhere else.
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert (run_dir / "trajectory.png").stat().st_size > 1000
 
     # Second job, same config: nothing is trained or evaluated again.
     trajectory_mtime = (Path(out["trajectory"]) / "manifest.json").stat().st_mtime_ns
@@ -137,6 +138,7 @@ def test_existing_trajectory_folder_is_read_as_is(compose, tmp_path):
         (["domain.tasks=[{name: no_such_task, metric: exact_match}]"], "no_such_task"),
         (["eval.split=train"], "eval.split"),
         (["model.sft.early_steps=[7]"], "early_steps"),
+        (["merge=ties", "merge.density=1.5"], "density"),
     ],
 )
 def test_bad_input_fails_cleanly_before_work(compose, tmp_path, overrides, message):
@@ -157,3 +159,35 @@ def test_cli_reports_bad_path_with_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert "/nonexistent/run" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_multirun_over_merge_methods_adds_their_rows(tmp_path):
+    """`arm -m merge=...` through the real CLI: one trajectory, references evaluated once, a row per method."""
+    methods = ["linear", "task_arithmetic", "ties", "expo", "dare"]
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "arm", "-m", f"merge={','.join(methods)}", *SMALL, f"paths.root={tmp_path}",
+         "logger=none", f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, cwd=REPO, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "cache" / "trajectories").glob("*/manifest.json"))) == 1
+    evaluated = [p.name for p in (tmp_path / "cache" / "evals").iterdir() if p.is_dir()]
+    assert len(evaluated) == len(REFERENCES) + len(methods), evaluated
+
+    from evals.results import load_results
+    from evals.table import build_table
+
+    results = load_results([sweep])
+    merges = {r["name"]: r for r in results if r["role"] == "merge"}
+    assert sorted(merges) == sorted(methods)
+    assert all(r["wall_s"]["merge"] > 0 and r["params"] is not None for r in merges.values())
+    table = build_table(results)
+    assert table.rows == ["base", "sft@6", "sft@12", "sft_converged", *methods]
+
+    # The merged folders are plain Hugging Face model folders.
+    from transformers import AutoModelForCausalLM
+
+    merged = Path(merges["ties"]["model_path"])
+    assert AutoModelForCausalLM.from_pretrained(merged).num_parameters() > 0
