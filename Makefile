@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check arm baselines evals tests
+	$(BIN)/ruff check arm baselines evals tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.merge_bench

@@ -1,0 +1,73 @@
+"""A light command line for one merge, without Hydra or transformers (used by the benchmark).
+
+    python -m arm.merge_cli --method ties --base BASE --checkpoints C1 C2 C3 --out OUT \\
+        --set density=0.3 --set 'weights=[1, 1, 1]' --dtype bfloat16 --overwrite
+
+``--set key=value`` sets one ``merge.<key>`` (values are read as JSON when they parse, else as
+strings), exactly the keys of ``conf/merge/<method>.yaml``. Prints the run summary as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return {"null": None, "true": True, "false": False}.get(text, text)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m arm.merge_cli", description=__doc__.split("\n")[0])
+    p.add_argument("--method", required=True, help="merge method (baselines.METHODS)")
+    p.add_argument("--base", required=True, type=Path, help="base model folder (θ0)")
+    p.add_argument(
+        "--checkpoints", required=True, nargs="+", type=Path, help="early checkpoints c1..cm, by step"
+    )
+    p.add_argument("--out", required=True, type=Path, help="output model folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method parameter")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument(
+        "--dtype", default=None, help="output dtype: float32 | bfloat16 | float16 (default: the base's)"
+    )
+    p.add_argument("--shard-size", default="5GB", help="output shard size, e.g. 5GB, 500MB or bytes")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg: dict[str, Any] = {
+        "name": args.method,
+        "device": args.device,
+        "dtype": args.dtype,
+        "overwrite": args.overwrite,
+        "shard_size": int(args.shard_size) if args.shard_size.isdigit() else args.shard_size,
+    }
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"error: --set expects KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        cfg[key.strip()] = _value(value)
+
+    from arm.merge_engine import merge_from_config
+
+    try:
+        summary = merge_from_config(cfg, args.base, args.checkpoints, args.out, progress=not args.no_progress)
+    except (ValueError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
