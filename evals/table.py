@@ -3,10 +3,15 @@ to converged SFT.
 
     arm-table outputs/runs/make-run                # markdown to stdout
     arm-table outputs/runs/make-run --format csv --out table.csv
+    arm-table outputs/runs/sweeps/paper_table --out-dir outputs/runs/sweeps/paper_table/table
+        # table.md, table.csv, table.tex and the plots (scores.png, arm_iterations.png)
+    arm-table outputs/runs/sweeps/paper_table --wandb arm-harness   # also log it as a W&B Table
+    arm-table --from-wandb <entity>/arm-harness --group paper_table # rows from W&B runs (online)
 
 Rows: base, the early SFT checkpoints, converged SFT, then each merge method. Columns: one per
-(model, domain, task) with the task's headline metric in percent, each followed by "Δ SFT", the
-difference to converged SFT in percentage points. The best value of each column is in bold.
+(model, domain, task) with the task's headline metric in percent, grouped by model (smallest first)
+and domain, each followed by "Δ SFT", the difference to converged SFT in percentage points (LaTeX:
+in parentheses in the same cell). The best value of each column is in bold.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import re
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -47,6 +53,7 @@ class Table:
     cells: dict[tuple[str, Column], float] = field(default_factory=dict)
     n: dict[Column, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    merge_rows: set[str] = field(default_factory=set)
 
     def value(self, row: str, column: Column) -> float | None:
         return self.cells.get((row, column))
@@ -75,28 +82,54 @@ def _row_rank(label: str, role: str, step: int | None) -> tuple:
 
 
 def _merge_labels(results: Sequence[Mapping[str, Any]]) -> dict[int, str]:
-    """Merge rows are labelled by method; runs of one method with different params get the params."""
+    """Merge rows are labelled by method; runs of one method with different params get the params
+    that differ between them (e.g. `arm (iterations=4, schedule=cosine)`)."""
     labels: dict[int, str] = {}
-    by_group: dict[tuple, list[int]] = defaultdict(list)
-    for i, r in enumerate(results):
-        if r["role"] == "merge":
-            by_group[(r["model"], r["domain"], r["split"], r["name"])].append(i)
-    variants: dict[str, set] = defaultdict(set)
-    for (_, _, _, name), idx in by_group.items():
-        for i in idx:
-            variants[name].add(_params_text(results[i].get("params")))
-    for i, r in enumerate(results):
-        if r["role"] != "merge":
-            continue
-        name = r["name"]
-        labels[i] = name if len(variants[name]) <= 1 else f"{name} ({_params_text(r.get('params'))})"
+    flat: dict[int, dict[str, Any]] = {i: _flatten(r.get("params") or {}) for i, r in enumerate(results) if r["role"] == "merge"}
+    variants: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    for i, params in flat.items():
+        for key in set().union(*(flat[j] for j in flat if results[j]["name"] == results[i]["name"])):
+            variants[results[i]["name"]][key].add(repr(params.get(key)))
+    for i in flat:
+        name = results[i]["name"]
+        differing = sorted(k for k, values in variants[name].items() if len(values) > 1)
+        text = ", ".join(f"{k}={flat[i].get(k)}" for k in differing)
+        labels[i] = f"{name} ({text})" if text else name
     return labels
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _params_text(params: Mapping[str, Any] | None) -> str:
     if not params:
         return ""
-    return ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
+    return ", ".join(f"{k}={v}" for k, v in sorted(_flatten(params).items()))
+
+
+def model_size(name: str) -> float:
+    """Parameters in a model name ('qwen3-1.7b' -> 1.7e9, 'tiny' -> 0) for ordering columns."""
+    match = re.search(r"(\d+(?:\.\d+)?)\s*([kmbt])\b", name.lower())
+    if not match:
+        return 0.0
+    return float(match.group(1)) * {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[match.group(2)]
+
+
+def _order_columns(columns: list[Column]) -> list[Column]:
+    """Grouped by model (smallest first), then domain, then task, each in order of appearance."""
+    first: dict[tuple, int] = {}
+    for i, c in enumerate(columns):
+        first.setdefault(("model", c.model), i)
+        first.setdefault(("domain", c.model, c.domain), i)
+    return sorted(columns, key=lambda c: (model_size(c.model), first[("model", c.model)],
+                                          first[("domain", c.model, c.domain)], columns.index(c)))
 
 
 def build_table(results: Sequence[Mapping[str, Any]]) -> Table:
@@ -133,6 +166,8 @@ def build_table(results: Sequence[Mapping[str, Any]]) -> Table:
             table.cells[(label, column)] = 100.0 * float(cell["value"])
             table.n[column] = cell.get("n")
     table.rows = sorted(rows, key=lambda label: rows[label])
+    table.columns[:] = _order_columns(columns)
+    table.merge_rows = {label for label, rank in rows.items() if rank[0] == 3}
     return table
 
 
@@ -184,39 +219,194 @@ def to_csv(table: Table) -> str:
     return buffer.getvalue()
 
 
-FORMATS = {"md": to_markdown, "csv": to_csv}
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}"}
 
 
-def render(paths: Iterable[Path], fmt: str = "md") -> str:
+def _tex(text: str) -> str:
+    return re.sub(r"[\\&%$#_{}~^]", lambda m: _TEX[m.group(0)], text)
+
+
+def _spans(keys: list) -> list[tuple[Any, int, int]]:
+    """Runs of equal consecutive keys: (key, first index, length)."""
+    spans: list[tuple[Any, int, int]] = []
+    for i, key in enumerate(keys):
+        if spans and spans[-1][0] == key:
+            spans[-1] = (key, spans[-1][1], spans[-1][2] + 1)
+        else:
+            spans.append((key, i, 1))
+    return spans
+
+
+def to_latex(table: Table) -> str:
+    """A booktabs tabular: header rows model / domain / benchmark, cells `score (Δ SFT)`, best in bold."""
+    show_split = len({c.split for c in table.columns}) > 1
+    cols = table.columns
+    lines = [
+        "% arm-table: scores in percent on the " + "/".join(sorted({c.split for c in cols}))
+        + " split; in parentheses: percentage points vs converged SFT; best per column in bold.",
+        "% needs \\usepackage{booktabs}",
+        r"\begin{tabular}{l" + "r" * len(cols) + "}",
+        r"\toprule",
+    ]
+    for level in (lambda c: c.model, lambda c: (c.model, c.domain)):
+        spans = _spans([level(c) for c in cols])
+        cells = [rf"\multicolumn{{{n}}}{{c}}{{{_tex(key if isinstance(key, str) else key[1])}}}" for key, _, n in spans]
+        lines.append(" & " + " & ".join(cells) + r" \\")
+        lines.append(" ".join(rf"\cmidrule(lr){{{start + 2}-{start + n + 1}}}" for _, start, n in spans))
+    titles = [f"{c.task} ({c.metric.split(',')[0]})" + (f" [{c.split}]" if show_split else "") for c in cols]
+    lines.append("method & " + " & ".join(_tex(t) for t in titles) + r" \\")
+    lines.append(r"\midrule")
+    for i, row in enumerate(table.rows):
+        if row in table.merge_rows and (i == 0 or table.rows[i - 1] not in table.merge_rows):
+            lines.append(r"\midrule")
+        cells = [_tex(row)]
+        for column in cols:
+            value = table.value(row, column)
+            if value is None:
+                cells.append("--")
+                continue
+            text = _fmt(value)
+            if value == table.best(column):
+                text = rf"\textbf{{{text}}}"
+            delta = table.delta(row, column)
+            if delta is not None:
+                text += rf" {{\scriptsize ({_fmt(delta, signed=True)})}}"
+            cells.append(text)
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [f"% {note}" for note in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+FORMATS = {"md": to_markdown, "csv": to_csv, "latex": to_latex}
+SUFFIXES = {"md": "md", "csv": "csv", "latex": "tex"}
+
+
+def load(paths: Sequence[Path], from_wandb: str | None = None, group: str | None = None) -> list[dict[str, Any]]:
+    from arm.errors import InputError
+
+    if from_wandb:
+        results = load_wandb_results(from_wandb, group)
+        if not results:
+            raise InputError(f"no results in the W&B runs of {from_wandb}" + (f" (group {group})" if group else ""))
+        return results
     from evals.results import load_results
 
     results = load_results(paths)
     if not results:
-        from arm.errors import InputError
-
         raise InputError(f"no results.json found under {', '.join(map(str, paths))}")
-    return FORMATS[fmt](build_table(results))
+    return results
+
+
+def render(paths: Iterable[Path], fmt: str = "md") -> str:
+    return FORMATS[fmt](build_table(load(list(paths))))
+
+
+def results_from_summary(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The results a run's W&B summary holds (`results/<name>`, written by arm.tracking)."""
+    out = []
+    for key, value in summary.items():
+        if key.startswith("results/") and isinstance(_plain(value), dict):
+            result = _plain(value)
+            if {"name", "role", "model", "domain", "split", "primary"} <= set(result):
+                out.append(result)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """Plain dicts and lists from W&B's summary objects (looked up on the type: their attribute
+    access raises KeyError)."""
+    if callable(getattr(type(value), "keys", None)) and callable(getattr(type(value), "__getitem__", None)):
+        return {k: _plain(value[k]) for k in value.keys()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_wandb_results(project: str, group: str | None = None) -> list[dict[str, Any]]:
+    """Results of every run in a W&B project (`entity/project`), optionally one group (sweep); needs
+    network access and a W&B login. Copies of one evaluation count once."""
+    import wandb
+
+    api = wandb.Api()
+    runs = api.runs(project, filters={"group": group} if group else None)
+    seen: set[str] = set()
+    results: list[dict[str, Any]] = []
+    for run in runs:
+        for result in results_from_summary(run.summary):
+            key = result.get("cache_key") or f"{run.id}/{result['name']}"
+            if key not in seen:
+                seen.add(key)
+                result["_file"] = f"wandb:{run.path}"
+                results.append(result)
+    return results
+
+
+def write_outputs(table: Table, results: Sequence[Mapping[str, Any]], out_dir: Path, plots: bool = True) -> list[Path]:
+    """table.md, table.csv, table.tex (and the PNG plots) in `out_dir`."""
+    from arm.cache import atomic_write_text
+
+    written = []
+    for fmt, render_fn in FORMATS.items():
+        path = out_dir / f"table.{SUFFIXES[fmt]}"
+        atomic_write_text(path, render_fn(table))
+        written.append(path)
+    if plots:
+        from evals.plots import write_plots
+
+        written += write_plots(table, results, out_dir)
+    return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="arm-table", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", type=Path, help="results.json files or folders searched for them")
+    parser.add_argument("paths", nargs="*", type=Path, help="results.json files or folders searched for them (a sweep folder)")
     parser.add_argument("--format", choices=sorted(FORMATS), default="md")
     parser.add_argument("--out", type=Path, help="write here instead of stdout")
+    parser.add_argument("--out-dir", type=Path, help="write table.md, table.csv, table.tex and the plots here")
+    parser.add_argument("--plots", type=Path, metavar="DIR", help="write the PNG plots here (scores.png, arm_iterations.png)")
+    parser.add_argument("--wandb", metavar="PROJECT", help="log the table (and plots) as a W&B Table in this project")
+    parser.add_argument("--from-wandb", metavar="ENTITY/PROJECT", help="read the results from W&B runs instead of files (online)")
+    parser.add_argument("--group", help="W&B group (sweep) to read with --from-wandb, or to log into with --wandb "
+                                        "(default: the name of the single folder given)")
     args = parser.parse_args(argv)
     from arm.errors import ArmError
 
+    if not args.paths and not args.from_wandb:
+        parser.error("give results.json files or folders, or --from-wandb ENTITY/PROJECT")
     try:
-        text = render(args.paths, args.format)
+        results = load(args.paths, args.from_wandb, args.group)
+        table = build_table(results)
+        text = FORMATS[args.format](table)
     except ArmError as exc:
         print(f"arm-table: error: {exc}", file=sys.stderr)
         return 2
-    if args.out:
-        from arm.cache import atomic_write_text
+    from arm.cache import atomic_write_text
 
+    images: dict[str, Path] = {}
+    if args.out_dir:
+        for path in write_outputs(table, results, args.out_dir):
+            print(f"wrote {path}", file=sys.stderr)
+            if path.suffix == ".png":
+                images[path.stem] = path
+    if args.plots:
+        from evals.plots import write_plots
+
+        for path in write_plots(table, results, args.plots):
+            print(f"wrote {path}", file=sys.stderr)
+            images[path.stem] = path
+    if args.wandb:
+        from arm.tracking import log_sweep_table
+
+        group = args.group or (args.paths[0].resolve().name if len(args.paths) == 1 else None)
+        run_dir = args.out_dir or args.plots or Path.cwd()
+        location = log_sweep_table(table, project=args.wandb, group=group, run_dir=run_dir, images=images)
+        print(f"W&B table run: {location} (group {group})", file=sys.stderr)
+    if args.out:
         atomic_write_text(args.out, text)
         print(f"wrote {args.out}")
-    else:
+    elif not args.out_dir:
         sys.stdout.write(text)
     return 0
 
