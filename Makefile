@@ -19,9 +19,19 @@ install: $(STAMP)
 
 # The main job on the embedded default: tiny Qwen3 trained here on math_synth and code_synth,
 # references (base, early SFT, converged SFT) evaluated with lm-eval, then the table.
+RUN_DIR := outputs/runs/make-run
+
 run: $(STAMP)
-	$(BIN)/arm -m domain=math_synth,code_synth hydra.sweep.dir=outputs/runs/make-run
-	$(BIN)/arm-table outputs/runs/make-run
+	rm -rf $(RUN_DIR)
+	$(BIN)/arm -m domain=math_synth,code_synth hydra.sweep.dir=$(RUN_DIR)
+	$(BIN)/arm-table $(RUN_DIR) --out $(RUN_DIR)/table.md
+	@echo
+	@cat $(RUN_DIR)/table.md
+	@echo
+	@echo "results.json per model:  $(RUN_DIR)/*/results/*/results.json"
+	@echo "plots (loss, score/step): $(RUN_DIR)/*/trajectory.png"
+	@echo "W&B runs (offline):       $(RUN_DIR)/*/wandb  (upload: .venv/bin/wandb sync <run folder>)"
+	@echo "trajectories and cache:   outputs/cache"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

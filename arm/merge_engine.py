@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +61,7 @@ THREADS_ENV = "ARM_MERGE_THREADS"
 __all__ = [
     "EngineSettings",
     "MergeConfigError",
+    "MergeContext",
     "MergeInputError",
     "build_rule",
     "merge",
@@ -112,6 +113,17 @@ class EngineSettings:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise MergeConfigError(f"merge.device: {self.device} requested but no CUDA device is available")
         return torch.device(self.device)
+
+
+@dataclass(frozen=True)
+class MergeContext:
+    """Data a whole-model method may use beyond the weights (per-tensor rules ignore it):
+    ``calibration`` records (e.g. the domain's train split, {"prompt", "response"}), the converged
+    checkpoint (diagnostics only, never an input of the update) and a per-iteration metrics sink."""
+
+    calibration: list[dict] | None = None
+    converged: Path | None = None
+    log: Callable[[dict], None] | None = None
 
 
 def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -185,8 +197,11 @@ def merge_from_config(
     out_dir: Path,
     *,
     progress: bool = True,
+    context: MergeContext | None = None,
 ) -> dict[str, Any]:
-    """Validate, merge and write a complete HF model folder at ``out_dir``; return a summary."""
+    """Validate, merge and write a complete HF model folder at ``out_dir``; return a summary.
+
+    ``context`` is handed to whole-model methods (ARM); per-tensor rules ignore it."""
     name, params, settings = split_config(merge_cfg)
     if not checkpoints:
         raise MergeInputError("no early checkpoints given: every method needs at least one")
@@ -199,7 +214,7 @@ def merge_from_config(
         # out_dir, typically through write_state_dict below
         if out_dir.exists() and not settings.overwrite:
             raise FileExistsError(f"{out_dir}: output folder exists (set merge.overwrite=true to replace it)")
-        return cls.merge_folder(params, base, checkpoints, out_dir, settings, progress=progress)
+        return cls.merge_folder(params, base, checkpoints, out_dir, settings, progress=progress, context=context)
     rule = cls.from_params(params, len(checkpoints))
     return merge(rule, base, checkpoints, out_dir, settings, progress=progress)
 

@@ -136,13 +136,35 @@ def evaluate_cached(
     return load_result(folder / RESULTS_NAME), folder
 
 
-def merge_cached(trajectory: Trajectory, cfg: Mapping[str, Any], paths: Paths) -> tuple[ModelRef, dict[str, Any]]:
-    """Run the configured merge method on the trajectory's early checkpoints, once per key."""
-    from arm.merge_engine import merge_from_config, merge_identity
+def merge_cached(
+    trajectory: Trajectory,
+    cfg: Mapping[str, Any],
+    paths: Paths,
+    data: DomainData | None = None,
+    tracker: Any = None,
+) -> tuple[ModelRef, dict[str, Any]]:
+    """Run the configured merge method on the trajectory's early checkpoints, once per key.
+
+    Every method gets the same inputs (trajectory.base, trajectory.inputs). Whole-model methods
+    (ARM) also get a MergeContext: calibration = the domain's train records, converged = the
+    converged SFT checkpoint (diagnostics only: not part of the key), log = the tracker's metrics.
+    The calibration data's key joins the merge key when the method's weights depend on it.
+    """
+    from arm.merge_engine import MergeContext, merge_from_config, merge_identity, split_config
+    from baselines import get_method
 
     merge_cfg = to_plain(cfg["merge"])
     method = merge_cfg["name"]
-    key = content_key("merge", merge_identity(merge_cfg), trajectory.base.key, [r.key for r in trajectory.early])
+    name, params, _ = split_config(merge_cfg)
+    uses_calibration = getattr(get_method(name), "uses_calibration", None)
+    calibration_key = data.key if (data is not None and uses_calibration is not None and uses_calibration(params)) else None
+    key_parts: list[Any] = [merge_identity(merge_cfg), trajectory.base.key, [r.key for r in trajectory.early]]
+    if calibration_key is not None:
+        key_parts.append({"calibration": calibration_key})
+    code_files = getattr(get_method(name), "code_files", None)
+    if code_files is not None:  # whole-model methods: their code is part of the merged weights' identity
+        key_parts.append({"code": source_digest(*code_files())})
+    key = content_key("merge", *key_parts)
     folder = paths.cache / "merged" / f"{cfg['model']['name']}-{cfg['domain']['name']}-{method}-{key}"
     summary_file = folder / "merge_summary.json"
     if not summary_file.is_file():
@@ -152,10 +174,15 @@ def merge_cached(trajectory: Trajectory, cfg: Mapping[str, Any], paths: Paths) -
             if not summary_file.is_file():
                 if folder.exists():
                     shutil.rmtree(folder)
+                context = MergeContext(
+                    calibration=data.split("train") if data is not None else None,
+                    converged=trajectory.converged.path if trajectory.converged is not None else None,
+                    log=tracker.log_metrics if tracker is not None else None,
+                )
                 start = time.perf_counter()
                 try:
                     summary = merge_from_config({**merge_cfg, "overwrite": False}, trajectory.base.path, trajectory.inputs,
-                                                folder, progress=False)
+                                                folder, progress=False, context=context)
                 except ValueError as exc:  # bad inputs or parameters: the message names the file, tensor or key
                     raise InputError(f"merge '{method}': {exc}") from exc
                 summary = {**to_plain(summary), "wall_s": round(time.perf_counter() - start, 3), "out_dir": str(folder)}
@@ -206,7 +233,7 @@ def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, An
             for ref in trajectory.references(ref_cfg.get("base", True), ref_cfg.get("early", True), ref_cfg.get("converged", True))
         ]
         if cfg["merge"]["name"] != "none":
-            merged, summary = merge_cached(trajectory, cfg, paths)
+            merged, summary = merge_cached(trajectory, cfg, paths, data, tracker)
             todo.append((merged, {"role": "merge", "method": merged.name, "params": summary.get("params"),
                                   "merge_wall_s": summary.get("wall_s")}))
         for model, extra in todo:

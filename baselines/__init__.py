@@ -15,6 +15,7 @@ METHODS: dict[str, str] = {
     "ties": "baselines.ties:Ties",
     "expo": "baselines.expo:Expo",
     "dare": "baselines.dare:Dare",
+    "arm": "arm.streaming:ARM",
 }
 
 

@@ -1,0 +1,605 @@
+"""ARM — the streaming merge iteration, registered as merge method ``arm``.
+
+What the paper (arXiv 2602.03237) states, from its abstract only: merging is an iterative
+optimisation process that approximates gradient-descent dynamics; merging coefficients act as
+learning rates; rotations derived from activation subspaces steer the updates; only early SFT
+checkpoints are needed. Everything below is *our* formulation of that (``/work/shared/ARM.md``,
+"Our formulation"; ``docs/method.md``), not the paper's algorithm:
+
+    θ ← c_m;  A_ref ← input statistics of c_m on the calibration tokens
+    for t = 1..T:
+        A_cur ← input statistics of θ            (θ = c_m at t = 1, so A_cur = A_ref and R = I)
+        linear weights of attention/MLP blocks:  W ← W + η_t · g_W · R_t   (one R per input group)
+        every other parameter:                   p ← p + η_t · g_p
+    return θ_T (select=last) or the θ_t with the lowest held-out calibration loss (select=best_loss)
+
+The iterate is kept as θ_t = c_m + a_t·g + E_t, where a_t = fsum(η_1..η_t) (times the layer
+scale) and E_t = Σ η_s·(g R_s − g) is the accumulated rotation correction of the rotated weights
+(absent for ``rotation: none``). Materialising θ as ``g·a + c_m`` (+ E) uses the very operations
+of the ``expo`` baseline, so ``rotation=none, direction=task_vector, schedule=constant`` gives
+bit-for-bit the ExPO output with α = T·η, and parameters outside the rotated set are exactly
+c_m + (Σ η_t)·g.
+
+Bad input fails before anything is written: an empty checkpoint list, ``direction: delta`` with
+one checkpoint, a rank larger than a layer's width or than the calibration tokens, an empty
+calibration set, NaN/Inf in an input; a NaN/Inf appearing during the iteration stops it with an
+error naming the iteration and the parameter (or the layer whose inputs diverged).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from arm.rotations import ROTATIONS
+from arm.schedules import DIRECTIONS, SCHEDULES
+from baselines.base import MergeConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+SELECTS = ("last", "best_loss")
+LAYER_SCALES = ("none", "alignment")
+DIAGNOSTICS_JSON = "diagnostics.json"
+DIAGNOSTICS_PNG = "diagnostics.png"
+
+
+# ---------------------------------------------------------------------------------------------
+# parameters (conf/merge/arm.yaml, one key per field)
+
+
+@dataclass(frozen=True)
+class CalibrationParams:
+    n_sequences: int = 128  # records sampled (seeded) from the domain's train split
+    max_length: int = 256  # tokens per sequence (prompt + response + EOS, truncated)
+    holdout_fraction: float = 0.25  # share of the sequences held out for the calibration loss
+    seed: int = 0
+    max_tokens: int = 4096  # token positions recorded per input group for the statistics
+
+
+@dataclass(frozen=True)
+class ARMParams:
+    lr: float = 0.25  # peak η (the merging coefficient of one iteration)
+    iterations: int = 4  # T
+    schedule: str = "constant"  # constant | linear | cosine
+    warmup: int = 0  # warm-up iterations (0 ≤ warmup < iterations)
+    direction: str = "task_vector"  # task_vector | delta | ema
+    beta: float = 0.9  # EMA factor of direction=ema
+    rotation: str = "procrustes"  # procrustes | geodesic | none
+    rank: int = 16  # r: principal directions per input group
+    select: str = "last"  # last | best_loss
+    calibration: CalibrationParams = field(default_factory=CalibrationParams)
+    layer_scale: str = "none"  # none | alignment
+
+    def needs_statistics(self) -> bool:
+        return self.rotation != "none" or self.layer_scale == "alignment"
+
+    def uses_calibration(self) -> bool:
+        """Whether calibration data changes the merged weights (statistics or selection)."""
+        return self.needs_statistics() or self.select == "best_loss"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _int(value: Any, key: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MergeConfigError(f"merge.{key}: expected an integer, got {value!r}")
+    if value < low:
+        raise MergeConfigError(f"merge.{key}: must be ≥ {low}, got {value}")
+    return value
+
+
+def _num(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MergeConfigError(f"merge.{key}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _choice(value: Any, key: str, choices: Sequence[str]) -> str:
+    if value is None and "none" in choices:
+        return "none"
+    if value not in choices:
+        raise MergeConfigError(f"merge.{key}: must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def parse_params(params: Mapping[str, Any]) -> ARMParams:
+    """``merge.*`` (without the engine keys) -> ARMParams; errors name ``merge.<key>``."""
+    known = [f for f in ARMParams.__dataclass_fields__]
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise MergeConfigError(f"merge.{unknown[0]}: not a parameter of method 'arm' (it takes: {', '.join(known)})")
+    p = dict(params)
+    cal_in = p.pop("calibration", None) or {}
+    if not isinstance(cal_in, Mapping):
+        raise MergeConfigError(f"merge.calibration: expected a mapping, got {cal_in!r}")
+    cal_known = list(CalibrationParams.__dataclass_fields__)
+    cal_unknown = sorted(set(cal_in) - set(cal_known))
+    if cal_unknown:
+        raise MergeConfigError(
+            f"merge.calibration.{cal_unknown[0]}: not a calibration setting (known: {', '.join(cal_known)})"
+        )
+    cd = CalibrationParams()
+    cal = CalibrationParams(
+        n_sequences=_int(cal_in.get("n_sequences", cd.n_sequences), "calibration.n_sequences", 1),
+        max_length=_int(cal_in.get("max_length", cd.max_length), "calibration.max_length", 2),
+        holdout_fraction=_num(cal_in.get("holdout_fraction", cd.holdout_fraction), "calibration.holdout_fraction"),
+        seed=_int(cal_in.get("seed", cd.seed), "calibration.seed", 0),
+        max_tokens=_int(cal_in.get("max_tokens", cd.max_tokens), "calibration.max_tokens", 1),
+    )
+    if not 0 <= cal.holdout_fraction < 1:
+        raise MergeConfigError(f"merge.calibration.holdout_fraction: must be in [0, 1), got {cal.holdout_fraction}")
+    d = ARMParams()
+    out = ARMParams(
+        lr=_num(p.get("lr", d.lr), "lr"),
+        iterations=_int(p.get("iterations", d.iterations), "iterations", 1),
+        schedule=_choice(p.get("schedule", d.schedule), "schedule", SCHEDULES),
+        warmup=_int(p.get("warmup", d.warmup), "warmup", 0),
+        direction=_choice(p.get("direction", d.direction), "direction", DIRECTIONS),
+        beta=_num(p.get("beta", d.beta), "beta"),
+        rotation=_choice(p.get("rotation", d.rotation), "rotation", ROTATIONS),
+        rank=_int(p.get("rank", d.rank), "rank", 1),
+        select=_choice(p.get("select", d.select), "select", SELECTS),
+        calibration=cal,
+        layer_scale=_choice(p.get("layer_scale", d.layer_scale), "layer_scale", LAYER_SCALES),
+    )
+    if out.lr <= 0:
+        raise MergeConfigError(f"merge.lr: must be > 0, got {out.lr}")
+    if out.warmup >= out.iterations:
+        raise MergeConfigError(f"merge.warmup: must be smaller than merge.iterations ({out.iterations}), got {out.warmup}")
+    if not 0 <= out.beta < 1:
+        raise MergeConfigError(f"merge.beta: must be in [0, 1), got {out.beta}")
+    if out.select == "best_loss" and cal.holdout_fraction <= 0:
+        raise MergeConfigError("merge.select: best_loss needs held-out sequences (merge.calibration.holdout_fraction > 0)")
+    if out.layer_scale == "alignment" and out.rotation == "none":
+        raise MergeConfigError("merge.layer_scale: alignment needs a rotation (merge.rotation is none)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the iteration (in memory)
+
+
+@dataclass
+class Inputs:
+    """What the update needs, float32 on the merge device: c_m and g per parameter name."""
+
+    names: list[str]  # float tensors of the base, in storage order, each storage once (tied)
+    last: dict[str, torch.Tensor]
+    g: dict[str, torch.Tensor]
+
+
+@dataclass
+class IterationResult:
+    state: dict[str, torch.Tensor]
+    diagnostics: dict[str, Any]
+    selected: int
+
+
+def load_inputs(plan: Any, names: Sequence[str], params: ARMParams, steps: Sequence[int] | None, device: torch.device) -> Inputs:
+    """Read θ0, c_1..c_m tensor by tensor (float32) and form c_m and the direction g."""
+    import torch
+
+    from arm.merge_engine import MergeInputError
+    from arm.schedules import direction
+    from arm.tensor_io import TensorReader
+
+    n_ck = len(plan.inputs[names[0]]) - 1
+    need = {"task_vector": [0, n_ck], "delta": [n_ck - 1, n_ck], "ema": list(range(n_ck + 1))}[params.direction]
+    readers = {j: TensorReader() for j in need}
+    last: dict[str, torch.Tensor] = {}
+    g: dict[str, torch.Tensor] = {}
+    try:
+        for name in names:
+            infos = plan.inputs[name]
+            loaded = {}
+            for j in need:
+                t = readers[j].read(infos[j]).to(device=device, dtype=torch.float32)
+                if not bool(torch.isfinite(t).all()):
+                    raise MergeInputError(f"{infos[j].file}: tensor {name!r} contains NaN or Inf")
+                loaded[j] = t
+            ck = [loaded[j] for j in range(1, n_ck + 1) if j in loaded]
+            base = loaded.get(0, ck[0])
+            if params.direction == "task_vector":
+                g[name] = direction("task_vector", base, ck)
+            elif params.direction == "delta":
+                g[name] = direction("delta", base, ck)
+            else:
+                g[name] = direction("ema", base, ck, steps, params.beta)
+            last[name] = loaded[n_ck]
+    finally:
+        for r in readers.values():
+            r.close()
+    return Inputs(list(names), last, g)
+
+
+class _Converged:
+    """Streams the converged checkpoint c* to measure cos(θ − c_m, c* − c_m) and ‖θ − c*‖/‖c_m − c*‖."""
+
+    def __init__(self, path: Path, names: Sequence[str], tied: bool):
+        from arm.merge_engine import _alias_tied
+        from arm.tensor_io import ModelFolder
+
+        folder = ModelFolder(path)
+        self.infos = _alias_tied([folder], tied)[0]
+        missing = [n for n in names if n not in self.infos]
+        if missing:
+            raise ValueError(f"{path}: converged checkpoint lacks tensor {missing[0]!r}")
+        self.path = path
+
+    def measure(self, names: Sequence[str], theta: Callable[[str], torch.Tensor], last: Mapping[str, torch.Tensor],
+                direction: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+        import torch
+
+        from arm.tensor_io import TensorReader
+
+        dot = nt = ns = nd = dg = ng = 0.0
+        with TensorReader() as reader:
+            for name in names:
+                cs = reader.read(self.infos[name]).to(device=last[name].device, dtype=torch.float32)
+                star = cs - last[name]
+                step = theta(name) - last[name]
+                dot += float((step * star).sum())
+                nt += float((step * step).sum())
+                ns += float((star * star).sum())
+                nd += float(((theta(name) - cs) ** 2).sum())
+                if direction is not None:
+                    dg += float((direction[name] * star).sum())
+                    ng += float((direction[name] ** 2).sum())
+        out = {
+            "cos_to_converged": dot / math.sqrt(nt * ns) if nt > 0 and ns > 0 else 0.0,
+            "rel_dist_to_converged": math.sqrt(nd / ns) if ns > 0 else float("nan"),
+        }
+        if direction is not None:
+            out["cos_direction_to_converged"] = dg / math.sqrt(ng * ns) if ng > 0 and ns > 0 else 0.0
+        return out
+
+
+def iterate(
+    model: Any,
+    inputs: Inputs,
+    params: ARMParams,
+    *,
+    calib: Any = None,
+    converged: _Converged | None = None,
+    log_fn: Callable[[dict], None] | None = None,
+    device: torch.device | None = None,
+) -> IterationResult:
+    """Run T iterations on ``model`` (loaded at c_m, float32); returns the selected iterate."""
+    import torch
+
+    from arm.activations import calibration_loss, collect_inputs, find_linear_groups
+    from arm.rotations import principal_directions, rotation
+    from arm.schedules import lr_schedule
+
+    device = device or next(model.parameters()).device
+    etas = lr_schedule(params.lr, params.iterations, params.schedule, params.warmup)
+    targets = dict(model.state_dict(keep_vars=True))
+    missing = [n for n in inputs.names if n not in targets]
+    if missing:
+        raise ValueError(f"model has no parameter {missing[0]!r} of the input files")
+    groups = [g for g in find_linear_groups(model)]
+    for grp in groups:
+        grp.params = [p for p in grp.params if p in inputs.g]
+    groups = [grp for grp in groups if grp.params]
+    rotated = {p for grp in groups for p in grp.params}
+    if params.needs_statistics():
+        if calib is None or not calib.stats_batches:
+            raise ValueError("the calibration set is empty: ARM's statistics need calibration sequences")
+        narrow = min(groups, key=lambda grp: grp.in_features)
+        if params.rank > narrow.in_features:
+            raise ValueError(f"merge.rank: {params.rank} is larger than the input width {narrow.in_features} of {narrow.key}")
+        if params.rank > calib.n_tokens:
+            raise ValueError(f"merge.rank: {params.rank} is larger than the {calib.n_tokens} calibration tokens")
+    if params.select == "best_loss" and (calib is None or not calib.loss_batches):
+        raise ValueError("merge.select: best_loss needs held-out calibration sequences, none were given")
+
+    coeffs: dict[str, list[float]] = {n: [] for n in inputs.names}
+    corr: dict[str, torch.Tensor] = {}
+
+    def theta(name: str) -> torch.Tensor:
+        t = torch.mul(inputs.g[name], math.fsum(coeffs[name])).add_(inputs.last[name])
+        if name in corr:
+            t.add_(corr[name])
+        return t
+
+    def materialise(t: int) -> None:
+        with torch.no_grad():
+            for name in inputs.names:
+                value = theta(name)
+                if not bool(torch.isfinite(value).all()):
+                    raise FloatingPointError(
+                        f"ARM iteration {t}: parameter {name!r} became NaN/Inf (η_t = {etas[t - 1]:g}; lower merge.lr)"
+                    )
+                targets[name].data.copy_(value)
+
+    history: list[dict[str, Any]] = []
+    loss0 = calibration_loss(model, calib, device) if calib is not None else None
+    record0: dict[str, Any] = {"iteration": 0, "eta": 0.0, "loss": loss0}
+    if converged is not None:
+        record0.update(converged.measure(inputs.names, theta, inputs.last, inputs.g))
+    history.append(record0)
+    X_ref = Q_ref = None
+    if params.needs_statistics():
+        X_ref = collect_inputs(model, groups, calib, device)
+        Q_ref = {grp.key: principal_directions(X_ref[grp.key], params.rank, grp.key) for grp in groups}
+    best: tuple[float, int, dict[str, list[float]], dict[str, torch.Tensor]] | None = None
+    for t, eta in enumerate(etas, start=1):
+        per_group: dict[str, dict[str, float]] = {}
+        if X_ref is not None:
+            try:
+                X_cur = X_ref if t == 1 else collect_inputs(model, groups, calib, device)
+            except FloatingPointError as err:
+                raise FloatingPointError(f"ARM iteration {t}: {err} (the model diverged; lower merge.lr)") from None
+            for grp in groups:
+                R = rotation(params.rotation, X_ref[grp.key], X_cur[grp.key], params.rank, grp.key, Q_ref[grp.key])
+                scale = R.alignment() if params.layer_scale == "alignment" else 1.0
+                per_group[grp.key] = {"mean_angle_deg": R.mean_angle_deg(), "rot_dist": R.distance_from_identity(),
+                                      "scale": scale}
+                for name in grp.params:
+                    coeffs[name].append(eta * scale)
+                    c = R.correction(inputs.g[name])
+                    if c is not None:
+                        c.mul_(eta * scale)
+                        corr[name] = corr[name].add_(c) if name in corr else c
+            for name in inputs.names:
+                if name not in rotated:
+                    coeffs[name].append(eta)
+        else:
+            for name in inputs.names:
+                coeffs[name].append(eta)
+        materialise(t)
+        record: dict[str, Any] = {"iteration": t, "eta": eta}
+        if per_group:
+            record["mean_angle_deg"] = sum(v["mean_angle_deg"] for v in per_group.values()) / len(per_group)
+            record["rot_dist"] = sum(v["rot_dist"] for v in per_group.values()) / len(per_group)
+            record["groups"] = per_group
+        record["loss"] = calibration_loss(model, calib, device) if calib is not None else None
+        if converged is not None:
+            record.update(converged.measure(inputs.names, theta, inputs.last))
+        history.append(record)
+        if log_fn is not None:
+            log_fn({f"arm/{k}": v for k, v in record.items() if k != "groups" and v is not None})
+        log.info("ARM iteration %d: η=%g loss=%s", t, eta, record["loss"])
+        if params.select == "best_loss" and record["loss"] is not None and (best is None or record["loss"] < best[0]):
+            best = (record["loss"], t, {n: list(v) for n, v in coeffs.items()}, {n: v.clone() for n, v in corr.items()})
+    selected = params.iterations
+    if params.select == "best_loss":
+        assert best is not None
+        _, selected, coeffs, corr = best
+    state = {name: theta(name) for name in inputs.names}
+    diagnostics = {"params": params.to_dict(), "etas": etas, "selected_iteration": selected,
+                   "rotated_groups": [grp.key for grp in groups], "history": history}
+    if calib is not None:
+        diagnostics["calibration"] = {"stats_sequences": calib.n_stats_sequences, "loss_sequences": calib.n_loss_sequences,
+                                      "stats_tokens": calib.n_tokens}
+    return IterationResult(state, diagnostics, selected)
+
+
+# ---------------------------------------------------------------------------------------------
+# the registered method
+
+
+class ARM:
+    """Merge method ``arm`` (a whole-model iterative method, not a per-tensor rule)."""
+
+    name = "arm"
+
+    @classmethod
+    def accepted_params(cls) -> list[str]:
+        return list(ARMParams.__dataclass_fields__)
+
+    @classmethod
+    def code_files(cls) -> list[Path]:
+        """Source files whose changes change ARM's merged weights (part of the pipeline's merge key)."""
+        here = Path(__file__).resolve().parent
+        return [here / f for f in ("streaming.py", "rotations.py", "activations.py", "schedules.py")]
+
+    @classmethod
+    def validate_params(cls, params: Mapping[str, Any]) -> ARMParams:
+        return parse_params(params)
+
+    @classmethod
+    def uses_calibration(cls, params: Mapping[str, Any]) -> bool:
+        return parse_params(params).uses_calibration()
+
+    @classmethod
+    def merge_folder(
+        cls,
+        params: Mapping[str, Any],
+        base: Path,
+        checkpoints: Sequence[Path],
+        out_dir: Path,
+        settings: Any,
+        *,
+        progress: bool = True,
+        context: Any = None,
+    ) -> dict[str, Any]:
+        """Run ARM on ``base`` and ``checkpoints`` (the last is c_m) and write ``out_dir``.
+
+        On CPU torch runs single-threaded, as the engine does: on a machine shared with other
+        jobs, intra-op threads made the tiny model's merge slower, not faster.
+        """
+        import torch
+
+        threads = torch.get_num_threads()
+        if settings.resolve_device().type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            return cls._merge_folder(params, base, checkpoints, out_dir, settings, progress=progress, context=context)
+        finally:
+            torch.set_num_threads(threads)
+
+    @classmethod
+    def _merge_folder(
+        cls,
+        params: Mapping[str, Any],
+        base: Path,
+        checkpoints: Sequence[Path],
+        out_dir: Path,
+        settings: Any,
+        *,
+        progress: bool,
+        context: Any,
+    ) -> dict[str, Any]:
+        from transformers import AutoTokenizer
+
+        from arm.activations import prepare_calibration
+        from arm.merge_engine import MergeInputError, plan_merge, write_state_dict
+        from arm.schedules import checkpoint_step
+        from arm.tensor_io import ModelFolder, TensorIOError, TensorReader, torch_dtype
+
+        t0 = time.perf_counter()
+        p = parse_params(params)
+        if not checkpoints:
+            raise MergeInputError("no early checkpoints given: ARM needs at least one")
+        base, out_dir = Path(base), Path(out_dir)
+        checkpoints = [Path(c) for c in checkpoints]
+        if p.direction == "delta" and len(checkpoints) < 2:
+            raise MergeConfigError(f"merge.direction: delta needs at least 2 early checkpoints, got {len(checkpoints)}")
+        steps = None
+        if p.direction == "ema":
+            try:
+                steps = [checkpoint_step(c) for c in checkpoints]
+            except ValueError as err:
+                raise MergeInputError(str(err)) from None
+        try:
+            base_f = ModelFolder(base)
+            ck_f = [ModelFolder(c) for c in checkpoints]
+        except TensorIOError as err:
+            raise MergeInputError(str(err)) from None
+        plan = plan_merge(base_f, ck_f, settings.dtype)
+        float_names = [n for n in plan.names if plan.inputs[n][0].is_float]
+        records = list(getattr(context, "calibration", None) or [])
+        if p.needs_statistics() or p.select == "best_loss":
+            if not records:
+                raise MergeInputError(
+                    "ARM needs calibration data (the domain's train records) for "
+                    + ("its statistics" if p.needs_statistics() else "select=best_loss")
+                    + ", and none was given"
+                )
+        device = settings.resolve_device()
+        model = _load_model(checkpoints[-1], device, progress)
+        # each storage once: a tied lm_head is updated through the embedding
+        seen: set[int] = set()
+        targets = model.state_dict(keep_vars=True)
+        names = []
+        for n in float_names:
+            if n not in targets:
+                raise MergeInputError(f"{checkpoints[-1]}: the loaded model has no parameter {n!r} of the files")
+            ptr = targets[n].data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                names.append(n)
+        inputs = load_inputs(plan, names, p, steps, device)
+        calib = None
+        if records:
+            tok_dir = checkpoints[-1] if ModelFolder(checkpoints[-1]).has_tokenizer() else base
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+            c = p.calibration
+            calib = prepare_calibration(records, tokenizer, n_sequences=c.n_sequences, max_length=c.max_length,
+                                        holdout_fraction=c.holdout_fraction, seed=c.seed, max_tokens=c.max_tokens)
+        conv_path = getattr(context, "converged", None)
+        converged = _Converged(Path(conv_path), names, bool(base_f.config.get("tie_word_embeddings", False))) if conv_path else None
+        log_fn = getattr(context, "log", None)
+        result = iterate(model, inputs, p, calib=calib, converged=converged, log_fn=log_fn, device=device)
+        state = dict(result.state)
+        for n in plan.names:  # tied duplicates and non-float tensors
+            if n in state:
+                continue
+            if plan.inputs[n][0].is_float:
+                state[n] = targets[n].detach()
+            else:
+                with TensorReader() as reader:
+                    state[n] = reader.read(plan.inputs[n][0])
+        del model
+        written = write_state_dict(state, base, checkpoints, out_dir, settings)
+        result.diagnostics["inputs"] = {"base": str(base), "checkpoints": [str(c) for c in checkpoints],
+                                        "steps": steps, "converged": str(conv_path) if conv_path else None}
+        (out_dir / DIAGNOSTICS_JSON).write_text(json.dumps(result.diagnostics, indent=2, default=float) + "\n")
+        plot_diagnostics(result.diagnostics, out_dir / DIAGNOSTICS_PNG)
+        final = result.diagnostics["history"][result.selected]
+        return {
+            "method": cls.name,
+            "params": p.to_dict(),
+            "wall_s": round(time.perf_counter() - t0, 3),
+            "n_tensors": written["n_tensors"],
+            "device": str(device),
+            "dtype": settings.dtype
+            or ",".join(sorted({str(torch_dtype(t.dtype)).removeprefix("torch.") for t in plan.out})),
+            "out_dir": str(out_dir),
+            "shards": written["shards"],
+            "selected_iteration": result.selected,
+            "calibration_loss": final.get("loss"),
+            **{k: final[k] for k in ("cos_to_converged", "rel_dist_to_converged") if k in final},
+            "diagnostics": str(out_dir / DIAGNOSTICS_JSON),
+        }
+
+
+def _load_model(path: Path, device: torch.device, progress: bool) -> Any:
+    """θ ← c_m: the last early checkpoint as a float32 causal LM on the merge device, eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return model.to(device).eval()
+
+
+def plot_diagnostics(diagnostics: Mapping[str, Any], out: Path) -> Path | None:
+    """η_t, calibration loss, mean principal angle / ‖R − I‖_F and the distances to c* vs iteration."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        return None
+    hist = diagnostics["history"]
+    its = [h["iteration"] for h in hist]
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        pts = [(h["iteration"], h[key]) for h in hist if h.get(key) is not None]
+        return [a for a, _ in pts], [b for _, b in pts]
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    axes[0].plot(its[1:], [h["eta"] for h in hist[1:]], "o-")
+    axes[0].set_title("η_t")
+    x, y = series("loss")
+    axes[1].plot(x, y, "o-")
+    axes[1].axvline(diagnostics["selected_iteration"], color="grey", ls=":")
+    axes[1].set_title("held-out calibration loss")
+    x, y = series("mean_angle_deg")
+    axes[2].plot(x, y, "o-", label="mean principal angle (deg)")
+    x, y = series("rot_dist")
+    axes[2].plot(x, y, "s--", label="mean ‖R − I‖_F")
+    axes[2].legend(fontsize=7)
+    axes[2].set_title("rotations")
+    x, y = series("cos_to_converged")
+    axes[3].plot(x, y, "o-", label="cos(θ − c_m, c* − c_m)")
+    x, y = series("rel_dist_to_converged")
+    axes[3].plot(x, y, "s--", label="‖θ − c*‖ / ‖c_m − c*‖")
+    axes[3].legend(fontsize=7)
+    axes[3].set_title("vs converged SFT (diagnostic)")
+    for ax in axes:
+        ax.set_xlabel("iteration")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

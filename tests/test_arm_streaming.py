@@ -1,0 +1,181 @@
+"""ARM end to end on real tiny Qwen3 folders (transformers ``save_pretrained``) through the merge
+engine: the ExPO identity, exact plain updates outside the rotated set, R = I on the first
+iteration, select=best_loss, diagnostics, the config file and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from arm.merge_engine import (
+    ENGINE_KEYS,
+    MergeContext,
+    MergeInputError,
+    merge_from_config,
+    validate_merge_config,
+)
+from arm.schedules import lr_schedule
+from arm.streaming import ARM, parse_params
+from arm.tensor_io import ModelFolder, TensorReader
+from baselines.base import MergeConfigError
+from tests.merge_fixtures import make_trajectory
+
+ROTATED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def traj(tmp_path_factory):
+    """Base, early checkpoints at steps 10, 20, 30 and a 'converged' one at step 40 (diagnostics only)."""
+    t = make_trajectory(tmp_path_factory.mktemp("arm"), n_checkpoints=4, hidden=32, layers=2)
+    t.converged = t.checkpoints.pop()
+    return t
+
+
+@pytest.fixture
+def no_plot(monkeypatch):
+    """Skip the PNG (matplotlib is ~1 s per merge); test_rotation_none_is_exactly_expo checks it."""
+    import arm.streaming
+
+    monkeypatch.setattr(arm.streaming, "plot_diagnostics", lambda diagnostics, out: None)
+
+
+def records(n: int = 24) -> list[dict]:
+    return [{"prompt": f"Q{i}: {i} + {i + 3} = ", "response": f"{2 * i + 3}. done"} for i in range(n)]
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    f = ModelFolder(folder)
+    with TensorReader() as r:
+        return {n: r.read(info) for n, info in f.tensors.items()}
+
+
+def arm(traj, out: Path, context: MergeContext | None = None, **params) -> dict:
+    cfg = {"name": "arm", "device": "cpu", "rank": 4, "calibration": {"n_sequences": 24, "max_length": 32,
+           "holdout_fraction": 0.25, "seed": 0, "max_tokens": 256}, **params}
+    return merge_from_config(cfg, traj.base, traj.checkpoints, out, progress=False, context=context)
+
+
+def expo(traj, out: Path, alpha: float) -> dict[str, torch.Tensor]:
+    merge_from_config({"name": "expo", "alpha": alpha, "device": "cpu"}, traj.base, traj.checkpoints, out, progress=False)
+    return tensors(out)
+
+
+def test_rotation_none_is_exactly_expo(traj, tmp_path) -> None:
+    arm(traj, tmp_path / "arm", rotation="none", direction="task_vector", schedule="constant", lr=0.3, iterations=3)
+    ours, ref = tensors(tmp_path / "arm"), expo(traj, tmp_path / "expo", 3 * 0.3)
+    assert sorted(ours) == sorted(ref)
+    for name in ref:
+        assert torch.equal(ours[name], ref[name]), name
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "arm")  # a loadable HF folder (+ diagnostics)
+    assert model.config.tie_word_embeddings
+    assert (tmp_path / "arm" / "diagnostics.json").is_file() and (tmp_path / "arm" / "diagnostics.png").is_file()
+
+
+def test_unrotated_parameters_move_by_exactly_eta_g_and_rotations_start_at_identity(traj, tmp_path, no_plot) -> None:
+    logged: list[dict] = []
+    ctx = MergeContext(calibration=records(), converged=traj.converged, log=logged.append)
+    arm(traj, tmp_path / "arm", ctx, rotation="procrustes", schedule="linear", lr=0.4, iterations=3)
+    alpha = math.fsum(lr_schedule(0.4, 3, "linear"))  # c_m + Σ_t η_t g
+    ours, ref = tensors(tmp_path / "arm"), expo(traj, tmp_path / "expo", alpha)
+    rotated = [n for n in ref if any(f"{k}.weight" in n for k in ROTATED)]
+    assert len(rotated) == 2 * 7
+    for name in ref:
+        if name not in rotated:  # norms, embeddings (tied lm_head): exactly c_m + (Σ η_t) g
+            assert torch.equal(ours[name], ref[name]), name
+    assert any(not torch.allclose(ours[n], ref[n]) for n in rotated)  # the rotations did act
+    diag = json.loads((tmp_path / "arm" / "diagnostics.json").read_text())
+    hist = diag["history"]
+    assert [h["iteration"] for h in hist] == [0, 1, 2, 3]
+    assert [h["eta"] for h in hist[1:]] == lr_schedule(0.4, 3, "linear")
+    assert hist[1]["rot_dist"] < 1e-4  # θ = reference on iteration 1: R = I
+    assert all(g["rot_dist"] < 1e-4 for g in hist[1]["groups"].values())
+    assert hist[3]["rot_dist"] > hist[1]["rot_dist"]
+    assert len(hist[1]["groups"]) == 2 * 4  # qkv, o, gate_up, down per layer
+    assert hist[0]["rel_dist_to_converged"] == pytest.approx(1.0)
+    assert all(-1 <= h["cos_to_converged"] <= 1 and h["loss"] > 0 for h in hist)
+    assert [e["arm/iteration"] for e in logged] == [1, 2, 3]
+    assert {"arm/eta", "arm/loss", "arm/mean_angle_deg", "arm/rot_dist", "arm/cos_to_converged"} <= set(logged[0])
+
+
+def test_select_best_loss_returns_the_lowest_loss_iterate(traj, tmp_path, no_plot) -> None:
+    ctx = MergeContext(calibration=records())
+    summary = arm(traj, tmp_path / "best", ctx, rotation="geodesic", lr=3.0, iterations=3, select="best_loss")
+    hist = json.loads((tmp_path / "best" / "diagnostics.json").read_text())["history"]
+    losses = {h["iteration"]: h["loss"] for h in hist[1:]}
+    best = min(losses, key=losses.get)
+    assert summary["selected_iteration"] == best
+    assert summary["calibration_loss"] == losses[best]
+    # the written weights are that iterate: the same run stopped there gives the same tensors
+    arm(traj, tmp_path / "stop", ctx, rotation="geodesic", lr=3.0, iterations=best, select="last")
+    a, b = tensors(tmp_path / "best"), tensors(tmp_path / "stop")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_ema_direction_on_checkpoint_steps(traj, tmp_path, no_plot) -> None:
+    arm(traj, tmp_path / "ema", rotation="none", direction="ema", beta=0.5, lr=1.0, iterations=1)
+    out = tensors(tmp_path / "ema")
+    name = "model.norm.weight"
+    base, *cks = [tensors(p)[name] for p in (traj.base, *traj.checkpoints)]  # steps 10, 20, 30
+    d = [(cks[0] - base) / 10, (cks[1] - cks[0]) / 10, (cks[2] - cks[1]) / 10]
+    e = 0.25 * d[0] + 0.25 * d[1] + 0.5 * d[2]
+    assert torch.allclose(out[name], cks[2] + 10 * e, atol=1e-6)
+
+
+def test_config_file_maps_onto_the_parameters(compose) -> None:
+    from omegaconf import OmegaConf
+
+    merge = compose("merge=arm").merge
+    keys = set(OmegaConf.to_container(merge))
+    assert keys == set(ENGINE_KEYS) | set(ARM.accepted_params())
+    validate_merge_config(merge)
+    p = parse_params({k: v for k, v in OmegaConf.to_container(merge).items() if k not in ENGINE_KEYS})
+    assert set(OmegaConf.to_container(merge.calibration)) == set(p.to_dict()["calibration"])
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"lrr": 1}, "merge.lrr: not a parameter of method 'arm'"),
+        ({"schedule": "step"}, "merge.schedule: must be one of constant, linear, cosine"),
+        ({"iterations": 2, "warmup": 2}, "merge.warmup: must be smaller than merge.iterations"),
+        ({"rank": 0}, "merge.rank: must be ≥ 1"),
+        ({"lr": -1.0}, "merge.lr: must be > 0"),
+        ({"calibration": {"n_seq": 3}}, "merge.calibration.n_seq: not a calibration setting"),
+        ({"select": "best_loss", "calibration": {"holdout_fraction": 0.0}}, "merge.select: best_loss needs held-out"),
+        ({"rotation": "none", "layer_scale": "alignment"}, "merge.layer_scale: alignment needs a rotation"),
+    ],
+)
+def test_bad_parameters_name_the_key(params, message) -> None:
+    with pytest.raises(MergeConfigError, match=message):
+        validate_merge_config({"name": "arm", **params})
+
+
+def test_bad_inputs_fail_before_writing(traj, tmp_path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(MergeInputError, match="no early checkpoints"):
+        merge_from_config({"name": "arm", "device": "cpu"}, traj.base, [], out, progress=False)
+    with pytest.raises(MergeConfigError, match="merge.direction: delta needs at least 2"):
+        merge_from_config({"name": "arm", "device": "cpu", "direction": "delta", "rotation": "none"}, traj.base,
+                          traj.checkpoints[:1], out, progress=False)
+    with pytest.raises(MergeInputError, match="ARM needs calibration data"):
+        arm(traj, out, MergeContext(calibration=[]))
+    with pytest.raises(ValueError, match="merge.rank: 1000 is larger than the input width 32"):
+        arm(traj, out, MergeContext(calibration=records()), rank=1000)
+    with pytest.raises(FloatingPointError, match=r"ARM iteration 1: parameter '.+' became NaN/Inf"):
+        arm(traj, out, rotation="none", lr=1e39, iterations=2)
+    assert not out.exists()
+    assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
+
+
+def test_layer_scale_alignment_scales_each_group_by_its_subspace_alignment(traj, tmp_path, no_plot) -> None:
+    arm(traj, tmp_path / "ls", MergeContext(calibration=records()), layer_scale="alignment", lr=1.0, iterations=2)
+    hist = json.loads((tmp_path / "ls" / "diagnostics.json").read_text())["history"]
+    assert all(g["scale"] == pytest.approx(1.0, abs=1e-5) for g in hist[1]["groups"].values())  # R = I at t = 1
+    assert all(0 < g["scale"] <= 1 + 1e-6 for g in hist[2]["groups"].values())
+    assert min(g["scale"] for g in hist[2]["groups"].values()) < 1 - 1e-6
