@@ -87,7 +87,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
 
 
 def eval_key(model: ModelRef, cfg: Mapping[str, Any], data: DomainData | None) -> str:
-    eval_cfg = to_plain(cfg["eval"])
+    from evals.runner import effective_eval_cfg
+
+    eval_cfg = effective_eval_cfg(cfg["eval"], cfg["domain"])  # = eval.* for domains without `generation:`
     settings = {k: eval_cfg.get(k) for k in EVAL_SETTINGS}
     return content_key(
         "eval", model.key, settings, eval_cfg.get("split", "test"), to_plain(cfg["domain"].get("tasks")),
@@ -122,7 +124,7 @@ def evaluate_cached(
         if cfg["domain"].get("synthetic"):
             include = runner.write_synthetic_tasks(specs, data.folder, split, tmp / "tasks")
         log.info("evaluating %s (%s) on %s/%s", model.name, model.path, cfg["domain"]["name"], split)
-        evaluation = runner.evaluate(model.path, specs, cfg["eval"], tmp, include_path=include,
+        evaluation = runner.evaluate(model.path, specs, runner.effective_eval_cfg(cfg["eval"], cfg["domain"]), tmp, include_path=include,
                                      model_cfg=cfg["model"], unsafe_code=unsafe, seed=int(cfg.get("seed", 0)))
         result = build_result(
             name=model.name, role=role, model=cfg["model"]["name"], domain=cfg["domain"]["name"], split=split,
@@ -211,6 +213,12 @@ def plot_job(trajectory: Trajectory, results: list[dict[str, Any]], cfg: Mapping
     return out
 
 
+def _takes_calibration(method: str) -> bool:
+    from baselines import get_method
+
+    return getattr(get_method(method), "uses_calibration", None) is not None
+
+
 def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
     """Run one job and return {"results": [...], "table": markdown, "run_dir": ...}."""
     from arm.cache import atomic_write_text
@@ -233,7 +241,13 @@ def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, An
             for ref in trajectory.references(ref_cfg.get("base", True), ref_cfg.get("early", True), ref_cfg.get("converged", True))
         ]
         if cfg["merge"]["name"] != "none":
-            merged, summary = merge_cached(trajectory, cfg, paths, data, tracker)
+            calibration = data
+            if calibration is None and cfg["domain"].get("sft_data") and _takes_calibration(cfg["merge"]["name"]):
+                from arm.formatting import ensure_calibration_data  # real domains: a sample of the SFT data
+
+                n = int((cfg["merge"].get("calibration") or {}).get("n_sequences") or 128) * 4
+                calibration = ensure_calibration_data(cfg["domain"], paths.cache, n, seed=int(cfg.get("seed", 0)))
+            merged, summary = merge_cached(trajectory, cfg, paths, calibration, tracker)
             todo.append((merged, {"role": "merge", "method": merged.name, "params": summary.get("params"),
                                   "merge_wall_s": summary.get("wall_s")}))
         for model, extra in todo:

@@ -234,6 +234,14 @@ def ensure_trajectory(cfg: Mapping, data: DomainData | None, cache_dir: Path) ->
             early_steps=to_plain(early_override) if early_override is not None else to_plain(cfg["model"].get("sft", {}).get("early_steps")),
             converged_step=traj_cfg.get("converged_step"),
         )
+    if cfg["model"].get("arch") is None:
+        # A pretrained model (the Qwen3 sizes): transformers' Trainer SFT on the domain's SFT data (arm/sft_hf.py).
+        from arm import sft_hf
+
+        folder = sft_hf.ensure_hf_trajectory(cfg, cache_dir)
+        early = to_plain(early_override) if early_override is not None else sft_hf.resolve_sft_config(sft_config(cfg))["early_steps"]
+        return from_folder(folder, base=None, early_steps=early or None, converged_step=traj_cfg.get("converged_step"),
+                           key=sft_hf.trajectory_key(cfg))
     if data is None:
         raise ConfigError("trajectory.path", f"domain '{cfg['domain']['name']}' has no synthetic data: set trajectory.path to an SFT output folder")
     key = trajectory_key(cfg, data)

@@ -31,6 +31,7 @@ class TaskSpec:
     name: str
     metric: str
     filter: str = "none"
+    num_fewshot: int | None = None  # None: eval.num_fewshot (or the task's own default)
 
     @property
     def key(self) -> str:
@@ -46,8 +47,46 @@ def task_specs(domain_cfg: Mapping) -> list[TaskSpec]:
         for field in ("name", "metric"):
             if not task.get(field):
                 raise ConfigError(f"domain.tasks[{i}].{field}", "missing")
-        specs.append(TaskSpec(task["name"], task["metric"], task.get("filter") or "none"))
+        shots = task.get("num_fewshot")
+        if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 0):
+            raise ConfigError(f"domain.tasks[{i}].num_fewshot", f"expected a non-negative integer, got {shots!r}")
+        specs.append(TaskSpec(task["name"], task["metric"], task.get("filter") or "none", shots))
     return specs
+
+
+def effective_eval_cfg(eval_cfg: Mapping, domain_cfg: Mapping) -> dict[str, Any]:
+    """The eval config with the domain's `generation:` block filled in (explicit eval.* keys win).
+
+    gen_kwargs: the domain's, updated with eval.gen_kwargs; apply_chat_template: eval's unless null.
+    Without a `generation:` block (the synthetic domains) the eval config is returned unchanged.
+    """
+    from arm.cache import to_plain
+
+    out = dict(to_plain(eval_cfg))
+    generation = to_plain(domain_cfg.get("generation") or {})
+    if not generation:
+        return out
+    gen_kwargs = dict(generation.get("gen_kwargs") or {})
+    gen_kwargs.update(out.get("gen_kwargs") or {})
+    out["gen_kwargs"] = gen_kwargs or None
+    if out.get("apply_chat_template") is None:
+        out["apply_chat_template"] = bool(generation.get("apply_chat_template", False))
+    return out
+
+
+def task_requests(specs: Sequence[TaskSpec], default_fewshot: int | None) -> tuple[list[str | dict], int | None]:
+    """lm-eval `tasks` and the global `num_fewshot`: per-task shot counts go into task dicts.
+
+    lm-eval's global num_fewshot overrides every task's, so when any task sets its own the global one is
+    None and eval.num_fewshot is written into the tasks that set none.
+    """
+    if all(s.num_fewshot is None for s in specs):
+        return [s.name for s in specs], default_fewshot
+    requests: list[str | dict] = []
+    for spec in specs:
+        shots = spec.num_fewshot if spec.num_fewshot is not None else default_fewshot
+        requests.append(spec.name if shots is None else {"task": spec.name, "num_fewshot": int(shots)})
+    return requests, None
 
 
 def synthetic_templates() -> list[str]:
@@ -90,9 +129,10 @@ def model_args_for(backend: str, model_path: Path, eval_cfg: Mapping, model_cfg:
         return args
     if backend == "vllm":
         vllm_cfg = dict(model_cfg.get("vllm") or {})
-        vllm_cfg.update(eval_cfg.get("vllm") or {})
+        vllm_cfg.update({k: v for k, v in (eval_cfg.get("vllm") or {}).items() if v is not None})
         args = {"pretrained": str(model_path), "dtype": dtype}
-        for key in ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "max_model_len", "seed"):
+        for key in ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "max_model_len",
+                    "enforce_eager", "seed"):
             if vllm_cfg.get(key) is not None:
                 args[key] = vllm_cfg[key]
         return args
@@ -143,13 +183,14 @@ def evaluate(
     unknown = [s.name for s in specs if s.name not in manager.all_tasks]
     if unknown:
         raise ConfigError("domain.tasks", f"lm-eval does not know task(s) {unknown}")
+    requests, num_fewshot = task_requests(specs, eval_cfg.get("num_fewshot"))
 
     start = time.perf_counter()
     raw = simple_evaluate(
         model=backend,
         model_args=model_args,
-        tasks=[s.name for s in specs],
-        num_fewshot=eval_cfg.get("num_fewshot"),
+        tasks=requests,
+        num_fewshot=num_fewshot,
         batch_size=eval_cfg.get("batch_size", 16),
         device=device if backend == "hf" else None,
         limit=eval_cfg.get("limit"),
@@ -193,6 +234,10 @@ def evaluate(
         "model_args": model_args,
         "limit": eval_cfg.get("limit"),
         "num_fewshot": eval_cfg.get("num_fewshot"),
+        # What each task actually ran with: shots (lm-eval's n-shot), the gen_kwargs override and chat template.
+        "n_shot": {s.name: (raw.get("n-shot") or {}).get(s.name) for s in specs},
+        "gen_kwargs_override": dict(eval_cfg["gen_kwargs"]) if eval_cfg.get("gen_kwargs") else None,
+        "apply_chat_template": bool(eval_cfg.get("apply_chat_template", False)),
     }
 
 

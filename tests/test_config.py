@@ -20,17 +20,30 @@ def test_every_group_has_options():
         assert group_options(group), f"conf/{group}/ has no entries"
 
 
-def test_every_combination_composes(compose):
-    combos = list(itertools.product(*(group_options(g) for g in GROUPS)))
-    assert combos
-    for combo in combos:
-        overrides = [f"{g}={o}" for g, o in zip(GROUPS, combo, strict=True)]
-        cfg = compose(*overrides)
-        # Every value resolves (no missing interpolation) and each group names itself.
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        for group, option in zip(GROUPS, combo, strict=True):
-            assert cfg[group]["name"] == option, (group, option)
-        assert cfg.domain.tasks, overrides
+def test_every_combination_composes():
+    """Every model x domain x merge combination composes and resolves; eval and logger options cycle
+    through that product so that each of them is composed with many others too."""
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF_DIR
+
+    core = list(itertools.product(*(group_options(g) for g in GROUPS[:3])))
+    cycles = [itertools.cycle(group_options(g)) for g in GROUPS[3:]]
+    assert core
+    seen: dict[str, set] = {g: set() for g in GROUPS}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for combo in core:
+            combo = (*combo, *(next(c) for c in cycles))
+            overrides = [f"{g}={o}" for g, o in zip(GROUPS, combo, strict=True)]
+            cfg = compose("config", overrides=overrides)
+            # Every value resolves (no missing interpolation) and each group names itself.
+            OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+            for group, option in zip(GROUPS, combo, strict=True):
+                assert cfg[group]["name"] == option, (group, option)
+                seen[group].add(option)
+            assert cfg.domain.tasks, overrides
+    for group in GROUPS:
+        assert seen[group] == set(group_options(group)), group
 
 
 def test_domain_tasks_have_metric_and_template(compose):

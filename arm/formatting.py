@@ -1,0 +1,172 @@
+"""SFT data of the real domains: load a hub dataset (or a local copy) and format its rows.
+
+Each supported dataset schema has one formatter (`FORMATTERS`) that turns a raw row into
+`{"question": ..., "solution": ...}`; the domain's `prompt_template` / `response_template` then give
+the `{"prompt", "response"}` records the SFT stage and ARM's calibration set read (the same record
+shape as the synthetic domains). The templates are in conf/domain/{math,code}.yaml.
+
+| format | dataset (hub id) | columns |
+|---|---|---|
+| `gsm8k` | openai/gsm8k (config `main`) | question, answer ("... #### 42") |
+| `metamathqa` | meta-math/MetaMathQA | query, response ("... The answer is: 42"), type, original_question |
+| `magicoder_evol` | ise-uiuc/Magicoder-Evol-Instruct-110K | instruction, response |
+| `magicoder_oss` | ise-uiuc/Magicoder-OSS-Instruct-75K | problem, solution, lang, ... |
+| `evol_instruct_code` | nickrosh/Evol-Instruct-Code-80k-v1 | instruction, output |
+| `prompt_response` | any local JSONL already formatted | prompt, response |
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from arm.errors import ConfigError, InputError
+
+Row = Mapping[str, Any]
+
+
+def _need(row: Row, *keys: str, schema: str) -> list[str]:
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise InputError(f"a row of the '{schema}' schema lacks column(s) {missing} (it has {sorted(row)})")
+    return [str(row[k]) for k in keys]
+
+
+def format_gsm8k(row: Row) -> dict[str, str]:
+    """openai/gsm8k: the answer's calculator annotations `<<48/2=24>>` are removed and the final
+    `#### 72` becomes `The answer is 72.` (the sentence gsm8k_cot's strict-match filter reads)."""
+    question, answer = _need(row, "question", "answer", schema="gsm8k")
+    reasoning, _, final = answer.rpartition("####")
+    reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip()
+    final = final.strip()
+    solution = f"{reasoning}\nThe answer is {final}." if reasoning else f"The answer is {final}."
+    return {"question": question.strip(), "solution": solution}
+
+
+def format_metamathqa(row: Row) -> dict[str, str]:
+    """meta-math/MetaMathQA: `query` and `response` as they are (responses end "The answer is: X")."""
+    query, response = _need(row, "query", "response", schema="metamathqa")
+    return {"question": query.strip(), "solution": response.strip()}
+
+
+def format_magicoder_evol(row: Row) -> dict[str, str]:
+    question, solution = _need(row, "instruction", "response", schema="magicoder_evol")
+    return {"question": question.strip(), "solution": solution.strip()}
+
+
+def format_magicoder_oss(row: Row) -> dict[str, str]:
+    question, solution = _need(row, "problem", "solution", schema="magicoder_oss")
+    return {"question": question.strip(), "solution": solution.strip()}
+
+
+def format_evol_instruct_code(row: Row) -> dict[str, str]:
+    question, solution = _need(row, "instruction", "output", schema="evol_instruct_code")
+    return {"question": question.strip(), "solution": solution.strip()}
+
+
+FORMATTERS: dict[str, Callable[[Row], dict[str, str]]] = {
+    "gsm8k": format_gsm8k,
+    "metamathqa": format_metamathqa,
+    "magicoder_evol": format_magicoder_evol,
+    "magicoder_oss": format_magicoder_oss,
+    "evol_instruct_code": format_evol_instruct_code,
+}
+
+
+def format_record(row: Row, fmt: str, prompt_template: str, response_template: str) -> dict[str, str]:
+    """One raw row -> {"prompt", "response"} (the SFT and calibration record)."""
+    if fmt == "prompt_response":
+        prompt, response = _need(row, "prompt", "response", schema="prompt_response")
+        return {"prompt": prompt, "response": response}
+    if fmt not in FORMATTERS:
+        raise ConfigError("domain.sft_data.format", f"unknown format '{fmt}' (known: {', '.join([*FORMATTERS, 'prompt_response'])})")
+    fields = FORMATTERS[fmt](row)
+    return {"prompt": prompt_template.format(**fields), "response": response_template.format(**fields)}
+
+
+def format_rows(rows: Iterable[Row], domain_cfg: Mapping[str, Any]) -> list[dict[str, str]]:
+    data = domain_cfg.get("sft_data") or {}
+    fmt = data.get("format")
+    if not fmt:
+        raise ConfigError("domain.sft_data.format", "missing")
+    prompt_t = domain_cfg.get("prompt_template") or "{question}"
+    response_t = domain_cfg.get("response_template") or "{solution}"
+    return [format_record(row, fmt, prompt_t, response_t) for row in rows]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def offline_dataset_message(dataset: str) -> str:
+    return (f"cannot load dataset {dataset} offline: set domain.sft_data.path=/local/copy (a JSONL or Parquet "
+            "file, or a folder from datasets' save_to_disk), or HF_HOME with the dataset cached")
+
+
+def load_raw_rows(data_cfg: Mapping[str, Any], max_examples: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """Rows of the configured SFT dataset: `path` (local file or save_to_disk folder) or the hub id.
+
+    With `max_examples` below the dataset's size, a seeded random subset (datasets' shuffle)."""
+    import datasets
+
+    path = data_cfg.get("path")
+    split = data_cfg.get("split") or "train"
+    if path:
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise InputError(f"{path}: SFT data not found (domain.sft_data.path)")
+        if path.is_dir():
+            loaded = datasets.load_from_disk(str(path))
+            ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        else:
+            kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+            if kind is None:
+                raise InputError(f"{path}: expected a .jsonl, .json, .parquet or .csv file (domain.sft_data.path)")
+            ds = datasets.load_dataset(kind, data_files={split: str(path)}, split=split)
+    else:
+        dataset = data_cfg.get("dataset")
+        if not dataset:
+            raise ConfigError("domain.sft_data.dataset", "set a hub dataset id or domain.sft_data.path")
+        try:
+            ds = datasets.load_dataset(dataset, data_cfg.get("config"), split=split)
+        except Exception as exc:  # offline, unknown id, no cache: one message saying what to do
+            raise InputError(f"{offline_dataset_message(dataset)} ({type(exc).__name__}: {exc})") from exc
+    if max_examples is not None and int(max_examples) < len(ds):
+        ds = ds.shuffle(seed=seed).select(range(int(max_examples)))
+    return [dict(row) for row in ds]
+
+
+def load_sft_records(domain_cfg: Mapping[str, Any], max_examples: int | None = None, seed: int = 0) -> list[dict[str, str]]:
+    """The domain's SFT records ({"prompt", "response"}): all rows, or a seeded subset of `max_examples`."""
+    return format_rows(load_raw_rows(domain_cfg.get("sft_data") or {}, max_examples, seed), domain_cfg)
+
+
+def ensure_calibration_data(domain_cfg: Mapping[str, Any], cache_dir: Path, n_records: int, seed: int = 0):
+    """ARM's calibration records for a real domain, written once as `train.jsonl` in the data cache.
+
+    `domain.calibration.source`: `sft_data` (a seeded sample of `n_records` rows of the SFT dataset,
+    formatted like the SFT records) or a path to a JSONL of {prompt, response} records.
+    Returns an `arm.trajectory.DomainData` whose `split("train")` is what the merge reads.
+    """
+    from arm.cache import atomic_write_json, build_once, content_key
+    from arm.trajectory import PACKAGE_DIR, DomainData, source_digest
+
+    source = (domain_cfg.get("calibration") or {}).get("source") or "sft_data"
+    data = {k: domain_cfg.get(k) for k in ("sft_data", "prompt_template", "response_template")}
+    key = content_key("calibration", source, data, int(n_records), int(seed), source_digest(PACKAGE_DIR / "formatting.py"))
+    folder = Path(cache_dir) / "data" / f"{domain_cfg['name']}-calibration-{key}"
+
+    def build(tmp: Path) -> None:
+        if source == "sft_data":
+            records = load_sft_records(domain_cfg, n_records, seed=seed)
+        else:
+            rows = load_raw_rows({"path": source, "split": "train"}, n_records, seed)
+            records = [format_record(r, "prompt_response", "", "") for r in rows]
+        lines = [json.dumps({"id": f"{domain_cfg['name']}-calibration-{i}", **r}) + "\n" for i, r in enumerate(records)]
+        (tmp / "train.jsonl").write_text("".join(lines))
+        atomic_write_json(tmp / "data.json", {"source": source, "n": len(records), "seed": seed})
+
+    build_once(folder, build)
+    return DomainData(f"{domain_cfg['name']}-calibration", folder, key)
