@@ -118,6 +118,20 @@ def test_code_references_pass_their_tests() -> None:
                 exec(test, namespace)
 
 
+def test_code_examples_pattern_states_a_linear_function_by_values() -> None:
+    """The `examples` pattern: f(0), f(1), f(2) given; the slope and intercept must be inferred."""
+    params = {**SMALL, "pattern_weights": {"examples": 1}}
+    for record in generate_splits("code_synth", params, seed=3)["test"]:
+        assert record["pattern"] == "examples"
+        namespace: dict = {}
+        exec(reference_program(record), namespace)  # our own generated reference code
+        for test in record["tests"]:
+            exec(test, namespace)
+        stated = record["prompt"].split("\n")[0]
+        for x in (0, 1, 2):
+            assert f"f({x})={namespace['f'](x)}" in stated
+
+
 def test_code_parity_tests_cover_even_and_odd() -> None:
     params = {**SMALL, "pattern_weights": {"parity": 1}}
     for record in generate_splits("code_synth", params, seed=2)["test"]:

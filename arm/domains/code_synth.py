@@ -14,6 +14,10 @@ Patterns (weights in ``pattern_weights``; weight 0 disables one):
 - ``mod``: "x mod d", optionally followed by ", <step>".
 - ``minmax``: "max of x and c" / "min of x and c", optionally followed by ", <step>".
 - ``abs``: "abs of x minus c", optionally followed by ", <step>".
+- ``examples`` (weight 0 by default): a linear function stated by examples instead of words,
+  "f(0)=8, f(1)=11, f(2)=14" -> ``x*3+8``; the slope (1 to ``factor_max``) must be inferred, the
+  intercept lies in ``[-const_max*factor_max, const_max*factor_max]``. The one pattern that needs
+  computation rather than transliteration: it sets the difficulty of the domain for a tiny model.
 
 A step is "plus c" / "minus c" with c in ``[const_min, const_max]`` or "times k" with k in
 ``[factor_min, factor_max]``; ``mod`` divisors also come from the factor range. A comma applies the
@@ -44,7 +48,7 @@ ENTRY_POINT = "f"
 CODE_PREFIX = f"def {ENTRY_POINT}(x):\n"
 INDENT = "    "
 
-PATTERNS: tuple[str, ...] = ("arith", "parity", "range_sum", "mod", "minmax", "abs")
+PATTERNS: tuple[str, ...] = ("arith", "parity", "range_sum", "mod", "minmax", "abs", "examples")
 
 DEFAULT_PARAMS: dict[str, Any] = {
     "n_train": 3000,
@@ -215,6 +219,25 @@ def _abs(consts: range, factors: range) -> list[Spec]:
     return specs
 
 
+def _examples(consts: range, factors: range) -> list[Spec]:
+    specs = []
+    bound = consts[-1] * factors[-1]
+    for slope in range(1, factors[-1] + 1):
+        for intercept in range(-bound, bound + 1):
+            if slope == 1 and intercept == 0:
+                continue
+            expr = "x" if slope == 1 else f"x*{slope}"
+            if intercept:
+                expr += f"{'+' if intercept > 0 else '-'}{abs(intercept)}"
+
+            def func(x: int, slope: int = slope, intercept: int = intercept) -> int:
+                return slope * x + intercept
+
+            words = ", ".join(f"f({x})={func(x)}" for x in (0, 1, 2))
+            specs.append(Spec(("examples", slope, intercept), words, expr, func, _inputs([0, 1, 3, 8, -4])))
+    return specs
+
+
 BUILDERS: dict[str, Callable[[range, range], list[Spec]]] = {
     "arith": _arith,
     "parity": _parity,
@@ -222,6 +245,7 @@ BUILDERS: dict[str, Callable[[range, range], list[Spec]]] = {
     "mod": _mod,
     "minmax": _minmax,
     "abs": _abs,
+    "examples": _examples,
 }
 
 
