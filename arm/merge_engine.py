@@ -254,6 +254,14 @@ def _alias_tied(folders: Sequence[ModelFolder], tied: bool) -> list[dict[str, Te
     return maps
 
 
+def open_folders(base: Path, checkpoints: Sequence[Path]) -> tuple[ModelFolder, list[ModelFolder]]:
+    """The base and checkpoint folders, headers read; a bad folder or file is a MergeInputError."""
+    try:
+        return ModelFolder(base), [ModelFolder(c) for c in checkpoints]
+    except TensorIOError as err:
+        raise MergeInputError(str(err)) from None
+
+
 def plan_merge(base: ModelFolder, checkpoints: Sequence[ModelFolder], dtype: str | None) -> _Plan:
     """Check that all inputs hold the same tensors (names, shapes, dtype kinds); plan the output."""
     _check_configs(base, checkpoints)
@@ -420,11 +428,7 @@ def merge(
     if out_dir.exists() and not settings.overwrite:
         raise FileExistsError(f"{out_dir}: output folder exists (set merge.overwrite=true to replace it)")
     device = settings.resolve_device()
-    try:
-        base_f = ModelFolder(base)
-        ck_f = [ModelFolder(c) for c in checkpoints]
-    except TensorIOError as err:
-        raise MergeInputError(str(err)) from None
+    base_f, ck_f = open_folders(base, checkpoints)
     plan = plan_merge(base_f, ck_f, settings.dtype)
     used = _used_slots(rule, len(ck_f))
     chunk = GPU_CHUNK if device.type == "cuda" else CPU_CHUNK

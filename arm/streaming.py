@@ -454,9 +454,9 @@ class ARM:
         from transformers import AutoTokenizer
 
         from arm.activations import prepare_calibration
-        from arm.merge_engine import MergeInputError, plan_merge, write_state_dict
+        from arm.merge_engine import MergeInputError, open_folders, plan_merge, write_state_dict
         from arm.schedules import checkpoint_step
-        from arm.tensor_io import ModelFolder, TensorIOError, TensorReader, torch_dtype
+        from arm.tensor_io import ModelFolder, TensorReader, torch_dtype
 
         t0 = time.perf_counter()
         p = parse_params(params)
@@ -472,11 +472,7 @@ class ARM:
                 steps = [checkpoint_step(c) for c in checkpoints]
             except ValueError as err:
                 raise MergeInputError(str(err)) from None
-        try:
-            base_f = ModelFolder(base)
-            ck_f = [ModelFolder(c) for c in checkpoints]
-        except TensorIOError as err:
-            raise MergeInputError(str(err)) from None
+        base_f, ck_f = open_folders(base, checkpoints)
         plan = plan_merge(base_f, ck_f, settings.dtype)
         float_names = [n for n in plan.names if plan.inputs[n][0].is_float]
         records = list(getattr(context, "calibration", None) or [])
