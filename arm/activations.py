@@ -11,9 +11,9 @@ chosen once (seeded) from the non-padding positions of the statistics sequences.
 the current model are recorded on exactly the same tokens, which ``procrustes`` needs (it matches
 token i of one with token i of the other).
 
-Collecting statistics (``collect_inputs``) and applying updates (``arm.streaming``) are separate
-functions so that a layer-by-layer variant for models that do not fit in memory can swap the
-collection (see docs/method.md).
+Collecting statistics (``collect_inputs``, or ``arm.layerwise`` one decoder layer at a time for
+models that do not fit in memory) and applying updates (``arm.streaming``) are separate; both
+collections record with the same hooks (``InputRecorder``) on the same positions.
 """
 
 from __future__ import annotations
@@ -151,52 +151,90 @@ def collect_inputs(
     One forward pass per statistics batch (no gradients); forward pre-hooks on the first member of
     each group record the chosen positions. On the first batch the other members' inputs are
     checked to be the very same tensor (so the grouping by name is right for this architecture).
+    ``arm.layerwise`` records with the same hooks, one decoder layer at a time.
     """
     import torch
 
-    modules = dict(model.named_modules())
-    out: dict[str, list[torch.Tensor]] = {g.key: [] for g in groups}
-    state: dict[str, Any] = {"mask": None, "first": True, "seen": {}}
-    handles = []
+    recorder = InputRecorder(dict(model.named_modules()), groups)
+    with recorder, torch.no_grad():
+        for ids, mask in zip(calib.stats_batches, calib.stats_positions, strict=True):
+            recorder.next_batch(mask.to(device))
+            model(input_ids=ids.to(device))
+    return recorder.result(device)
 
-    def recorder(key: str):
+
+class InputRecorder:
+    """Forward pre-hooks on ``modules`` (by the names the groups use): the first member of each
+    group records its input at the positions of the current batch's mask; on the first batch the
+    other members' inputs are checked to be the same tensor. A context manager (hooks removed on exit)."""
+
+    def __init__(self, modules: Mapping[str, Any], groups: Sequence[LinearGroup]):
+        self.modules = modules
+        self.groups = list(groups)
+        self.out: dict[str, list[torch.Tensor]] = {g.key: [] for g in self.groups}
+        self.state: dict[str, Any] = {"mask": None, "first": True, "seen": {}, "started": False}
+        self.handles: list[Any] = []
+
+    def _recorder(self, key: str):
+        out, state = self.out, self.state
+
         def hook(_module, args):
+            import torch
+
             x = args[0]
             state["seen"][key] = x
             out[key].append(x.detach()[state["mask"]].to(torch.float32))
 
         return hook
 
-    def checker(key: str, member: str):
+    def _checker(self, key: str, member: str):
+        state = self.state
+
         def hook(_module, args):
+            import torch
+
             if state["first"] and args[0] is not state["seen"].get(key):
                 if not torch.equal(args[0], state["seen"][key]):
                     raise ValueError(f"{member}: its input differs from the input of its group {key}")
 
         return hook
 
-    try:
-        for g in groups:
-            handles.append(modules[g.modules[0]].register_forward_pre_hook(recorder(g.key)))
-            for member in g.modules[1:]:
-                handles.append(modules[member].register_forward_pre_hook(checker(g.key, member)))
-        with torch.no_grad():
-            for ids, mask in zip(calib.stats_batches, calib.stats_positions, strict=True):
-                state["mask"] = mask.to(device)
-                model(input_ids=ids.to(device))
-                state["first"] = False
-                state["seen"] = {}
-    finally:
-        for h in handles:
+    def next_batch(self, mask: torch.Tensor) -> None:
+        """Positions (bool, B × L) of the batch about to run through the hooked modules."""
+        if self.state["started"]:
+            self.state["first"] = False
+            self.state["seen"] = {}
+        self.state["started"] = True
+        self.state["mask"] = mask
+
+    def __enter__(self) -> InputRecorder:
+        try:
+            for g in self.groups:
+                self.handles.append(self.modules[g.modules[0]].register_forward_pre_hook(self._recorder(g.key)))
+                for member in g.modules[1:]:
+                    self.handles.append(self.modules[member].register_forward_pre_hook(self._checker(g.key, member)))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
             h.remove()
-    result = {}
-    for g in groups:
-        parts = out[g.key]
-        X = torch.cat(parts) if parts else torch.empty(0, g.in_features, device=device)
-        if not bool(torch.isfinite(X).all()):
-            raise FloatingPointError(f"non-finite input activations of {g.key}")
-        result[g.key] = X
-    return result
+        self.handles = []
+
+    def result(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Per group the recorded rows, concatenated in batch order; non-finite values are an error."""
+        import torch
+
+        result = {}
+        for g in self.groups:
+            parts = self.out[g.key]
+            X = torch.cat(parts) if parts else torch.empty(0, g.in_features, device=device)
+            if not bool(torch.isfinite(X).all()):
+                raise FloatingPointError(f"non-finite input activations of {g.key}")
+            result[g.key] = X
+        return result
 
 
 def calibration_loss(model: Any, calib: Calibration, device: torch.device) -> float | None:

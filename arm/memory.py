@@ -16,12 +16,18 @@ Stages:
   sequence (vLLM fills what `gpu_memory_utilization` leaves with more of it: the figure is the floor).
 - `merge_stream` (baselines, one GPU): the per-tensor engine holds a few float32 copies of the largest
   tensor (the embedding): the early checkpoints, the base, the accumulator, the output and one work copy.
-- `arm_in_memory` (arm/streaming.py today): θ, c_m and g in float32 (12 bytes per parameter), E for the
-  rotated weights (4 bytes each), one stored activation matrix per input group for the reference and
-  the current model, and the bf16-free float32 forward of one calibration batch.
-- `arm_layerwise` (planned, docs/method.md §4): one decoder layer's θ_{t−1}, c_m, g, E and output in
-  float32, the calibration hidden states in and out of the layer (float32), that layer's group inputs
-  for the current and the reference model, and the output head for the held-out loss.
+- `arm_in_memory` (`merge.statistics: model`): θ (the loaded model), c_m and g in float32 (12 bytes per
+  parameter), E for the rotated weights (4 bytes each), one stored activation matrix per input group for
+  the reference and the current model, and the float32 logits of one calibration batch.
+- `arm_layerwise` (`merge.statistics: layerwise`, arm/layerwise.py; docs/method.md "Statistics layer by
+  layer"), on the GPU: one decoder layer of θ in float32; the work copies of the one tensor being
+  materialised (θ0 and c_m as read, g, E, θ, and the cached (c_m, g) pair), the largest being the
+  embedding; the hidden states of all calibration sequences (float32); one batch's activations inside a
+  layer; that layer's group inputs (before they move to host memory) and one group's reference and
+  current inputs for its rotation; one batch of float32 logits for the held-out loss (with the
+  reshape and log-softmax copies). c_m and g are re-read from the files per tensor, never held.
+- `arm_layerwise_host` (host RAM of the same run): E (4 bytes per rotated weight; twice with
+  `select: best_loss`) and the group inputs of every layer for the reference and the current model.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 GB = 1e9
+# merge.statistics=auto goes layer by layer when the ARM-in-memory estimate exceeds this share of the GPU
+AUTO_DEVICE_SHARE = 0.9
 CONF_MODEL = Path(__file__).resolve().parent.parent / "conf" / "model"
 
 
@@ -52,6 +60,17 @@ class Shapes:
     @classmethod
     def from_cfg(cls, shapes: Mapping[str, Any]) -> Shapes:
         return cls(**{k: shapes[k] for k in cls.__dataclass_fields__})
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any]) -> Shapes:
+        """From a checkpoint's config.json (head_dim defaults to hidden / heads, as transformers does)."""
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        return cls(hidden_size=int(config["hidden_size"]), intermediate_size=int(config["intermediate_size"]),
+                   num_hidden_layers=int(config["num_hidden_layers"]),
+                   num_attention_heads=int(config["num_attention_heads"]),
+                   num_key_value_heads=int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+                   head_dim=int(head_dim), vocab_size=int(config["vocab_size"]),
+                   tie_word_embeddings=bool(config.get("tie_word_embeddings", False)))
 
     @property
     def layer_params(self) -> int:
@@ -91,7 +110,7 @@ def stage_memory(shapes: Shapes, model_cfg: Mapping[str, Any], arm_cfg: Mapping[
     n_seq = int(calib.get("n_sequences", 128))
     max_len = int(calib.get("max_length", 256))
     max_tokens = int(calib.get("max_tokens", 4096))
-    stats_batch = 8  # calibration sequences per forward
+    stats_batch = 16  # calibration sequences per forward (arm.activations.prepare_calibration's batch_size)
     sft = dict(model_cfg.get("sft") or {})
     vllm = dict(model_cfg.get("vllm") or {})
     P, L, h, V = shapes.params, shapes.num_hidden_layers, shapes.hidden_size, shapes.vocab_size
@@ -124,12 +143,23 @@ def stage_memory(shapes: Shapes, model_cfg: Mapping[str, Any], arm_cfg: Mapping[
         "group inputs, reference + current (float32)": 2 * L * stats_layer / GB,
         "forward of one calibration batch (fp32 logits)": stats_batch * max_len * (V + 4 * h) * 4 / GB,
     }
-    head = shapes.embedding_params * 4 * (1 if shapes.tie_word_embeddings else 2)
+    inter, heads = shapes.intermediate_size, shapes.num_attention_heads
+    largest = max(shapes.embedding_params, h * inter)
     out["arm_layerwise"] = {
-        "one layer: θ_{t−1}, c_m, g, E, θ_t (float32)": 5 * layer * 4 / GB,
-        "calibration hidden states in + out (float32)": 2 * n_seq * max_len * h * 4 / GB,
-        "that layer's group inputs, reference + current": 2 * stats_layer / GB,
-        "embedding + output head (float32) and one batch of logits": (head + stats_batch * max_len * V * 4) / GB,
+        "one decoder layer of θ (float32)": 4 * layer / GB,
+        "materialising one tensor: θ0, c_m, g, θ, E, cached (c_m, g) (float32, the largest: the embedding)":
+            7 * largest * 4 / GB,
+        "hidden states of all calibration sequences (float32)": n_seq * max_len * h * 4 / GB,
+        "one batch inside a layer (q/k/v/o, scores, gate/up/act/product)":
+            stats_batch * max_len * (4 * h + heads * max_len + 4 * inter) * 4 / GB,
+        "that layer's group inputs + one group's reference and current": (stats_layer + 2 * max_tokens * max(groups) * 4) / GB,
+        "one batch of logits (float32, + reshape and log-softmax copies)": 3 * stats_batch * max_len * V * 4 / GB,
+    }
+    best_copies = 2 if arm_cfg.get("select") == "best_loss" else 1
+    out["arm_layerwise_host"] = {
+        f"E for rotated weights (4 B each{', + the best iterate' if best_copies == 2 else ''})":
+            best_copies * 4 * shapes.rotated_params / GB,
+        "group inputs of every layer, reference + current (float32)": 2 * L * stats_layer / GB,
     }
     for terms in out.values():
         terms["total"] = sum(terms.values())
@@ -160,7 +190,8 @@ def table(gpu_gb: float = 80.0) -> list[dict[str, Any]]:
     for name, cfg in load_models().items():
         shapes = Shapes.from_cfg(cfg["shapes"])
         stages = stage_memory(shapes, cfg, arm)
-        arm_mode = "in_memory" if stages["arm_in_memory"]["total"] <= gpu_gb else "layerwise"
+        # the choice of merge.statistics=auto (arm.streaming.statistics_mode) on a GPU of gpu_gb
+        arm_mode = "in_memory" if stages["arm_in_memory"]["total"] <= AUTO_DEVICE_SHARE * gpu_gb else "layerwise"
         rows.append({"model": name, "params_b": shapes.params / 1e9, "sft_gpus": int(cfg["sft"].get("num_gpus", 1)),
                      "tp": int(cfg.get("vllm", {}).get("tensor_parallel_size", 1)), "stages": stages,
                      "arm_mode": arm_mode, "arm_gb": stages[f"arm_{arm_mode}"]["total"],
@@ -193,7 +224,7 @@ def sft_time_markdown(mfu: float = 0.4, peak_tflops: float = 989.0) -> str:
 
 def to_markdown(rows: list[dict[str, Any]], gpu_gb: float) -> str:
     lines = [
-        f"| model | params | SFT per GPU (GPUs) | vLLM eval per GPU (TP) | baseline merge | ARM in memory | ARM layer by layer | ARM mode on {gpu_gb:g} GB |",
+        f"| model | params | SFT per GPU (GPUs) | vLLM eval per GPU (TP) | baseline merge | ARM in memory | ARM layer by layer (host RAM) | ARM mode on {gpu_gb:g} GB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -201,7 +232,8 @@ def to_markdown(rows: list[dict[str, Any]], gpu_gb: float) -> str:
         lines.append(
             f"| {r['model']} | {r['params_b']:.2f} B | {st['sft']['total']:.1f} GB ({r['sft_gpus']}) | "
             f"{st['eval_vllm']['total']:.1f} GB ({r['tp']}) | {st['merge_stream']['total']:.1f} GB | "
-            f"{st['arm_in_memory']['total']:.1f} GB | {st['arm_layerwise']['total']:.1f} GB | "
+            f"{st['arm_in_memory']['total']:.1f} GB | {st['arm_layerwise']['total']:.1f} GB "
+            f"({st['arm_layerwise_host']['total']:.1f} GB) | "
             f"{r['arm_mode']}: {r['arm_gb']:.1f} GB {'fits' if r['arm_fits'] else 'DOES NOT FIT'} |"
         )
     return "\n".join(lines)

@@ -20,6 +20,11 @@ of the ``expo`` baseline, so ``rotation=none, direction=task_vector, schedule=co
 bit-for-bit the ExPO output with α = T·η, and parameters outside the rotated set are exactly
 c_m + (Σ η_t)·g.
 
+Statistics and the held-out loss come from the whole model in memory (``merge.statistics: model``)
+or, for models that do not fit, one decoder layer at a time (``layerwise``, ``arm.layerwise``; c_m and
+g are then re-read from the files per tensor and the iterate is materialised per tensor); ``auto``
+chooses (``statistics_mode``).
+
 Bad input fails before anything is written: an empty checkpoint list, ``direction: delta`` with
 one checkpoint, a rank larger than a layer's width or than the calibration tokens, an empty
 calibration set, NaN/Inf in an input; a NaN/Inf appearing during the iteration stops it with an
@@ -48,6 +53,7 @@ log = logging.getLogger(__name__)
 
 SELECTS = ("last", "best_loss")
 LAYER_SCALES = ("none", "alignment")
+STATISTICS = ("auto", "model", "layerwise")
 DIAGNOSTICS_JSON = "diagnostics.json"
 DIAGNOSTICS_PNG = "diagnostics.png"
 
@@ -78,6 +84,7 @@ class ARMParams:
     select: str = "last"  # last | best_loss
     calibration: CalibrationParams = field(default_factory=CalibrationParams)
     layer_scale: str = "none"  # none | alignment
+    statistics: str = "auto"  # auto | model | layerwise (how statistics and the loss are computed)
 
     def needs_statistics(self) -> bool:
         return self.rotation != "none" or self.layer_scale == "alignment"
@@ -151,6 +158,7 @@ def parse_params(params: Mapping[str, Any]) -> ARMParams:
         select=_choice(p.get("select", d.select), "select", SELECTS),
         calibration=cal,
         layer_scale=_choice(p.get("layer_scale", d.layer_scale), "layer_scale", LAYER_SCALES),
+        statistics=_choice(p.get("statistics", d.statistics), "statistics", STATISTICS),
     )
     if out.lr <= 0:
         raise MergeConfigError(f"merge.lr: must be > 0, got {out.lr}")
@@ -185,41 +193,108 @@ class IterationResult:
     selected: int
 
 
+class _InputSource:
+    """Reads θ0, c_1..c_m of one tensor (float32, on ``device``) and forms c_m and the direction g."""
+
+    def __init__(self, plan: Any, params: ARMParams, steps: Sequence[int] | None, device: torch.device):
+        from arm.tensor_io import TensorReader
+
+        self.plan, self.params, self.steps, self.device = plan, params, steps, device
+        self.n_ck = len(next(iter(plan.inputs.values()))) - 1
+        n_ck = self.n_ck
+        self.need = {"task_vector": [0, n_ck], "delta": [n_ck - 1, n_ck], "ema": list(range(n_ck + 1))}[params.direction]
+        self.readers = {j: TensorReader() for j in self.need}
+
+    def read(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        from arm.merge_engine import MergeInputError
+        from arm.schedules import direction
+
+        params, n_ck = self.params, self.n_ck
+        infos = self.plan.inputs[name]
+        loaded = {}
+        for j in self.need:
+            t = self.readers[j].read(infos[j]).to(device=self.device, dtype=torch.float32)
+            if not bool(torch.isfinite(t).all()):
+                raise MergeInputError(f"{infos[j].file}: tensor {name!r} contains NaN or Inf")
+            loaded[j] = t
+        ck = [loaded[j] for j in range(1, n_ck + 1) if j in loaded]
+        base = loaded.get(0, ck[0])
+        if params.direction == "task_vector":
+            g = direction("task_vector", base, ck)
+        elif params.direction == "delta":
+            g = direction("delta", base, ck)
+        else:
+            g = direction("ema", base, ck, self.steps, params.beta)
+        return loaded[n_ck], g
+
+    def close(self) -> None:
+        for r in self.readers.values():
+            r.close()
+
+
 def load_inputs(plan: Any, names: Sequence[str], params: ARMParams, steps: Sequence[int] | None, device: torch.device) -> Inputs:
     """Read θ0, c_1..c_m tensor by tensor (float32) and form c_m and the direction g."""
-    import torch
-
-    from arm.merge_engine import MergeInputError
-    from arm.schedules import direction
-    from arm.tensor_io import TensorReader
-
-    n_ck = len(plan.inputs[names[0]]) - 1
-    need = {"task_vector": [0, n_ck], "delta": [n_ck - 1, n_ck], "ema": list(range(n_ck + 1))}[params.direction]
-    readers = {j: TensorReader() for j in need}
+    source = _InputSource(plan, params, steps, device)
     last: dict[str, torch.Tensor] = {}
     g: dict[str, torch.Tensor] = {}
     try:
         for name in names:
-            infos = plan.inputs[name]
-            loaded = {}
-            for j in need:
-                t = readers[j].read(infos[j]).to(device=device, dtype=torch.float32)
-                if not bool(torch.isfinite(t).all()):
-                    raise MergeInputError(f"{infos[j].file}: tensor {name!r} contains NaN or Inf")
-                loaded[j] = t
-            ck = [loaded[j] for j in range(1, n_ck + 1) if j in loaded]
-            base = loaded.get(0, ck[0])
-            if params.direction == "task_vector":
-                g[name] = direction("task_vector", base, ck)
-            elif params.direction == "delta":
-                g[name] = direction("delta", base, ck)
-            else:
-                g[name] = direction("ema", base, ck, steps, params.beta)
-            last[name] = loaded[n_ck]
+            last[name], g[name] = source.read(name)
     finally:
-        for r in readers.values():
-            r.close()
+        source.close()
     return Inputs(list(names), last, g)
+
+
+class _LazyView(Mapping):
+    """``c_m`` or ``g`` of a ``_DiskInputs``, formed from the files on each access."""
+
+    def __init__(self, owner: _DiskInputs, which: int):
+        self.owner, self.which = owner, which
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.owner.get(name)[self.which]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.owner.known
+
+    def __iter__(self):
+        return iter(self.owner.names)
+
+    def __len__(self) -> int:
+        return len(self.owner.names)
+
+
+class _DiskInputs(Inputs):
+    """Inputs for ``statistics: layerwise``: c_m and g are not held in memory but re-read from the
+    safetensors files tensor by tensor when needed (the same float32 operations as ``load_inputs``,
+    so the same values); the last tensor read is cached. Every input is read once up front to fail
+    on NaN/Inf before any work."""
+
+    def __init__(self, plan: Any, names: Sequence[str], params: ARMParams, steps: Sequence[int] | None,
+                 device: torch.device):
+        self.source = _InputSource(plan, params, steps, device)
+        self.known = set(names)
+        self._cache: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        super().__init__(list(names), _LazyView(self, 0), _LazyView(self, 1))  # type: ignore[arg-type]
+        try:
+            for name in self.names:
+                self.source.read(name)
+        except BaseException:
+            self.source.close()
+            raise
+
+    def get(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cache is None or self._cache[0] != name:
+            if name not in self.known:
+                raise KeyError(name)
+            self._cache = (name, self.source.read(name))
+        return self._cache[1]
+
+    def close(self) -> None:
+        self._cache = None
+        self.source.close()
 
 
 class _Converged:
@@ -273,21 +348,33 @@ def iterate(
     converged: _Converged | None = None,
     log_fn: Callable[[dict], None] | None = None,
     device: torch.device | None = None,
+    layerwise: Any = None,
 ) -> IterationResult:
-    """Run T iterations on ``model`` (loaded at c_m, float32); returns the selected iterate."""
+    """Run T iterations on ``model`` (loaded at c_m, float32); returns the selected iterate.
+
+    With ``layerwise`` (an ``arm.layerwise.LayerwiseModel``; ``model`` is then None) no model is
+    held: statistics and the held-out loss come from layer-by-layer passes over the materialised
+    iterate, and the returned state is lazy (each tensor materialised when read). One pass over
+    θ_t gives both the loss of iteration t and the statistics of iteration t + 1 (the same θ).
+    """
     import torch
 
     from arm.activations import calibration_loss, collect_inputs, find_linear_groups
     from arm.rotations import principal_directions, rotation
     from arm.schedules import lr_schedule
 
-    device = device or next(model.parameters()).device
     etas = lr_schedule(params.lr, params.iterations, params.schedule, params.warmup)
-    targets = dict(model.state_dict(keep_vars=True))
-    missing = [n for n in inputs.names if n not in targets]
-    if missing:
-        raise ValueError(f"model has no parameter {missing[0]!r} of the input files")
-    groups = [g for g in find_linear_groups(model)]
+    if layerwise is None:
+        device = device or next(model.parameters()).device
+        store = device
+        targets = dict(model.state_dict(keep_vars=True))
+        missing = [n for n in inputs.names if n not in targets]
+        if missing:
+            raise ValueError(f"model has no parameter {missing[0]!r} of the input files")
+        groups = [g for g in find_linear_groups(model)]
+    else:
+        device, store = layerwise.device, layerwise.store
+        groups = layerwise.groups()
     for grp in groups:
         grp.params = [p for p in grp.params if p in inputs.g]
     groups = [grp for grp in groups if grp.params]
@@ -309,10 +396,25 @@ def iterate(
     def theta(name: str) -> torch.Tensor:
         t = torch.mul(inputs.g[name], math.fsum(coeffs[name])).add_(inputs.last[name])
         if name in corr:
-            t.add_(corr[name])
+            t.add_(corr[name].to(t.device))
         return t
 
+    def checked(t: int) -> Callable[[str], torch.Tensor]:
+        """θ per tensor for a layer-by-layer pass, with the NaN/Inf check of ``materialise``."""
+
+        def weights(name: str) -> torch.Tensor:
+            value = theta(name)
+            if not bool(torch.isfinite(value).all()):
+                raise FloatingPointError(
+                    f"ARM iteration {t}: parameter {name!r} became NaN/Inf (η_t = {etas[t - 1]:g}; lower merge.lr)"
+                )
+            return value
+
+        return weights
+
     def materialise(t: int) -> None:
+        if layerwise is not None:
+            return  # checked by the layer-by-layer pass over θ_t (``checked``), which reads every weight
         with torch.no_grad():
             for name in inputs.names:
                 value = theta(name)
@@ -323,25 +425,31 @@ def iterate(
                 targets[name].data.copy_(value)
 
     history: list[dict[str, Any]] = []
-    loss0 = calibration_loss(model, calib, device) if calib is not None else None
+    X_ref = Q_ref = X_next = None
+    if layerwise is None:
+        loss0 = calibration_loss(model, calib, device) if calib is not None else None
+    else:  # the reference c_m, read from the files tensor by tensor
+        X_ref, loss0 = layerwise.run(lambda name: inputs.last[name], calib,
+                                     groups if params.needs_statistics() else None, loss=calib is not None)
     record0: dict[str, Any] = {"iteration": 0, "eta": 0.0, "loss": loss0}
     if converged is not None:
         record0.update(converged.measure(inputs.names, theta, inputs.last, inputs.g))
     history.append(record0)
-    X_ref = Q_ref = None
     if params.needs_statistics():
-        X_ref = collect_inputs(model, groups, calib, device)
-        Q_ref = {grp.key: principal_directions(X_ref[grp.key], params.rank, grp.key) for grp in groups}
+        if layerwise is None:
+            X_ref = collect_inputs(model, groups, calib, device)
+        Q_ref = {grp.key: principal_directions(X_ref[grp.key].to(device), params.rank, grp.key) for grp in groups}
     best: tuple[float, int, dict[str, list[float]], dict[str, torch.Tensor]] | None = None
     for t, eta in enumerate(etas, start=1):
         per_group: dict[str, dict[str, float]] = {}
         if X_ref is not None:
             try:
-                X_cur = X_ref if t == 1 else collect_inputs(model, groups, calib, device)
+                X_cur = X_ref if t == 1 else (X_next if layerwise is not None else collect_inputs(model, groups, calib, device))
             except FloatingPointError as err:
                 raise FloatingPointError(f"ARM iteration {t}: {err} (the model diverged; lower merge.lr)") from None
             for grp in groups:
-                R = rotation(params.rotation, X_ref[grp.key], X_cur[grp.key], params.rank, grp.key, Q_ref[grp.key])
+                R = rotation(params.rotation, X_ref[grp.key].to(device), X_cur[grp.key].to(device), params.rank, grp.key,
+                             Q_ref[grp.key])
                 scale = R.alignment() if params.layer_scale == "alignment" else 1.0
                 per_group[grp.key] = {"mean_angle_deg": R.mean_angle_deg(), "rot_dist": R.distance_from_identity(),
                                       "scale": scale}
@@ -349,7 +457,7 @@ def iterate(
                     coeffs[name].append(eta * scale)
                     c = R.correction(inputs.g[name])
                     if c is not None:
-                        c.mul_(eta * scale)
+                        c = c.mul_(eta * scale).to(store)
                         corr[name] = corr[name].add_(c) if name in corr else c
             for name in inputs.names:
                 if name not in rotated:
@@ -363,7 +471,18 @@ def iterate(
             record["mean_angle_deg"] = sum(v["mean_angle_deg"] for v in per_group.values()) / len(per_group)
             record["rot_dist"] = sum(v["rot_dist"] for v in per_group.values()) / len(per_group)
             record["groups"] = per_group
-        record["loss"] = calibration_loss(model, calib, device) if calib is not None else None
+        if layerwise is None:
+            record["loss"] = calibration_loss(model, calib, device) if calib is not None else None
+        else:
+            want_stats = X_ref is not None and t < params.iterations
+            X_cur = X_next = None  # host memory: the reference and one current set of statistics at a time
+            try:
+                X_next, loss_t = layerwise.run(checked(t), calib, groups if want_stats else None, loss=calib is not None)
+            except FloatingPointError as err:
+                if str(err).startswith("ARM iteration"):
+                    raise
+                raise FloatingPointError(f"ARM iteration {t + 1}: {err} (the model diverged; lower merge.lr)") from None
+            record["loss"] = loss_t if calib is not None else None
         if converged is not None:
             record.update(converged.measure(inputs.names, theta, inputs.last))
         history.append(record)
@@ -376,13 +495,45 @@ def iterate(
     if params.select == "best_loss":
         assert best is not None
         _, selected, coeffs, corr = best
-    state = {name: theta(name) for name in inputs.names}
+    if layerwise is None:
+        state = {name: theta(name) for name in inputs.names}
+    else:
+        state = _LazyState(inputs.names, theta)
     diagnostics = {"params": params.to_dict(), "etas": etas, "selected_iteration": selected,
                    "rotated_groups": [grp.key for grp in groups], "history": history}
     if calib is not None:
         diagnostics["calibration"] = {"stats_sequences": calib.n_stats_sequences, "loss_sequences": calib.n_loss_sequences,
                                       "stats_tokens": calib.n_tokens}
     return IterationResult(state, diagnostics, selected)
+
+
+class _LazyState(Mapping):
+    """The selected iterate, each tensor materialised (θ = g·a + c_m + E) when it is read."""
+
+    def __init__(self, names: Sequence[str], theta: Callable[[str], torch.Tensor],
+                 extra: Mapping[str, Callable[[], torch.Tensor]] | None = None):
+        self.names, self.theta = list(names), theta
+        self.extra = dict(extra or {})
+        self.known = set(self.names) | set(self.extra)
+
+    def with_extra(self, extra: Mapping[str, Callable[[], torch.Tensor]]) -> _LazyState:
+        return _LazyState(self.names, self.theta, {**self.extra, **extra})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.extra:
+            return self.extra[name]()
+        if name not in self.known:
+            raise KeyError(name)
+        return self.theta(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.known
+
+    def __iter__(self):
+        return iter([*self.names, *(n for n in self.extra if n not in set(self.names))])
+
+    def __len__(self) -> int:
+        return len(self.known)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +553,7 @@ class ARM:
     def code_files(cls) -> list[Path]:
         """Source files whose changes change ARM's merged weights (part of the pipeline's merge key)."""
         here = Path(__file__).resolve().parent
-        return [here / f for f in ("streaming.py", "rotations.py", "activations.py", "schedules.py")]
+        return [here / f for f in ("streaming.py", "rotations.py", "activations.py", "schedules.py", "layerwise.py")]
 
     @classmethod
     def validate_params(cls, params: Mapping[str, Any]) -> ARMParams:
@@ -484,19 +635,29 @@ class ARM:
                     + ", and none was given"
                 )
         device = settings.resolve_device()
-        model = _load_model(checkpoints[-1], device, progress)
-        # each storage once: a tied lm_head is updated through the embedding
-        seen: set[int] = set()
-        targets = model.state_dict(keep_vars=True)
-        names = []
-        for n in float_names:
-            if n not in targets:
-                raise MergeInputError(f"{checkpoints[-1]}: the loaded model has no parameter {n!r} of the files")
-            ptr = targets[n].data_ptr()
-            if ptr not in seen:
-                seen.add(ptr)
-                names.append(n)
-        inputs = load_inputs(plan, names, p, steps, device)
+        mode = statistics_mode(p, device, ck_f[-1], float_names, plan)
+        model = layerwise = None
+        if mode == "layerwise":
+            from arm.layerwise import HEAD, LayerwiseModel
+
+            layerwise = LayerwiseModel(checkpoints[-1], float_names, device)  # unsupported: fails here
+            # each storage once: a tied lm_head is the embedding
+            names = [n for n in float_names if not (layerwise.tied and n == HEAD)]
+            inputs = _DiskInputs(plan, names, p, steps, device)
+        else:
+            model = _load_model(checkpoints[-1], device, progress)
+            # each storage once: a tied lm_head is updated through the embedding
+            seen: set[int] = set()
+            targets = model.state_dict(keep_vars=True)
+            names = []
+            for n in float_names:
+                if n not in targets:
+                    raise MergeInputError(f"{checkpoints[-1]}: the loaded model has no parameter {n!r} of the files")
+                ptr = targets[n].data_ptr()
+                if ptr not in seen:
+                    seen.add(ptr)
+                    names.append(n)
+            inputs = load_inputs(plan, names, p, steps, device)
         calib = None
         if records:
             tok_dir = checkpoints[-1] if ModelFolder(checkpoints[-1]).has_tokenizer() else base
@@ -507,18 +668,37 @@ class ARM:
         conv_path = getattr(context, "converged", None)
         converged = _Converged(Path(conv_path), names, bool(base_f.config.get("tie_word_embeddings", False))) if conv_path else None
         log_fn = getattr(context, "log", None)
-        result = iterate(model, inputs, p, calib=calib, converged=converged, log_fn=log_fn, device=device)
-        state = dict(result.state)
-        for n in plan.names:  # tied duplicates and non-float tensors
-            if n in state:
-                continue
-            if plan.inputs[n][0].is_float:
-                state[n] = targets[n].detach()
+        try:
+            result = iterate(model, inputs, p, calib=calib, converged=converged, log_fn=log_fn, device=device,
+                             layerwise=layerwise)
+            if layerwise is None:
+                state = dict(result.state)
+                for n in plan.names:  # tied duplicates and non-float tensors
+                    if n in state:
+                        continue
+                    if plan.inputs[n][0].is_float:
+                        state[n] = targets[n].detach()
+                    else:
+                        with TensorReader() as reader:
+                            state[n] = reader.read(plan.inputs[n][0])
             else:
-                with TensorReader() as reader:
-                    state[n] = reader.read(plan.inputs[n][0])
-        del model
-        written = write_state_dict(state, base, checkpoints, out_dir, settings)
+                from arm.layerwise import EMBED
+
+                extra = {}
+                for n in plan.names:  # the tied lm_head (the embedding's θ) and non-float tensors
+                    if n in result.state:
+                        continue
+                    if plan.inputs[n][0].is_float:
+                        extra[n] = (lambda: result.state[EMBED])
+                    else:
+                        extra[n] = (lambda info=plan.inputs[n][0]: _read_tensor(info))
+                state = result.state.with_extra(extra)
+            del model
+            written = write_state_dict(state, base, checkpoints, out_dir, settings)
+        finally:
+            if isinstance(inputs, _DiskInputs):
+                inputs.close()
+        result.diagnostics["statistics"] = mode
         result.diagnostics["inputs"] = {"base": str(base), "checkpoints": [str(c) for c in checkpoints],
                                         "steps": steps, "converged": str(conv_path) if conv_path else None}
         (out_dir / DIAGNOSTICS_JSON).write_text(json.dumps(result.diagnostics, indent=2, default=float) + "\n")
@@ -535,10 +715,57 @@ class ARM:
             "out_dir": str(out_dir),
             "shards": written["shards"],
             "selected_iteration": result.selected,
+            "statistics": mode,
             "calibration_loss": final.get("loss"),
             **{k: final[k] for k in ("cos_to_converged", "rel_dist_to_converged") if k in final},
             "diagnostics": str(out_dir / DIAGNOSTICS_JSON),
         }
+
+
+def _read_tensor(info: Any) -> torch.Tensor:
+    from arm.tensor_io import TensorReader
+
+    with TensorReader() as reader:
+        return reader.read(info)
+
+
+def in_memory_gb(folder: Any, float_names: Sequence[str], plan: Any, params: ARMParams) -> float:
+    """``python -m arm.memory``'s ``arm_in_memory`` estimate for this checkpoint (GB); 16 bytes per
+    float parameter (θ, c_m, g, E) when its config.json lacks the shapes the estimate needs."""
+    from arm.memory import GB, Shapes, stage_memory
+
+    try:
+        shapes = Shapes.from_hf_config(folder.config)
+    except (KeyError, TypeError, ValueError):
+        return 16 * sum(plan.inputs[n][-1].numel for n in float_names) / GB
+    return stage_memory(shapes, {}, params.to_dict())["arm_in_memory"]["total"]
+
+
+def statistics_mode(params: ARMParams, device: torch.device, folder: Any, float_names: Sequence[str], plan: Any) -> str:
+    """``model`` or ``layerwise`` for ``merge.statistics``. ``auto``: ``model`` on CPU (host memory is
+    not estimated; the default's CPU results stay those of the whole-model mode); on a GPU,
+    ``layerwise`` when the in-memory estimate (``in_memory_gb``) exceeds ``AUTO_DEVICE_SHARE`` of the
+    device's memory and the architecture can be built layer by layer (``arm.layerwise``), else ``model``."""
+    if params.statistics != "auto":
+        return params.statistics
+    if device.type != "cuda":
+        return "model"
+    import torch
+
+    from arm.layerwise import unsupported_reason
+    from arm.memory import AUTO_DEVICE_SHARE
+
+    total_gb = torch.cuda.get_device_properties(device).total_memory / 1e9
+    need = in_memory_gb(folder, float_names, plan, params)
+    if need > AUTO_DEVICE_SHARE * total_gb:
+        reason = unsupported_reason(folder.config)
+        if reason is None:
+            log.info("ARM statistics layer by layer: in-memory estimate %.1f GB > %.0f%% of %.1f GB", need,
+                     100 * AUTO_DEVICE_SHARE, total_gb)
+            return "layerwise"
+        log.warning("ARM: in-memory estimate %.1f GB exceeds the GPU (%.1f GB) but %s: %s; trying the whole model",
+                    need, total_gb, folder.path, reason)
+    return "model"
 
 
 def _load_model(path: Path, device: torch.device, progress: bool) -> Any:
