@@ -149,8 +149,10 @@ def split_config(merge_cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any], Eng
 
 # Bump when a change to the engine or a rule changes merged values: it is part of merge_identity.
 MERGE_FORMAT = 1
-# Engine keys that do not change the merged values (left out of merge_identity).
-_LAYOUT_KEYS = ("device", "overwrite", "shard_size")
+# Keys that do not change the merged values (left out of merge_identity): engine layout, and ARM's
+# `statistics` (whole model or layer by layer: the same statistics within float tolerance, like the
+# device; tests/test_arm_layerwise.py).
+_LAYOUT_KEYS = ("device", "overwrite", "shard_size", "statistics")
 
 
 def validate_merge_config(merge_cfg: Mapping[str, Any]) -> None:
