@@ -6,7 +6,7 @@ EXTRAS ?= dev,slurm
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench lint install clean-cache
+.PHONY: run test bench headline lint install clean-cache
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,12 +18,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The main job on the embedded default: tiny Qwen3 trained here on math_synth and code_synth,
-# references (base, early SFT, converged SFT) evaluated with lm-eval, then the table.
+# references (base, early SFT, converged SFT) evaluated with lm-eval, ARM and every baseline merged
+# from the same early checkpoints with their config defaults (conf/merge/*.yaml), then the table.
 RUN_DIR := outputs/runs/make-run
+RUN_METHODS ?= none,arm,linear,task_arithmetic,ties,expo,dare
 
 run: $(STAMP)
 	rm -rf $(RUN_DIR)
-	$(BIN)/arm -m domain=math_synth,code_synth hydra.sweep.dir=$(RUN_DIR)
+	$(BIN)/arm -m domain=math_synth,code_synth merge=$(RUN_METHODS) hydra.sweep.dir=$(RUN_DIR)
 	$(BIN)/arm-table $(RUN_DIR) --out $(RUN_DIR)/table.md
 	@echo
 	@cat $(RUN_DIR)/table.md
@@ -39,8 +41,17 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check arm baselines evals tests benchmarks
 
+# The headline experiment: every method's hyperparameters chosen on the validation split, ARM
+# ablations, then the test-split table (conf/tuning/embedded.yaml; docs/results.md).
+HEADLINE_DIR := outputs/runs/headline
+
+headline: $(STAMP)
+	$(BIN)/arm-tune --out $(HEADLINE_DIR)
+
+# Merge engine vs mergekit and the I/O floor, then ARM's cost vs the SFT it replaces.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.merge_bench
+	$(BIN)/python -m benchmarks.arm_bench
 
 clean-cache:
 	rm -rf outputs/cache

@@ -252,6 +252,8 @@ def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, An
                                   "merge_wall_s": summary.get("wall_s")}))
         for model, extra in todo:
             result, folder = evaluate_cached(model, cfg=cfg, data=data, paths=paths, **extra)
+            if extra["role"] == "merge" and cfg.get("label"):
+                result = {**result, "label": str(cfg["label"])}
             job_copy = paths.run_dir / "results" / model.name
             job_copy.mkdir(parents=True, exist_ok=True)
             write_result(job_copy / RESULTS_NAME, result)

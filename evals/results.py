@@ -4,6 +4,7 @@ One file per (model folder, evaluation setting). Schema version 1:
 
     schema_version   1
     name             row label: "base", "sft@<step>", "sft_converged", or the merge method's name
+    label            (optional, merges) the job's `label`: the table's row label for this merge
     role             "reference" or "merge"
     method, params   the merge method and its parameters (null for references)
     model, domain    config names (model=..., domain=...)
@@ -101,6 +102,8 @@ def validate_result(result: Any, source: str | Path) -> dict[str, Any]:
             raise InputError(f"{source}: key '{key}' should be {kind.__name__}, not {type(result[key]).__name__}")
     if result["schema_version"] != SCHEMA_VERSION:
         raise InputError(f"{source}: schema_version {result['schema_version']} is not {SCHEMA_VERSION}")
+    if "label" in result and not isinstance(result["label"], str):
+        raise InputError(f"{source}: key 'label' should be str, not {type(result['label']).__name__}")
     if result["role"] not in ROLES:
         raise InputError(f"{source}: key 'role' is '{result['role']}', not one of {ROLES}")
     for task, cell in result["primary"].items():
@@ -135,11 +138,11 @@ def find_result_files(paths: Iterable[Path]) -> list[Path]:
 def load_results(paths: Iterable[Path]) -> list[dict[str, Any]]:
     """Load and de-duplicate results (the same evaluation copied into several run folders)."""
     files = find_result_files(paths)
-    seen: dict[str, dict[str, Any]] = {}
+    seen: dict[tuple, dict[str, Any]] = {}
     ordered: list[dict[str, Any]] = []
     for file in files:
         result = load_result(file)
-        key = result.get("cache_key") or str(file)
+        key = (result.get("cache_key") or str(file), result.get("label"))
         if key in seen:
             continue
         seen[key] = result

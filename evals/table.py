@@ -152,7 +152,7 @@ def build_table(results: Sequence[Mapping[str, Any]]) -> Table:
     table = Table(columns=columns, rows=[], notes=notes)
     for i, r in enumerate(results):
         if r["role"] == "merge":
-            label = merge_labels[i]
+            label = r.get("label") or merge_labels[i]
         elif r["name"] in (BASE, CONVERGED) or not by_rank:
             label = r["name"]
         else:
