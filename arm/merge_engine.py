@@ -15,7 +15,8 @@ merge, in order:
    checkpoint if the base has none) and the folder is renamed into place.
 
 A merge that fails or is killed leaves nothing at ``out_dir``; leftovers of killed runs are
-removed by the next run. Only torch is imported (lazily): no transformers, no Hydra.
+removed by the next run. Only torch is imported (lazily): no transformers, no Hydra — and a CPU
+merge of linear or task arithmetic runs on numpy alone, bit-identically (``baselines.numpy_ops``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from arm.tensor_io import (
     TensorIOError,
     TensorReader,
     copy_model_files,
+    dtype_name,
     itemsize,
     parse_size,
     publish,
@@ -53,6 +55,10 @@ DEFAULT_SHARD_SIZE = "5GB"
 TIED_PAIR = ("lm_head.weight", "model.embed_tokens.weight")  # (output, input) embedding names
 CPU_CHUNK = 1 << 20
 GPU_CHUNK = 1 << 24
+NUMPY_CHUNK = 1 << 18  # the numpy path makes more passes per chunk: a smaller one stays in cache
+# ARM_MERGE_BACKEND=torch: CPU merges of element-wise rules through torch even where the
+# torch-free numpy path applies (for comparisons; the outputs are bit-identical)
+BACKEND_ENV = "ARM_MERGE_BACKEND"
 # A CPU merge runs torch single-threaded (its per-chunk passes are short and memory-bound; on a
 # busy machine OpenMP barriers made 2 intra-op threads ~50x slower than 1) and merges up to
 # ARM_MERGE_THREADS tensors at once in Python threads (default: the CPU count, at most 4).
@@ -422,27 +428,37 @@ def merge(
     *,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run ``rule`` over every tensor of ``base`` and ``checkpoints``; write ``out_dir``."""
-    import torch
+    """Run ``rule`` over every tensor of ``base`` and ``checkpoints``; write ``out_dir``.
 
+    A CPU merge of an element-wise rule with a numpy twin (``combine_numpy``) runs on numpy alone
+    and never imports torch (see :func:`_numpy_path`); its output is bit-identical."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     if out_dir.exists() and not settings.overwrite:
         raise FileExistsError(f"{out_dir}: output folder exists (set merge.overwrite=true to replace it)")
-    device = settings.resolve_device()
+    device = "cpu" if settings.device == "cpu" else settings.resolve_device()
     base_f, ck_f = open_folders(base, checkpoints)
     plan = plan_merge(base_f, ck_f, settings.dtype)
     used = _used_slots(rule, len(ck_f))
-    chunk = GPU_CHUNK if device.type == "cuda" else CPU_CHUNK
 
-    threads = torch.get_num_threads()
+    pool: _WorkerPool | _NumpyPool
+    threads = None
     workers = 1
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-        workers = max(1, int(os.environ.get(THREADS_ENV, "0")) or min(4, os.cpu_count() or 1))
+    if device == "cpu" and _numpy_path(rule, plan, used):
+        pool = _NumpyPool(rule, used, NUMPY_CHUNK)
+        workers = _cpu_workers()
+    else:
+        import torch
+
+        device = torch.device(device) if isinstance(device, str) else device
+        chunk = GPU_CHUNK if device.type == "cuda" else CPU_CHUNK
+        threads = torch.get_num_threads()
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+            workers = _cpu_workers()
+        pool = _WorkerPool(rule, used, device, chunk)
     tmp = temp_sibling(out_dir)
     writer = ShardedWriter(tmp, plan.out, settings.shard_size)
-    pool = _WorkerPool(rule, used, device, chunk)
     published = False
     try:
         bar = _progress(len(plan.names), progress, rule.name)
@@ -473,7 +489,10 @@ def merge(
         publish(tmp, out_dir, settings.overwrite)
         published = True
     finally:
-        torch.set_num_threads(threads)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         writer.abort()
         pool.close()
         if not published:
@@ -484,12 +503,15 @@ def merge(
         "wall_s": round(time.perf_counter() - t0, 3),
         "n_tensors": len(plan.names),
         "device": str(device),
-        "dtype": settings.dtype
-        or ",".join(sorted({str(torch_dtype(t.dtype)).removeprefix("torch.") for t in plan.out})),
+        "dtype": settings.dtype or ",".join(sorted({dtype_name(t.dtype) for t in plan.out})),
         "out_dir": str(out_dir),
         "shards": len(writer.shards),
         "bytes": sum(t.nbytes for t in plan.out),
     }
+
+
+def _cpu_workers() -> int:
+    return max(1, int(os.environ.get(THREADS_ENV, "0")) or min(4, os.cpu_count() or 1))
 
 
 def _write_done(writer: ShardedWriter, bar: Any, name: str, future: Any) -> None:
@@ -555,6 +577,109 @@ class _WorkerPool:
 
     def close(self) -> None:
         for readers, _ in self._all:
+            for r in readers:
+                r.close()
+
+
+def _numpy_path(rule: TensorRule, plan: _Plan, used: list[bool]) -> bool:
+    """Whether a CPU merge can run on numpy alone (no torch import): an element-wise rule whose
+    ``combine`` comes with a ``combine_numpy`` from the same class, float tensors read and written
+    as float32, float16 or bfloat16. ``ARM_MERGE_BACKEND=torch`` turns it off."""
+    if os.environ.get(BACKEND_ENV, "auto") == "torch" or not rule.elementwise:
+        return False
+    mro = type(rule).__mro__
+    owner = {key: next((c for c in mro if key in vars(c)), None) for key in ("combine", "combine_numpy")}
+    if owner["combine_numpy"] is None or owner["combine_numpy"] is not owner["combine"]:
+        return False
+    if getattr(rule, "combine_numpy", None) is None:
+        return False
+    try:
+        from baselines.numpy_ops import FLOAT_DTYPES
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        return False
+    for name, target in zip(plan.names, plan.out, strict=True):
+        infos = plan.inputs[name]
+        if not infos[0].is_float:
+            continue
+        if target.dtype not in FLOAT_DTYPES:
+            return False
+        if any(u and info.dtype not in FLOAT_DTYPES for info, u in zip(infos, used, strict=True)):
+            return False
+    return True
+
+
+class _NumpyPool:
+    """:class:`_WorkerPool` for the torch-free CPU path: per-thread readers, numpy buffers and
+    workspace; the rule's ``combine_numpy`` chunk by chunk (see ``baselines.numpy_ops``)."""
+
+    def __init__(self, rule: TensorRule, used: list[bool], chunk: int):
+        import threading
+
+        self.rule, self.used, self.chunk = rule, used, chunk
+        self._local = threading.local()
+        self._all: list[list[TensorReader]] = []
+        self._lock = threading.Lock()
+
+    def _resources(self) -> tuple[list[TensorReader], Any]:
+        res = getattr(self._local, "res", None)
+        if res is None:
+            from baselines.numpy_ops import NumpyWorkspace
+
+            res = ([TensorReader() for _ in self.used], NumpyWorkspace())
+            self._local.res = res
+            with self._lock:
+                self._all.append(res[0])
+        return res
+
+    def merge_tensor(
+        self, name: str, target: OutTensor, infos: list[TensorInfo], copy: bool = False
+    ) -> Iterator[Any]:
+        """The merged tensor as consecutive numpy chunks in the output dtype (reused buffers
+        unless ``copy``)."""
+        import numpy as np
+
+        from baselines import numpy_ops as nops
+
+        readers, ws = self._resources()
+        if not infos[0].is_float:  # integer/bool buffers: the base's values
+            raw = np.empty(infos[0].nbytes, dtype=np.uint8)
+            readers[0].read_into_buffer(infos[0], 0, infos[0].numel, raw)
+            yield raw
+            return
+        used_infos = [info if u else None for info, u in zip(infos, self.used, strict=True)]
+        numel = infos[0].numel
+        chunk = min(self.chunk, numel)
+        for s in range(0, numel, self.chunk):
+            n = min(self.chunk, numel - s)
+            loaded: list[Any] = []
+            for j, info in enumerate(used_infos):
+                if info is None:
+                    loaded.append(None)
+                    continue
+                f32 = ws.get(f"in.{j}", chunk)[:n]
+                if info.dtype == "F32":
+                    readers[j].read_into_buffer(info, s, n, f32)
+                else:
+                    raw = ws.get("in.raw", chunk * 4, np.uint8)
+                    readers[j].read_into_buffer(info, s, n, raw)
+                    nops.load_float32(raw[: n * itemsize(info.dtype)], info.dtype, f32)
+                loaded.append(f32)
+            with np.errstate(all="ignore"):
+                part = self.rule.combine_numpy(
+                    loaded[0], [t for t in loaded[1:] if t is not None], ws.get("rule.out", chunk)[:n], ws
+                )
+                if part.size != n:
+                    raise RuntimeError(
+                        f"method {self.rule.name} produced {part.size} of {n} values for {name!r}"
+                    )
+                if not nops.all_finite(part):
+                    raise MergeInputError(_find_nonfinite(name, used_infos))
+                stage = ws.get("out.stage", chunk * 4, np.uint8)
+                staged = nops.store(part, target.dtype, stage, ws.get("out.tmp", chunk, np.uint32)[:n])
+            yield staged.copy() if copy else staged
+
+    def close(self) -> None:
+        for readers in self._all:
             for r in readers:
                 r.close()
 

@@ -88,6 +88,11 @@ def torch_dtype(st_dtype: str) -> torch.dtype:
     return getattr(torch, _DTYPES[st_dtype][0])
 
 
+def dtype_name(st_dtype: str) -> str:
+    """The torch dtype name of a safetensors dtype (``"BF16"`` -> ``"bfloat16"``), without torch."""
+    return _DTYPES[st_dtype][0]
+
+
 def st_dtype_of(dtype: torch.dtype) -> str:
     name = str(dtype).removeprefix("torch.")
     for key, (attr, _, _) in _DTYPES.items():
@@ -267,9 +272,15 @@ class TensorReader:
     def read_into(self, info: TensorInfo, start_elem: int, n_elem: int, out: torch.Tensor) -> None:
         """Read ``n_elem`` elements of ``info`` starting at ``start_elem`` into the first bytes of
         the contiguous CPU tensor ``out`` (any dtype; its bytes are overwritten)."""
+        self.read_into_buffer(info, start_elem, n_elem, out.view(-1).view(_byte_dtype()).numpy())
+
+    def read_into_buffer(self, info: TensorInfo, start_elem: int, n_elem: int, out: Any) -> None:
+        """:meth:`read_into` for any writable contiguous buffer (e.g. a numpy array): no torch."""
         size = itemsize(info.dtype)
         nbytes = n_elem * size
-        view = memoryview(out.view(-1).view(_byte_dtype()).numpy())[:nbytes]
+        view = memoryview(out).cast("B")[:nbytes]
+        if len(view) < nbytes:
+            raise ValueError(f"buffer of {len(view)} bytes for {nbytes} bytes of {info.name!r}")
         if info.file != self._path:
             self.close()
             try:
@@ -404,16 +415,21 @@ class ShardedWriter:
         self._current, self._remaining = t, t.nbytes
         return t
 
-    def write(self, chunk: torch.Tensor) -> None:
-        """Append the next elements of the current tensor (already in the output dtype)."""
-        data = chunk.detach().contiguous().view(-1).view(_byte_dtype())
-        if data.device.type != "cpu":
-            data = data.cpu()
-        n = data.numel()
+    def write(self, chunk: Any) -> None:
+        """Append the next elements of the current tensor (already in the output dtype): a torch
+        tensor, or a contiguous CPU buffer such as a numpy array (written as its raw bytes)."""
+        if hasattr(chunk, "detach"):  # a torch tensor
+            data = chunk.detach().contiguous().view(-1).view(_byte_dtype())
+            if data.device.type != "cpu":
+                data = data.cpu()
+            view = memoryview(data.numpy())
+        else:
+            view = memoryview(chunk).cast("B")
+        n = len(view)
         if n > self._remaining:
             raise RuntimeError(f"too many bytes written for tensor {self._current.name!r}")  # type: ignore[union-attr]
         if n:
-            self._fh.write(memoryview(data.numpy()))
+            self._fh.write(view)
         self._remaining -= n
 
     def write_tensor(self, name: str, tensor: torch.Tensor) -> None:

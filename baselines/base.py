@@ -182,6 +182,12 @@ class ElementwiseRule(TensorRule):
     ) -> torch.Tensor:
         """Compute one chunk into ``out`` (same length) and return it; inputs may be overwritten."""
 
+    # Optional: ``combine_numpy(base, checkpoints, out, ws)``, the same computation on float32
+    # numpy arrays (``ws``: a ``baselines.numpy_ops.NumpyWorkspace``), bit-identical to
+    # ``combine`` on CPU. A CPU merge of a rule that has one runs without torch (see
+    # ``arm.merge_engine``); a subclass that overrides ``combine`` only does not inherit it.
+    combine_numpy: ClassVar[Any] = None
+
     def merge(self, name: str, inputs: TensorInputs) -> Iterator[torch.Tensor]:
         out = inputs.scratch("rule.out", min(inputs.chunk_elems, inputs.numel))
         for base, ckpts in inputs.chunks():

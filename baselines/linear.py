@@ -14,7 +14,10 @@ from typing import TYPE_CHECKING, Any
 from baselines.base import ElementwiseRule, MergeConfigError, check_bool, check_number, check_weights
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+
+    from baselines.numpy_ops import NumpyWorkspace
 
 
 class Linear(ElementwiseRule):
@@ -53,4 +56,19 @@ class Linear(ElementwiseRule):
             out.add_(base, alpha=self.base_weight)
         if self.normalize:
             out.div_(self.total)
+        return out
+
+    def combine_numpy(
+        self, base: np.ndarray | None, checkpoints: list[np.ndarray], out: np.ndarray, ws: NumpyWorkspace
+    ) -> np.ndarray:
+        """:meth:`combine` on numpy float32 arrays, op for op (bit-identical)."""
+        from baselines import numpy_ops as nops
+
+        nops.mul(checkpoints[0], self.weights[0], out)
+        for c, w in zip(checkpoints[1:], self.weights[1:], strict=True):
+            nops.add_scaled_(out, c, w, ws)
+        if base is not None and self.base_weight is not None:
+            nops.add_scaled_(out, base, self.base_weight, ws)
+        if self.normalize:
+            nops.div_(out, self.total)
         return out

@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING, Any
 from baselines.base import ElementwiseRule, check_bool, check_number, check_weights
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+
+    from baselines.numpy_ops import NumpyWorkspace
 
 
 class TaskArithmetic(ElementwiseRule):
@@ -56,3 +59,22 @@ class TaskArithmetic(ElementwiseRule):
         if self.lam != 1.0:
             out.mul_(self.lam)
         return torch.add(out, base, out=out)
+
+    def combine_numpy(
+        self, base: np.ndarray | None, checkpoints: list[np.ndarray], out: np.ndarray, ws: NumpyWorkspace
+    ) -> np.ndarray:
+        """:meth:`combine` on numpy float32 arrays, op for op (bit-identical)."""
+        import numpy as np
+
+        from baselines import numpy_ops as nops
+
+        assert base is not None
+        out.fill(0)
+        for c, w in zip(checkpoints, self.weights, strict=True):
+            np.subtract(c, base, out=c)
+            nops.add_scaled_(out, c, w, ws)
+        if self.divisor != 1.0:
+            nops.div_(out, self.divisor)
+        if self.lam != 1.0:
+            nops.mul_(out, self.lam)
+        return np.add(out, base, out=out)
