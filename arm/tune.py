@@ -233,9 +233,12 @@ def ablations_markdown(rows: Sequence[Mapping[str, Any]], domains: Sequence[str]
 
 
 def stage_test(spec: Mapping[str, Any], selected: Mapping[str, Any], runner: Runner) -> Path:
+    import shutil
+
     from evals.results import load_results
     from evals.table import build_table, write_outputs
 
+    shutil.rmtree(runner.out / "test", ignore_errors=True)  # rows of an earlier spec must not reach the table
     fidelity: dict[str, Any] = {}
     for domain in spec["domains"]:
         fidelity[domain] = {}
@@ -260,12 +263,47 @@ def stage_test(spec: Mapping[str, Any], selected: Mapping[str, Any], runner: Run
                     "merge_wall_s": summary.get("wall_s"),
                 }
     (runner.out / "fidelity.json").write_text(json.dumps(fidelity, indent=2) + "\n")
+    (runner.out / "fidelity.md").write_text(fidelity_markdown(fidelity))
+    (runner.out / "selected.md").write_text(selected_markdown(selected, spec))
     plot_fidelity(fidelity, runner.out / "fidelity.png")
     results = load_results([runner.out / "test"])
     table = build_table(results)
     write_outputs(table, results, runner.out / "table")
     log.info("wrote %s", runner.out / "table")
     return runner.out / "table" / "table.md"
+
+
+def selected_markdown(selected: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
+    """The chosen point of every row per domain, with its validation score and grid size."""
+    domains = list(spec["domains"])
+    lines = ["| row | " + " | ".join(f"{d}: chosen (validation %)" for d in domains) + " |",
+             "|---|" + "---|" * len(domains)]
+    for label in spec["rows"]:
+        cells = []
+        for d in domains:
+            c = selected[d][label]
+            fixed = spec["rows"][label]["fixed"]
+            shown = {k: v for k, v in c["params"].items() if k not in fixed}
+            cells.append(f"{params_text(shown)} ({100 * c['validation']:.1f}; {c['point'] + 1} of {c['grid_size']})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    refs = [f"{d}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in selected[d].get("_references", {}).items()) for d in domains]
+    lines += ["", "References on the validation split (%): " + "; ".join(refs), ""]
+    return "\n".join(lines)
+
+
+def fidelity_markdown(fidelity: Mapping[str, Any]) -> str:
+    """ARM rows at their selected iteration: how the step θ − c_m lines up with where SFT went (c* − c_m)."""
+    lines = ["| domain | row | chosen | cos(θ − c_m, c* − c_m) | ‖θ − c*‖ / ‖c* − c_m‖ | mean principal angle ° |",
+             "|---|---|---|---:|---:|---:|"]
+    for domain, rows in fidelity.items():
+        for label, entry in rows.items():
+            hist = {h["iteration"]: h for h in entry["history"]}
+            h = hist.get(entry.get("selected_iteration"), entry["history"][-1])
+            angle = h.get("mean_angle_deg")
+            lines.append(f"| {domain} | {label} | {params_text(entry['params'])} | {h.get('cos_to_converged', float('nan')):.4f} | "
+                         f"{h.get('rel_dist_to_converged', float('nan')):.4f} | {'' if angle is None else f'{angle:.2f}'} |")
+    lines += ["", "At iteration 0 (θ = c_m) the relative distance is 1 by definition; below 1 means closer to c* than c_m is.", ""]
+    return "\n".join(lines)
 
 
 def plot_fidelity(fidelity: Mapping[str, Any], out: Path) -> Path | None:

@@ -81,6 +81,8 @@ def test_select_ablate_and_test(tmp_path, capsys):
     assert [h["iteration"] for h in history] == [0, 1, 2]  # c_m, then each ARM iteration
     assert all(-1.0 <= h["cos_to_converged"] <= 1.0 for h in history[1:])
     assert (out / "fidelity.png").stat().st_size > 0
+    assert "| math_synth | arm (rotation=procrustes) |" in (out / "fidelity.md").read_text()
+    assert "| expo | alpha=" in (out / "selected.md").read_text()
     assert "sft_converged" in capsys.readouterr().out
 
     # A second run reuses every merge and evaluation (nothing is rebuilt).
