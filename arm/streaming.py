@@ -73,14 +73,14 @@ class CalibrationParams:
 
 @dataclass(frozen=True)
 class ARMParams:
-    lr: float = 0.25  # peak η (the merging coefficient of one iteration)
-    iterations: int = 4  # T
+    lr: float = 0.1  # peak η (the merging coefficient of one iteration)
+    iterations: int = 2  # T
     schedule: str = "constant"  # constant | linear | cosine
     warmup: int = 0  # warm-up iterations (0 ≤ warmup < iterations)
     direction: str = "task_vector"  # task_vector | delta | ema
     beta: float = 0.9  # EMA factor of direction=ema
     rotation: str = "procrustes"  # procrustes | geodesic | none
-    rank: int = 16  # r: principal directions per input group
+    rank: int = 8  # r: principal directions per input group
     select: str = "last"  # last | best_loss
     calibration: CalibrationParams = field(default_factory=CalibrationParams)
     layer_scale: str = "none"  # none | alignment

@@ -266,7 +266,7 @@ def stage_test(spec: Mapping[str, Any], selected: Mapping[str, Any], runner: Run
     (runner.out / "fidelity.md").write_text(fidelity_markdown(fidelity))
     (runner.out / "selected.md").write_text(selected_markdown(selected, spec))
     plot_fidelity(fidelity, runner.out / "fidelity.png")
-    results = load_results([runner.out / "test"])
+    results = load_results([runner.out / "test" / domain for domain in spec["domains"]])  # columns in spec order
     table = build_table(results)
     write_outputs(table, results, runner.out / "table")
     log.info("wrote %s", runner.out / "table")
