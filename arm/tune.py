@@ -318,15 +318,24 @@ def plot_fidelity(fidelity: Mapping[str, Any], out: Path) -> Path | None:
 
     fig, axes = plt.subplots(2, len(domains), figsize=(5 * len(domains), 6.5), squeeze=False)
     for j, domain in enumerate(domains):
+        bound = None
         for label, entry in fidelity[domain].items():
             hist = [h for h in entry["history"] if h.get("cos_to_converged") is not None]
-            x = [h["iteration"] for h in hist]
-            axes[0][j].plot(x, [h["cos_to_converged"] for h in hist], marker="o", label=label)
-            axes[1][j].plot(x, [h["rel_dist_to_converged"] for h in hist], marker="o", label=label)
+            steps = [h for h in hist if h["iteration"] > 0]  # at iteration 0, θ − c_m = 0: no angle
+            axes[0][j].plot([h["iteration"] for h in steps], [h["cos_to_converged"] for h in steps], marker="o", label=label)
+            axes[1][j].plot([h["iteration"] for h in hist], [h["rel_dist_to_converged"] for h in hist], marker="o", label=label)
+            cos_g = hist[0].get("cos_direction_to_converged") if hist else None
+            if cos_g is not None:
+                bound = (1.0 - min(1.0, cos_g**2)) ** 0.5
         axes[0][j].set_title(f"{domain}: cos(θ − c_m, c* − c_m)")
         axes[1][j].set_title(f"{domain}: ‖θ − c*‖ / ‖c* − c_m‖")
         axes[1][j].set_xlabel("ARM iteration")
         axes[1][j].axhline(1.0, color="grey", ls=":", lw=1)
+        if bound is not None:  # the closest any point c_m + α·g gets to c*
+            axes[1][j].axhline(bound, color="black", ls="--", lw=1, label=f"best on the line c_m + α·g: {bound:.3f}")
+            axes[1][j].legend(fontsize=7)
+        for ax in axes[:, j]:
+            ax.xaxis.get_major_locator().set_params(integer=True)
         axes[0][j].legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
