@@ -5,6 +5,13 @@
 
 ``--set key=value`` sets one ``merge.<key>`` (values are read as JSON when they parse, else as
 strings), exactly the keys of ``conf/merge/<method>.yaml``. Prints the run summary as JSON.
+
+ARM with rotations (or ``select=best_loss``) needs calibration data: ``--calibration FILE.jsonl``, one
+``{"prompt": ..., "response": ...}`` record per line (e.g. a synthetic domain's ``train.jsonl``);
+``--converged DIR`` adds the diagnostics against a converged checkpoint (never used for the merge):
+
+    python -m arm.merge_cli --method arm --base BASE --checkpoints C1 C2 --out OUT \
+        --calibration train.jsonl --converged CONVERGED --set rotation=procrustes
 """
 
 from __future__ import annotations
@@ -23,6 +30,24 @@ def _value(text: str) -> Any:
         return {"null": None, "true": True, "false": False}.get(text, text)
 
 
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The calibration JSONL; errors name the file and the line."""
+    if not path.is_file():
+        raise ValueError(f"{path}: calibration file not found")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not a JSON object ({exc.msg})") from None
+        if not isinstance(record, dict) or not {"prompt", "response"} <= set(record):
+            raise ValueError(f"{path}:{n}: a calibration record needs 'prompt' and 'response' fields")
+        records.append(record)
+    return records
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m arm.merge_cli", description=__doc__.split("\n")[0])
     p.add_argument("--method", required=True, help="merge method (baselines.METHODS)")
@@ -39,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-size", default="5GB", help="output shard size, e.g. 5GB, 500MB or bytes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--calibration", type=Path, help="JSONL of {prompt, response} records (ARM's calibration set)")
+    p.add_argument("--converged", type=Path, help="converged checkpoint, for ARM's diagnostics only")
     return p.parse_args(argv)
 
 
@@ -58,10 +85,24 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         cfg[key.strip()] = _value(value)
 
+    context = None
+    if args.calibration is not None or args.converged is not None:
+        from arm.merge_engine import MergeContext
+
+        records = None
+        if args.calibration is not None:
+            try:
+                records = read_records(args.calibration)
+            except ValueError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
+        context = MergeContext(calibration=records, converged=args.converged)
+
     from arm.merge_engine import merge_from_config
 
     try:
-        summary = merge_from_config(cfg, args.base, args.checkpoints, args.out, progress=not args.no_progress)
+        summary = merge_from_config(cfg, args.base, args.checkpoints, args.out, progress=not args.no_progress,
+                                    context=context)
     except (ValueError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -179,3 +179,27 @@ def test_layer_scale_alignment_scales_each_group_by_its_subspace_alignment(traj,
     assert all(g["scale"] == pytest.approx(1.0, abs=1e-5) for g in hist[1]["groups"].values())  # R = I at t = 1
     assert all(0 < g["scale"] <= 1 + 1e-6 for g in hist[2]["groups"].values())
     assert min(g["scale"] for g in hist[2]["groups"].values()) < 1 - 1e-6
+
+
+def test_merge_cli_takes_calibration_and_converged(traj, tmp_path, no_plot) -> None:
+    """The light CLI runs ARM with rotations from a JSONL calibration file, as the pipeline does."""
+    from arm import merge_cli
+
+    calib = tmp_path / "train.jsonl"
+    calib.write_text("\n".join(json.dumps(r) for r in records()) + "\n")
+    sets = ["--set", "rank=4", "--set", 'calibration={"n_sequences": 24, "max_length": 32, "holdout_fraction": 0.25, '
+            '"seed": 0, "max_tokens": 256}']
+    common = ["--method", "arm", "--base", str(traj.base), "--checkpoints", *map(str, traj.checkpoints), "--device", "cpu",
+              "--no-progress", *sets]
+    assert merge_cli.main([*common, "--calibration", str(calib), "--converged", str(traj.converged),
+                           "--out", str(tmp_path / "cli")]) == 0
+    arm(traj, tmp_path / "api", MergeContext(calibration=records(), converged=traj.converged))
+    cli, api = tensors(tmp_path / "cli"), tensors(tmp_path / "api")
+    assert cli.keys() == api.keys() and all(torch.equal(cli[k], api[k]) for k in cli)
+    history = json.loads((tmp_path / "cli" / "diagnostics.json").read_text())["history"]
+    assert "cos_to_converged" in history[-1]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n')
+    assert merge_cli.main([*common, "--calibration", str(bad), "--out", str(tmp_path / "x")]) == 1
+    assert not (tmp_path / "x").exists()
