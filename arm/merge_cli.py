@@ -32,20 +32,9 @@ def _value(text: str) -> Any:
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     """The calibration JSONL; errors name the file and the line."""
-    if not path.is_file():
-        raise ValueError(f"{path}: calibration file not found")
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n}: not a JSON object ({exc.msg})") from None
-        if not isinstance(record, dict) or not {"prompt", "response"} <= set(record):
-            raise ValueError(f"{path}:{n}: a calibration record needs 'prompt' and 'response' fields")
-        records.append(record)
-    return records
+    from arm.domains import read_split
+
+    return read_split(path, fields=("prompt", "response"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

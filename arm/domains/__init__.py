@@ -64,8 +64,9 @@ def write_splits(splits: Mapping[str, list[dict[str, Any]]], out_dir: Path) -> d
     return paths
 
 
-def read_split(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read a JSONL split file; a missing file or a bad line raises ``ValueError`` naming file and line."""
+def read_split(path: str | os.PathLike[str], fields: tuple[str, ...] = ("id", "prompt", "response")) -> list[dict[str, Any]]:
+    """Read a JSONL split file (every record an object with ``fields``); a missing file or a bad line
+    raises ``ValueError`` naming file and line."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -81,9 +82,9 @@ def read_split(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"split file {path}, line {line_no}: invalid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not {"id", "prompt", "response"} <= record.keys():
+        if not isinstance(record, dict) or not set(fields) <= record.keys():
             raise ValueError(
-                f"split file {path}, line {line_no}: expected an object with id, prompt and response"
+                f"split file {path}, line {line_no}: expected an object with {', '.join(fields[:-1])} and {fields[-1]}"
             )
         records.append(record)
     return records
