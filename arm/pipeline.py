@@ -75,6 +75,12 @@ def validate(cfg: Mapping[str, Any]) -> None:
     split = cfg["eval"].get("split", "test")
     if split not in ("test", "validation"):
         raise ConfigError("eval.split", f"'{split}' is not one of: test, validation")
+    if split == "validation" and not domain.get("synthetic"):
+        # lm-eval's benchmark tasks (gsm8k, MATH-500, HumanEval, MBPP) are the test sets: selecting
+        # hyperparameters on them would be tuning on test.
+        raise ConfigError("eval.split", f"domain '{domain['name']}' has no validation split (its lm-eval tasks are the "
+                                        "benchmarks' test sets); select hyperparameters on a synthetic domain or on a "
+                                        "held-out task of your own")
     if cfg["logger"]["name"] not in ("wandb", "none"):
         raise ConfigError("logger.name", f"unknown logger '{cfg['logger']['name']}'")
     if cfg["merge"]["name"] != "none":

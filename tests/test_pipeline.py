@@ -151,6 +151,18 @@ def test_bad_input_fails_cleanly_before_work(compose, tmp_path, overrides, messa
         assert not (tmp_path / "cache" / stage).exists() or not any((tmp_path / "cache" / stage).iterdir())
 
 
+def test_real_domains_refuse_the_validation_split(compose, tmp_path):
+    """Real domains' lm-eval tasks are the benchmarks' test sets: selecting on them is tuning on test."""
+    from arm.pipeline import run_job
+
+    for domain in ("math", "code"):
+        cfg = compose("model=qwen3-1.7b", f"domain={domain}", "trajectory.path=/nonexistent", "eval.split=validation",
+                      f"paths.root={tmp_path}", "logger=none")
+        with pytest.raises(ConfigError, match=f"domain '{domain}' has no validation split"):
+            run_job(cfg, run_dir=tmp_path / "runs" / domain)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_cli_reports_bad_path_with_exit_code(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "arm", f"paths.root={tmp_path}", "logger=none", "trajectory.path=/nonexistent/run",
