@@ -58,6 +58,31 @@ def unsupported_reason(config: Mapping[str, Any]) -> str | None:
     return None
 
 
+def causal_mask(config: Any, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> Any:
+    """transformers' causal mask for one unpadded batch, no KV cache, as the whole model builds it.
+
+    ``create_causal_mask`` changed its keywords across the transformers versions this project admits
+    (``input_embeds`` + a required ``cache_position`` up to 5.0; ``inputs_embeds`` + ``past_key_values``
+    in 5.19, the vLLM extra's range; ``cache`` from 5.24 on, with ``past_key_values`` deprecated). The
+    call is built from the installed signature, so each version gets the arguments it expects.
+    """
+    import inspect
+
+    import torch
+    from transformers.masking_utils import create_causal_mask
+
+    params = inspect.signature(create_causal_mask).parameters
+    kwargs: dict[str, Any] = {"config": config, "attention_mask": None, "position_ids": position_ids}
+    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = inputs_embeds
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            kwargs[name] = None
+            break
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+    return create_causal_mask(**kwargs)
+
+
 class LayerwiseModel:
     """The decoder of a checkpoint folder, built one layer at a time on ``device``.
 
@@ -151,7 +176,6 @@ class LayerwiseModel:
         """
         import torch
         import torch.nn.functional as F
-        from transformers.masking_utils import create_causal_mask
         from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, Qwen3RotaryEmbedding
 
         from arm.activations import IGNORE_INDEX, InputRecorder
@@ -168,8 +192,7 @@ class LayerwiseModel:
             extras = []
             for h in hidden:
                 pos = torch.arange(h.shape[1], device=dev).unsqueeze(0)
-                mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=None,
-                                          past_key_values=None, position_ids=pos)
+                mask = causal_mask(self.config, h, pos)
                 extras.append({"attention_mask": mask, "position_ids": pos, "position_embeddings": rotary(h, pos)})
             n_stats = len(stats_batches)
             X: dict[str, torch.Tensor] | None = {} if groups is not None else None
