@@ -41,7 +41,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 MANIFEST_NAME = "manifest.json"
 
 DEFAULT_SFT: dict[str, Any] = {
-    "num_gpus": 1,  # processes of `accelerate launch`; part of the global batch (recorded, not enforced)
+    "num_gpus": 1,  # processes of `accelerate launch`; part of the global batch (enforced: WORLD_SIZE must match)
     "lr": 1e-5,
     "schedule": "cosine",  # any transformers lr_scheduler_type: cosine | linear | constant_with_warmup ...
     "warmup_ratio": 0.03,
@@ -372,6 +372,30 @@ def _warmup_kwarg(args_cls, ratio: float) -> dict[str, float]:
 # --------------------------------------------------------------------------- the pipeline's entry
 
 
+def check_world_size(cfg: Mapping[str, Any], sft: Mapping[str, Any], folder: Path) -> None:
+    """Refuse to train with another number of processes than `model.sft.num_gpus`.
+
+    `num_gpus` is part of the global batch (per_device_batch_size × grad_accum × num_gpus) and of the
+    trajectory's cache key, so training it with fewer processes would write a different run under
+    that key. It also keeps an `arm` job (one process, one GPU) from starting the SFT of a model
+    that needs a node of GPUs, where it would run out of memory after loading everything.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want = int(sft["num_gpus"])
+    if world == want:
+        return
+    model, domain = cfg["model"]["name"], cfg["domain"]["name"]
+    batch = sft["per_device_batch_size"] * sft["grad_accum"] * want
+    raise ConfigError(
+        "model.sft.num_gpus",
+        f"the {model} trajectory on {domain} is not in the cache ({folder}) and its SFT is set up for "
+        f"{want} process(es) (global batch {batch}), but this run has WORLD_SIZE={world}. Train it first with "
+        f"`sbatch slurm/sft.sbatch {model} {domain}` (= accelerate launch --config_file slurm/accelerate_fsdp.yaml "
+        f"--num_processes {want} -m arm.sft_hf model={model} domain={domain}, plus this run's overrides), "
+        f"or set model.sft.num_gpus={world} with a grad_accum that keeps the global batch, "
+        f"or point trajectory.path at an SFT run you already have")
+
+
 def ensure_hf_trajectory(cfg: Mapping[str, Any], cache_dir: Path) -> Path:
     """Train (or resume) the real-model trajectory of `cfg` unless its manifest exists; return the folder."""
     from arm.cache import file_lock
@@ -381,6 +405,7 @@ def ensure_hf_trajectory(cfg: Mapping[str, Any], cache_dir: Path) -> Path:
     folder = trajectory_folder(cfg, cache_dir)
     if is_complete(folder):
         return folder
+    check_world_size(cfg, sft, folder)  # before any data or model is loaded
     resolve_model_source(cfg["model"])  # fail on an unreachable model before loading any data
     records = load_sft_records(cfg["domain"], sft["max_examples"], seed=int(cfg.get("seed", 0)))
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

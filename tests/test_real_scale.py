@@ -248,9 +248,30 @@ def test_pipeline_job_on_an_unreachable_model_fails_before_work(compose, tmp_pat
     from arm.trajectory import ensure_trajectory
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = compose("model=qwen3-14b", "domain=math", f"paths.root={tmp_path}")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = compose("model=qwen3-14b", "domain=math", f"paths.root={tmp_path}", "model.sft.num_gpus=1")
     with pytest.raises(InputError, match="set model.path=/local/copy"):
         ensure_trajectory(cfg, None, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "trajectories").exists() or not any((tmp_path / "cache" / "trajectories").iterdir())
+
+
+@pytest.mark.parametrize("world", [None, "4"])
+def test_sft_refuses_another_process_count_than_num_gpus(compose, tmp_path, monkeypatch, world):
+    """An `arm` job (one process) must not start qwen3-14b's 8-GPU SFT; nor may a 4-process launch."""
+    from arm.trajectory import ensure_trajectory
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    cfg = compose("model=qwen3-14b", "domain=math", f"paths.root={tmp_path}")
+    with pytest.raises(ConfigError) as err:
+        ensure_trajectory(cfg, None, tmp_path / "cache")
+    message = str(err.value)
+    assert message.startswith("config key 'model.sft.num_gpus'")
+    assert f"WORLD_SIZE={world or 1}" in message and "global batch 128" in message
+    assert "sbatch slurm/sft.sbatch qwen3-14b math" in message and "--num_processes 8" in message
     assert not (tmp_path / "cache" / "trajectories").exists() or not any((tmp_path / "cache" / "trajectories").iterdir())
 
 
