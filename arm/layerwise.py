@@ -61,10 +61,11 @@ def unsupported_reason(config: Mapping[str, Any]) -> str | None:
 def causal_mask(config: Any, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> Any:
     """transformers' causal mask for one unpadded batch, no KV cache, as the whole model builds it.
 
-    ``create_causal_mask`` changed its keywords across the transformers versions this project admits
-    (``input_embeds`` + a required ``cache_position`` up to 5.0; ``inputs_embeds`` + ``past_key_values``
-    in 5.19, the vLLM extra's range; ``cache`` from 5.24 on, with ``past_key_values`` deprecated). The
-    call is built from the installed signature, so each version gets the arguments it expects.
+    ``create_causal_mask`` changes its keywords between transformers releases: ``inputs_embeds`` +
+    ``past_key_values`` in 5.19 (the vLLM extra's range, ``make test-compat``); ``cache`` from 5.24 on,
+    with ``past_key_values`` deprecated (``make test``); ``input_embeds`` + a required
+    ``cache_position`` in 5.0 and 4.x. The call is built from the installed signature, so each
+    version gets the arguments it expects.
     """
     import inspect
 
