@@ -24,6 +24,12 @@ is never formed (``Rotation.matrix`` exists for tests only).
   its principal angle θ_i; identity elsewhere. A rotation *within* an unchanged subspace is
   invisible to it (it aligns subspaces, not bases).
 - ``none``: R = I.
+
+The *trajectory rotation* (``merge.formulation: trajectory_rotation``, also our formulation) uses the
+same estimators between the inputs of two checkpoints c_{m−1} → c_m and keeps turning along it:
+``RotationFlow`` holds the generator A = log R_k (k × k, skew-symmetric; ``rotation_log``) and gives
+the fractional rotation R(s) = I + B (exp(s A) − I) Bᵀ for any real s (R(1) = the estimated rotation,
+R(s) R(u) = R(s + u)).
 """
 
 from __future__ import annotations
@@ -223,3 +229,93 @@ def rotation(
             Q_ref = principal_directions(X_ref, rank, name)
         return geodesic(Q_ref, principal_directions(X_cur, rank, name))
     raise ValueError(f"merge.rotation: must be one of {ROTATIONS}, got {mode!r}")
+
+
+def rotation_log(Rk: torch.Tensor) -> torch.Tensor:
+    """The principal logarithm A (skew-symmetric, k × k) of a proper rotation ``Rk``: exp(A) = Rk.
+
+    Computed in float64 without an eigendecomposition (robust to the repeated eigenvalue 1 of a
+    rotation that acts in a few planes): square roots by the polar factor of I + R (for a rotation
+    with every angle below π, I + R = R^½ · 2cos(A/2) with 2cos(A/2) symmetric positive definite),
+    repeated until ‖R − I‖_F ≤ 0.25, then the Cayley transform K = (R − I)(R + I)⁻¹ = tanh(A'/2)
+    and A' = 2 artanh(K) by its odd power series; A = 2^j A'. Angles of exactly π have no unique
+    logarithm (the result is then one of them)."""
+    import torch
+
+    R = Rk.to(torch.float64)
+    k = R.shape[0]
+    if k == 0:
+        return Rk.clone()
+    eye = torch.eye(k, dtype=torch.float64, device=R.device)
+    halvings = 0
+    while float(torch.linalg.matrix_norm(R - eye)) > 0.25 and halvings < 60:
+        U, _, Vh = torch.linalg.svd(eye + R)
+        R = U @ Vh
+        halvings += 1
+    K = torch.linalg.solve((R + eye).T, (R - eye).T).T  # (R − I)(R + I)⁻¹
+    K = 0.5 * (K - K.T)
+    K2 = K @ K
+    term, A = K, K.clone()
+    for n in range(3, 200, 2):
+        term = term @ K2
+        A = A + term / n
+        if float(torch.linalg.matrix_norm(term)) < 1e-18:
+            break
+    A = 2.0 * A * (2.0**halvings)
+    return (0.5 * (A - A.T)).to(Rk.dtype)
+
+
+@dataclass
+class RotationFlow:
+    """A one-parameter group of rotations R(s) = I + B (exp(s A) − I) Bᵀ (A skew, k × k).
+
+    Built from an estimated rotation (``from_rotation``): R(1) is that rotation, R(0) = I, and
+    R(s) is the rotation turned a fraction s of the way (s may exceed 1: the turn continued)."""
+
+    in_features: int
+    B: torch.Tensor | None = None  # in × k, orthonormal columns
+    A: torch.Tensor | None = None  # k × k, skew-symmetric generator
+    angles: torch.Tensor | None = None  # principal angles of the two subspaces it was estimated from
+
+    @classmethod
+    def from_rotation(cls, R: Rotation) -> RotationFlow:
+        if R.is_identity:
+            return cls(R.in_features, None, None, R.angles)
+        assert R.Rk is not None
+        return cls(R.in_features, R.B, rotation_log(R.Rk), R.angles)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.B is None or self.B.shape[1] == 0
+
+    def at(self, s: float) -> Rotation:
+        """R(s), as a ``Rotation`` (applied as g R(s) = g + (g B)(exp(s A) − I) Bᵀ)."""
+        if self.is_identity:
+            return Rotation(self.in_features, None, None, self.angles)
+        import torch
+
+        assert self.A is not None
+        Rk = torch.linalg.matrix_exp(float(s) * self.A.to(torch.float64)).to(self.A.dtype)
+        return Rotation(self.in_features, self.B, Rk, self.angles)
+
+    def generator_norm(self) -> float:
+        """‖A‖_F = √2 · (root of the summed squared angles turned per unit of s)."""
+        if self.is_identity:
+            return 0.0
+        import torch
+
+        assert self.A is not None
+        return float(torch.linalg.matrix_norm(self.A))
+
+
+def trajectory_flow(
+    mode: str,
+    X_prev: torch.Tensor,
+    X_last: torch.Tensor,
+    rank: int,
+    name: str = "layer",
+) -> RotationFlow:
+    """The flow of the rotation of ``mode`` (procrustes | geodesic | none) that took the inputs of
+    one group from an earlier checkpoint (``X_prev``) to the last one (``X_last``, same tokens):
+    X_last ≈ X_prev R(1)."""
+    return RotationFlow.from_rotation(rotation(mode, X_prev, X_last, rank, name))

@@ -20,6 +20,12 @@ of the ``expo`` baseline, so ``rotation=none, direction=task_vector, schedule=co
 bit-for-bit the ExPO output with α = T·η, and parameters outside the rotated set are exactly
 c_m + (Σ η_t)·g.
 
+``merge.formulation`` (``arm.formulations``) says what one step does: ``iterate_rotation`` (above),
+``trajectory_rotation`` (R_t = exp(s_t A), A = log of the rotation SFT applied to the inputs from c_{m−1}
+to c_m; c_{m−1}'s inputs are measured once, the iterate's never) or ``proximal`` (the target step
+d = g R_t kept as d C(C + λI)⁻¹, C from the current iterate's inputs). Every iteration logs the rotation
+effect ‖θ − θ_ExPO‖ / ‖θ_ExPO − c_m‖ at the same Σ η_t, overall and per decoder layer.
+
 Statistics and the held-out loss come from the whole model in memory (``merge.statistics: model``)
 or, for models that do not fit, one decoder layer at a time (``layerwise``, ``arm.layerwise``; c_m and
 g are then re-read from the files per tensor and the iterate is materialised per tensor); ``auto``
@@ -36,12 +42,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from arm.formulations import FORMULATIONS
 from arm.rotations import ROTATIONS
 from arm.schedules import DIRECTIONS, SCHEDULES
 from baselines.base import MergeConfigError
@@ -85,9 +93,21 @@ class ARMParams:
     calibration: CalibrationParams = field(default_factory=CalibrationParams)
     layer_scale: str = "none"  # none | alignment
     statistics: str = "auto"  # auto | model | layerwise (how statistics and the loss are computed)
+    formulation: str = "iterate_rotation"  # iterate_rotation | trajectory_rotation | proximal (arm.formulations)
+    prox_lambda: float = 0.1  # proximal: λ relative to the mean eigenvalue of XᵀX/N (0: the target step itself)
 
     def needs_statistics(self) -> bool:
+        if self.formulation == "proximal" and self.prox_lambda > 0:
+            return True
         return self.rotation != "none" or self.layer_scale == "alignment"
+
+    def needs_current_statistics(self) -> bool:
+        """Whether every iterate's inputs are measured (not only the checkpoints')."""
+        return self.needs_statistics() and self.formulation != "trajectory_rotation"
+
+    def needs_previous(self) -> bool:
+        """Whether the inputs of c_{m−1} (θ0 when m = 1) are measured (the trajectory rotation)."""
+        return self.formulation == "trajectory_rotation" and self.rotation != "none"
 
     def uses_calibration(self) -> bool:
         """Whether calibration data changes the merged weights (statistics or selection)."""
@@ -159,7 +179,14 @@ def parse_params(params: Mapping[str, Any]) -> ARMParams:
         calibration=cal,
         layer_scale=_choice(p.get("layer_scale", d.layer_scale), "layer_scale", LAYER_SCALES),
         statistics=_choice(p.get("statistics", d.statistics), "statistics", STATISTICS),
+        formulation=_choice(p.get("formulation", d.formulation), "formulation", FORMULATIONS),
+        prox_lambda=_num(p.get("prox_lambda", d.prox_lambda), "prox_lambda"),
     )
+    if out.prox_lambda < 0:
+        raise MergeConfigError(f"merge.prox_lambda: must be ≥ 0, got {out.prox_lambda}")
+    if out.layer_scale == "alignment" and out.formulation == "trajectory_rotation":
+        raise MergeConfigError("merge.layer_scale: alignment scales by the alignment of c_m with the current iterate "
+                               "(merge.formulation iterate_rotation or proximal), not with trajectory_rotation")
     if out.lr <= 0:
         raise MergeConfigError(f"merge.lr: must be > 0, got {out.lr}")
     if out.warmup >= out.iterations:
@@ -232,6 +259,31 @@ class _InputSource:
     def close(self) -> None:
         for r in self.readers.values():
             r.close()
+
+
+class _ModelTensors:
+    """One input model's float32 tensors on ``device`` (``index`` into [θ0, c_1..c_m] of the plan), read
+    tensor by tensor when asked for; NaN/Inf is an error naming the file. Callable: name -> tensor."""
+
+    def __init__(self, plan: Any, index: int, device: torch.device):
+        from arm.tensor_io import TensorReader
+
+        self.plan, self.index, self.device = plan, index, device
+        self.reader = TensorReader()
+
+    def __call__(self, name: str) -> torch.Tensor:
+        import torch
+
+        from arm.merge_engine import MergeInputError
+
+        info = self.plan.inputs[name][self.index]
+        t = self.reader.read(info).to(device=self.device, dtype=torch.float32)
+        if not bool(torch.isfinite(t).all()):
+            raise MergeInputError(f"{info.file}: tensor {name!r} contains NaN or Inf")
+        return t
+
+    def close(self) -> None:
+        self.reader.close()
 
 
 def load_inputs(plan: Any, names: Sequence[str], params: ARMParams, steps: Sequence[int] | None, device: torch.device) -> Inputs:
@@ -349,8 +401,13 @@ def iterate(
     log_fn: Callable[[dict], None] | None = None,
     device: torch.device | None = None,
     layerwise: Any = None,
+    previous: Callable[[str], torch.Tensor] | None = None,
+    span: float = 1.0,
 ) -> IterationResult:
     """Run T iterations on ``model`` (loaded at c_m, float32); returns the selected iterate.
+
+    ``previous`` gives c_{m−1}'s float32 tensors (θ0's when m = 1), needed by
+    ``formulation: trajectory_rotation`` (with a rotation); ``span`` = ``arm.formulations.span_ratio``.
 
     With ``layerwise`` (an ``arm.layerwise.LayerwiseModel``; ``model`` is then None) no model is
     held: statistics and the held-out loss come from layer-by-layer passes over the materialised
@@ -360,7 +417,14 @@ def iterate(
     import torch
 
     from arm.activations import calibration_loss, collect_inputs, find_linear_groups
-    from arm.rotations import principal_directions, rotation
+    from arm.formulations import (
+        input_covariance,
+        proximal_correction,
+        proximal_factor,
+        proximal_lambda,
+        trajectory_offset,
+    )
+    from arm.rotations import principal_directions, rotation, trajectory_flow
     from arm.schedules import lr_schedule
 
     etas = lr_schedule(params.lr, params.iterations, params.schedule, params.warmup)
@@ -383,10 +447,12 @@ def iterate(
         if calib is None or not calib.stats_batches:
             raise ValueError("the calibration set is empty: ARM's statistics need calibration sequences")
         narrow = min(groups, key=lambda grp: grp.in_features)
-        if params.rank > narrow.in_features:
+        if params.rotation != "none" and params.rank > narrow.in_features:
             raise ValueError(f"merge.rank: {params.rank} is larger than the input width {narrow.in_features} of {narrow.key}")
-        if params.rank > calib.n_tokens:
+        if params.rotation != "none" and params.rank > calib.n_tokens:
             raise ValueError(f"merge.rank: {params.rank} is larger than the {calib.n_tokens} calibration tokens")
+    if params.needs_previous() and previous is None:
+        raise ValueError("merge.formulation: trajectory_rotation needs the previous checkpoint's tensors")
     if params.select == "best_loss" and (calib is None or not calib.loss_batches):
         raise ValueError("merge.select: best_loss needs held-out calibration sequences, none were given")
 
@@ -438,11 +504,43 @@ def iterate(
     if params.needs_statistics():
         if layerwise is None:
             X_ref = collect_inputs(model, groups, calib, device)
-        Q_ref = {grp.key: principal_directions(X_ref[grp.key].to(device), params.rank, grp.key) for grp in groups}
+        if params.needs_current_statistics() and params.rotation != "none":
+            Q_ref = {grp.key: principal_directions(X_ref[grp.key].to(device), params.rank, grp.key) for grp in groups}
+        else:
+            Q_ref = {grp.key: None for grp in groups}
+    flows = None
+    trajectory_diag: dict[str, dict[str, float]] = {}
+    if params.needs_previous():
+        assert previous is not None and X_ref is not None
+        X_prev = _previous_inputs(model, targets if layerwise is None else None, inputs, previous, groups, calib,
+                                  device, layerwise)
+        flows = {grp.key: trajectory_flow(params.rotation, X_prev[grp.key].to(device), X_ref[grp.key].to(device),
+                                          params.rank, grp.key) for grp in groups}
+        for key, flow in flows.items():
+            one = flow.at(1.0)
+            trajectory_diag[key] = {"mean_angle_deg": one.mean_angle_deg(), "rot_dist": one.distance_from_identity(),
+                                    "generator_norm": flow.generator_norm()}
+        X_prev = X_ref = None  # the flows are all the iteration needs
+    gsq = {name: float(inputs.g[name].square().sum()) for name in inputs.names}
     best: tuple[float, int, dict[str, list[float]], dict[str, torch.Tensor]] | None = None
     for t, eta in enumerate(etas, start=1):
         per_group: dict[str, dict[str, float]] = {}
-        if X_ref is not None:
+        if flows is not None:
+            s_t = trajectory_offset(math.fsum(etas[: t - 1]), math.fsum(etas[:t]), span)
+            for grp in groups:
+                R = flows[grp.key].at(s_t)
+                per_group[grp.key] = {"mean_angle_deg": R.mean_angle_deg(), "rot_dist": R.distance_from_identity(),
+                                      "scale": 1.0, "s": s_t}
+                for name in grp.params:
+                    coeffs[name].append(eta)
+                    c = R.correction(inputs.g[name])
+                    if c is not None:
+                        c = c.mul_(eta).to(store)
+                        corr[name] = corr[name].add_(c) if name in corr else c
+            for name in inputs.names:
+                if name not in rotated:
+                    coeffs[name].append(eta)
+        elif X_ref is not None:
             try:
                 X_cur = X_ref if t == 1 else (X_next if layerwise is not None else collect_inputs(model, groups, calib, device))
             except FloatingPointError as err:
@@ -453,9 +551,20 @@ def iterate(
                 scale = R.alignment() if params.layer_scale == "alignment" else 1.0
                 per_group[grp.key] = {"mean_angle_deg": R.mean_angle_deg(), "rot_dist": R.distance_from_identity(),
                                       "scale": scale}
+                L = lam = None
+                if params.formulation == "proximal" and params.prox_lambda > 0:
+                    C = input_covariance(X_cur[grp.key].to(device))
+                    lam = proximal_lambda(C, params.prox_lambda)
+                    L = proximal_factor(C, lam, grp.key)
+                    per_group[grp.key]["prox_lambda_abs"] = lam
+                    del C
                 for name in grp.params:
                     coeffs[name].append(eta * scale)
                     c = R.correction(inputs.g[name])
+                    if L is not None:  # the proximal step keeps d C(C + λI)⁻¹ of the target step d = g R
+                        d = inputs.g[name] if c is None else inputs.g[name] + c
+                        p = proximal_correction(d, L, lam)
+                        c = p if c is None else c.add_(p)
                     if c is not None:
                         c = c.mul_(eta * scale).to(store)
                         corr[name] = corr[name].add_(c) if name in corr else c
@@ -474,7 +583,7 @@ def iterate(
         if layerwise is None:
             record["loss"] = calibration_loss(model, calib, device) if calib is not None else None
         else:
-            want_stats = X_ref is not None and t < params.iterations
+            want_stats = params.needs_current_statistics() and t < params.iterations
             X_cur = X_next = None  # host memory: the reference and one current set of statistics at a time
             try:
                 X_next, loss_t = layerwise.run(checked(t), calib, groups if want_stats else None, loss=calib is not None)
@@ -483,11 +592,15 @@ def iterate(
                     raise
                 raise FloatingPointError(f"ARM iteration {t + 1}: {err} (the model diverged; lower merge.lr)") from None
             record["loss"] = loss_t if calib is not None else None
+        record.update(_rotation_effect(inputs, coeffs, corr, gsq, math.fsum(etas[:t]), device))
         if converged is not None:
             record.update(converged.measure(inputs.names, theta, inputs.last))
         history.append(record)
         if log_fn is not None:
-            log_fn({f"arm/{k}": v for k, v in record.items() if k != "groups" and v is not None})
+            entry = {f"arm/{k}": v for k, v in record.items() if not isinstance(v, dict) and v is not None}
+            entry.update({f"arm/rotation_effect/layer_{i}": v for i, v in record["rotation_effect_layers"].items()
+                          if v is not None})
+            log_fn(entry)
         log.info("ARM iteration %d: η=%g loss=%s", t, eta, record["loss"])
         if params.select == "best_loss" and record["loss"] is not None and (best is None or record["loss"] < best[0]):
             best = (record["loss"], t, {n: list(v) for n, v in coeffs.items()}, {n: v.clone() for n, v in corr.items()})
@@ -500,11 +613,73 @@ def iterate(
     else:
         state = _LazyState(inputs.names, theta)
     diagnostics = {"params": params.to_dict(), "etas": etas, "selected_iteration": selected,
-                   "rotated_groups": [grp.key for grp in groups], "history": history}
+                   "rotated_groups": [grp.key for grp in groups], "formulation": params.formulation,
+                   "history": history}
+    if flows is not None:
+        diagnostics["trajectory"] = {"span_ratio": span, "groups": trajectory_diag}
     if calib is not None:
         diagnostics["calibration"] = {"stats_sequences": calib.n_stats_sequences, "loss_sequences": calib.n_loss_sequences,
                                       "stats_tokens": calib.n_tokens}
     return IterationResult(state, diagnostics, selected)
+
+
+def _previous_inputs(model: Any, targets: Mapping[str, Any] | None, inputs: Inputs,
+                     previous: Callable[[str], torch.Tensor], groups: Sequence[Any], calib: Any,
+                     device: torch.device, layerwise: Any) -> dict[str, torch.Tensor]:
+    """The group inputs of c_{m−1} (θ0 when m = 1) on the calibration tokens: layer by layer from the
+    files, or in memory by loading its tensors into the model at c_m and restoring c_m afterwards."""
+    import torch
+
+    from arm.activations import collect_inputs
+
+    if layerwise is not None:
+        X, _ = layerwise.run(previous, calib, groups, loss=False)
+        assert X is not None
+        return X
+    assert targets is not None
+    with torch.no_grad():
+        try:
+            for name in inputs.names:
+                targets[name].data.copy_(previous(name))
+            return collect_inputs(model, groups, calib, device)
+        finally:
+            for name in inputs.names:
+                targets[name].data.copy_(inputs.last[name])
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _rotation_effect(inputs: Inputs, coeffs: Mapping[str, Sequence[float]], corr: Mapping[str, torch.Tensor],
+                     gsq: Mapping[str, float], alpha: float, device: torch.device) -> dict[str, Any]:
+    """‖θ_ARM − θ_ExPO‖ / ‖θ_ExPO − c_m‖ at the same total step α = Σ η_t (θ_ExPO = c_m + α g), over all
+    parameters (``rotation_effect``) and per decoder layer (``rotation_effect_layers``, keyed by its index).
+    θ_ARM − θ_ExPO = (a − α) g + E per tensor (a its own coefficient: α unless layer_scale scales it)."""
+    num: dict[str, float] = {}
+    den: dict[str, float] = {}
+    total_num = total_den = 0.0
+    for name in inputs.names:
+        a = math.fsum(coeffs[name])
+        d2 = 0.0
+        if name in corr or a != alpha:
+            diff = corr[name].to(device) if name in corr else None
+            if a != alpha:
+                scaled = inputs.g[name] * (a - alpha)
+                diff = scaled if diff is None else scaled.add_(diff)
+            d2 = float(diff.square().sum())
+        total_num += d2
+        total_den += gsq[name]
+        match = _LAYER_RE.search(name)
+        if match is not None:
+            key = match.group(1)
+            num[key] = num.get(key, 0.0) + d2
+            den[key] = den.get(key, 0.0) + gsq[name]
+
+    def ratio(n: float, d: float) -> float | None:
+        return math.sqrt(n) / (alpha * math.sqrt(d)) if d > 0 and alpha > 0 else None
+
+    layers = {k: ratio(num[k], den[k]) for k in sorted(num, key=int)}
+    return {"rotation_effect": ratio(total_num, total_den), "rotation_effect_layers": layers}
 
 
 class _LazyState(Mapping):
@@ -553,7 +728,8 @@ class ARM:
     def code_files(cls) -> list[Path]:
         """Source files whose changes change ARM's merged weights (part of the pipeline's merge key)."""
         here = Path(__file__).resolve().parent
-        return [here / f for f in ("streaming.py", "rotations.py", "activations.py", "schedules.py", "layerwise.py")]
+        return [here / f for f in ("streaming.py", "rotations.py", "activations.py", "schedules.py", "layerwise.py",
+                                       "formulations.py")]
 
     @classmethod
     def validate_params(cls, params: Mapping[str, Any]) -> ARMParams:
@@ -623,6 +799,20 @@ class ARM:
                 steps = [checkpoint_step(c) for c in checkpoints]
             except ValueError as err:
                 raise MergeInputError(str(err)) from None
+        span = 1.0
+        if p.needs_previous():
+            from arm.formulations import span_ratio
+
+            if p.direction == "task_vector" and len(checkpoints) > 1:
+                try:
+                    steps = [checkpoint_step(c) for c in checkpoints]
+                except ValueError as err:
+                    raise MergeInputError(f"{err}; merge.formulation: trajectory_rotation with direction=task_vector "
+                                          "needs them too (how many checkpoint gaps g spans)") from None
+            try:
+                span = span_ratio(p.direction, steps, len(checkpoints))
+            except ValueError as err:
+                raise MergeInputError(str(err)) from None
         base_f, ck_f = open_folders(base, checkpoints)
         plan = plan_merge(base_f, ck_f, settings.dtype)
         float_names = [n for n in plan.names if plan.inputs[n][0].is_float]
@@ -668,9 +858,11 @@ class ARM:
         conv_path = getattr(context, "converged", None)
         converged = _Converged(Path(conv_path), names, bool(base_f.config.get("tie_word_embeddings", False))) if conv_path else None
         log_fn = getattr(context, "log", None)
+        # c_{m−1}, or θ0 when m = 1 (index into [θ0, c_1..c_m]): the start of the trajectory rotation
+        previous = _ModelTensors(plan, len(checkpoints) - 1, device) if p.needs_previous() else None
         try:
             result = iterate(model, inputs, p, calib=calib, converged=converged, log_fn=log_fn, device=device,
-                             layerwise=layerwise)
+                             layerwise=layerwise, previous=previous, span=span)
             if layerwise is None:
                 state = dict(result.state)
                 for n in plan.names:  # tied duplicates and non-float tensors
@@ -698,6 +890,8 @@ class ARM:
         finally:
             if isinstance(inputs, _DiskInputs):
                 inputs.close()
+            if previous is not None:
+                previous.close()
         result.diagnostics["statistics"] = mode
         result.diagnostics["inputs"] = {"base": str(base), "checkpoints": [str(c) for c in checkpoints],
                                         "steps": steps, "converged": str(conv_path) if conv_path else None}
@@ -786,7 +980,8 @@ def _load_model(path: Path, device: torch.device, progress: bool) -> Any:
 
 
 def plot_diagnostics(diagnostics: Mapping[str, Any], out: Path) -> Path | None:
-    """η_t, calibration loss, mean principal angle / ‖R − I‖_F and the distances to c* vs iteration."""
+    """η_t, calibration loss, mean principal angle / ‖R − I‖_F, the distances to c* and the rotation
+    effect ‖θ − θ_ExPO‖ / ‖θ_ExPO − c_m‖ (all parameters and per layer) vs iteration."""
     try:
         import matplotlib
 
@@ -801,7 +996,7 @@ def plot_diagnostics(diagnostics: Mapping[str, Any], out: Path) -> Path | None:
         pts = [(h["iteration"], h[key]) for h in hist if h.get(key) is not None]
         return [a for a, _ in pts], [b for _, b in pts]
 
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.4))
     axes[0].plot(its[1:], [h["eta"] for h in hist[1:]], "o-")
     axes[0].set_title("η_t")
     x, y = series("loss")
@@ -820,6 +1015,15 @@ def plot_diagnostics(diagnostics: Mapping[str, Any], out: Path) -> Path | None:
     axes[3].plot(x, y, "s--", label="‖θ − c*‖ / ‖c_m − c*‖")
     axes[3].legend(fontsize=7)
     axes[3].set_title("vs converged SFT (diagnostic)")
+    layer_keys = sorted({k for h in hist for k in (h.get("rotation_effect_layers") or {})}, key=int)
+    for key in layer_keys:
+        pts = [(h["iteration"], h["rotation_effect_layers"][key]) for h in hist
+               if (h.get("rotation_effect_layers") or {}).get(key) is not None]
+        axes[4].plot([a for a, _ in pts], [b for _, b in pts], "-", lw=0.8, alpha=0.5)
+    x, y = series("rotation_effect")
+    axes[4].plot(x, y, "ko-", label="all parameters (thin: per layer)")
+    axes[4].legend(fontsize=7)
+    axes[4].set_title("‖θ − θ_ExPO‖ / ‖θ_ExPO − c_m‖")
     for ax in axes:
         ax.set_xlabel("iteration")
     fig.tight_layout()
