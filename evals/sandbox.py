@@ -1,175 +1,616 @@
-"""Run untrusted generated Python against unit tests in a separate, restricted process.
+"""Run untrusted generated Python in an OS-isolated process; decide its verdict in the parent.
 
-``run_program`` starts ``python -I -S`` (isolated mode: no site-packages, no project packages, no
-``PYTHON*`` variables, no script directory on ``sys.path``) in a fresh empty temporary directory
-with an almost empty environment, and feeds it the program and tests on stdin. The child runner:
+The boundary is the operating system, not the interpreter. Each program runs in its own process
+started by bubblewrap (``bwrap``, Debian package ``bubblewrap``) with:
 
-1. pre-imports a few harmless stdlib modules and sets resource limits (address space, CPU seconds,
-   file size 0, few file descriptors, no new processes);
-2. compiles the program (``syntax_error`` if that fails) and the tests;
-3. sends ``print`` output to a capped buffer and moves fd 1 to ``/dev/null``, keeping a private
-   duplicate for the result;
-4. installs an audit hook that refuses file opens, ``os.*`` calls (system, exec, spawn, fork,
-   remove, rename, chdir, listdir ...), subprocesses, sockets, ctypes and imports outside an
-   allowlist; any refused event makes the result ``forbidden`` even if the program caught the error;
-5. runs the program, then each test; prints one result line ``<nonce><json>`` and exits.
+- its own user, PID, network, IPC, UTS, cgroup and mount namespaces (``--unshare-all``), as uid and
+  gid 65534 with no capabilities, in a new session, killed with the harness (``--die-with-parent``);
+- a root that holds only read-only binds of what the interpreter needs (the shared-library folders,
+  the interpreter and its standard library), a fresh ``/proc`` and ``/dev``, and an empty private
+  ``/tmp`` (a size-capped tmpfs) as its working folder; no network (only its own loopback), a clean
+  environment (``LC_ALL`` and ``PATH`` only);
+- resource limits set by the runner before any untrusted code runs: CPU seconds, address space,
+  no new processes, file size, open files, no core files; and a wall-clock deadline at which the
+  parent kills the sandbox, whose PID namespace takes every process in it along.
 
-The parent kills the whole process group at the wall-clock limit (``timeout``) and removes the
-temporary directory. Limits are set by the runner before any untrusted code runs rather than in a
-``preexec_fn``: ``preexec_fn`` is unsafe when the caller has threads (``score_code_batch`` and the
-lm-eval process do), and without it ``subprocess`` can use its faster ``vfork`` path.
+The verdict is decided in the parent. The child only executes the program and then answers calls:
+the parent runs the (trusted) test code itself, and every name the tests take from the program
+(``f``, ``candidate``, a helper) is a proxy whose call sends plain arguments to the child and gets a
+plain value back (JSON of None, bool, int, float, str, bytes, complex, range, list, tuple, set,
+frozenset, dict; anything else arrives as an opaque value that cannot be compared). The expected
+values stay in the parent, so no object, frame, monkeypatch or forged report in the child can make
+a test pass: the child can only answer with values, as a correct function would. Test code never
+takes the program's replacement of a builtin (``abs``, ``len``, ...): builtins win over program names.
 
-This is a guard against accidents of model-written code (loops, memory blow-ups, stray file or
-process access), not a security boundary against a determined adversary.
+Output of the program (stdout and stderr) is read by the parent with a hard cap while reading; its
+first ``MAX_OUTPUT_CHARS`` characters are kept. Requests and replies are capped too.
+
+Without bubblewrap (or where the kernel refuses user namespaces) nothing runs: ``SandboxUnavailable``
+names the fix. ``allow_unsafe_execution(True)`` (``eval.unsafe_code_without_sandbox=true``) runs the
+same runner as a plain child process with the same limits, deadline and parent-side verdict, but
+without the OS isolation; it is logged as a warning and recorded in results.json.
 """
 
 from __future__ import annotations
 
+import builtins
+import functools
 import json
+import logging
 import math
 import os
-import secrets
+import selectors
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-STATUSES: tuple[str, ...] = ("passed", "failed", "timeout", "error", "syntax_error", "forbidden")
+from arm.errors import ArmError
 
-PRELOADED_MODULES: tuple[str, ...] = ("math", "itertools", "functools", "collections", "string", "re")
-"""Imported by the runner before the audit hook; the program may import them."""
+log = logging.getLogger(__name__)
 
-LAZY_MODULES: tuple[str, ...] = (
-    "cmath", "operator", "heapq", "bisect", "typing", "fractions", "decimal", "statistics", "random",
-    "copy", "dataclasses", "enum", "numbers", "array", "abc",
-)  # fmt: skip
-"""Also allowed: imported on first use, with the audit hook trusting the import machinery meanwhile."""
+STATUSES: tuple[str, ...] = ("passed", "failed", "timeout", "error", "syntax_error")
 
 MAX_OUTPUT_CHARS = 4096
-"""Captured ``print`` output kept per run (the rest is dropped)."""
-
+"""Program output (stdout and stderr together) kept per run."""
+MAX_OUTPUT_BYTES = 1 << 20
+"""Program output read per run; beyond it the parent closes the pipe (the program's writes fail)."""
+MAX_MESSAGE_BYTES = 1 << 20
+"""Largest request (program, arguments) or reply (a value) between parent and child."""
 MAX_DETAIL_CHARS = 1000
+TMPFS_BYTES = 16 << 20
+"""Size of the sandbox's private /tmp."""
+FILE_BYTES = 4 << 20
+"""RLIMIT_FSIZE: largest file the program may write (in its /tmp)."""
+OPEN_FILES = 32
+SANDBOX_UID = 65534
+UNSAFE_FLAG = "eval.unsafe_code_without_sandbox"
 
-_RUNNER = r"""
-import sys, os, json, resource, builtins
-import math, itertools, functools, collections, collections.abc, string, re
+ISOLATED = "bwrap"
+UNISOLATED = "none (eval.unsafe_code_without_sandbox=true)"
+
+
+class SandboxUnavailable(ArmError):
+    """No OS isolation for generated code on this machine (and no explicit opt-out)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the value codec, shared verbatim by the parent and the child runner
+
+_CODEC = r'''
+_SEQUENCES = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
+
+
+def encode(value, depth=0):
+    """Plain JSON of a value; types are matched exactly (a subclass is opaque)."""
+    if depth > 100:
+        raise ValueError("value nested too deeply")
+    kind = type(value)
+    if value is None or kind is bool or kind is int or kind is float or kind is str:
+        return value
+    if kind is list or kind is tuple or kind is set or kind is frozenset:
+        return {kind.__name__: [encode(item, depth + 1) for item in value]}
+    if kind is dict:
+        return {"dict": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in value.items()]}
+    if kind is bytes:
+        return {"bytes": value.hex()}
+    if kind is complex:
+        return {"complex": [value.real, value.imag]}
+    if kind is range:
+        return {"range": [value.start, value.stop, value.step]}
+    return {"opaque": str(getattr(kind, "__name__", "object"))[:100]}
+
+
+def decode(data, resolve, depth=0):
+    """The value of plain JSON from ``encode``; ``resolve(tag, body)`` handles other tags."""
+    if depth > 100:
+        raise ValueError("value nested too deeply")
+    kind = type(data)
+    if data is None or kind is bool or kind is int or kind is float or kind is str:
+        return data
+    if kind is not dict or len(data) != 1:
+        raise ValueError("malformed value")
+    ((tag, body),) = data.items()
+    if tag in _SEQUENCES:
+        if type(body) is not list:
+            raise ValueError("malformed " + tag)
+        return _SEQUENCES[tag](decode(item, resolve, depth + 1) for item in body)
+    if tag == "dict":
+        if type(body) is not list or any(type(p) is not list or len(p) != 2 for p in body):
+            raise ValueError("malformed dict")
+        return {decode(k, resolve, depth + 1): decode(v, resolve, depth + 1) for k, v in body}
+    if tag == "bytes" and type(body) is str:
+        return bytes.fromhex(body)
+    if tag == "complex" and type(body) is list and len(body) == 2:
+        return complex(float(body[0]), float(body[1]))
+    if tag == "range" and type(body) is list and len(body) == 3 and all(type(b) is int for b in body):
+        return range(*body)
+    return resolve(tag, body)
+'''
+
+_RUNNER = r'''
+import sys, os, json, resource
+
 
 def _main():
-    payload = json.loads(sys.stdin.buffer.read().decode("ascii"))
-    token = payload["token"]
-    allowed = frozenset(payload["preloaded"]) | frozenset(payload["lazy"])
-    result_fd = os.dup(1)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.close(devnull)
+    proto = os.dup(1)  # replies to the parent; the program's stdout joins its stderr
+    os.dup2(2, 1)
+    reader = sys.stdin.buffer
 
-    def report(status, detail, output=""):
-        line = token + json.dumps({"status": status, "detail": detail[:1000], "output": output})
-        os.write(result_fd, ("\n" + line + "\n").encode("ascii", "backslashreplace"))
-        os._exit(0)
+    def send(message):
+        data = memoryview((json.dumps(message, ensure_ascii=True) + "\n").encode("ascii"))
+        while data:
+            data = data[os.write(proto, data):]
 
-    memory = payload["memory_bytes"]
-    cpu = payload["cpu_s"]
-    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))
-    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    def receive():
+        line = reader.readline(MAX_MESSAGE + 1)
+        if not line:
+            os._exit(0)
+        return json.loads(line)
 
-    try:
-        program = compile(payload["program"], "<program>", "exec")
-    except (SyntaxError, ValueError) as error:
-        report("syntax_error", f"{type(error).__name__}: {error}")
-    try:
-        tests = [(src, compile(src, "<test>", "exec")) for src in payload["tests"]]
-    except (SyntaxError, ValueError) as error:
-        report("error", f"a test does not compile: {type(error).__name__}: {error}")
-
-    class Sink:
-        def __init__(self, limit):
-            self.parts, self.size, self.limit = [], 0, limit
-        def write(self, text):
-            text = str(text)
-            if self.size < self.limit:
-                self.parts.append(text[: self.limit - self.size])
-                self.size += len(self.parts[-1])
-            return len(text)
-        def flush(self):
-            pass
-        def text(self):
-            return "".join(self.parts)
-
-    sink = Sink(payload["max_output"])
-    sys.stdout = sys.stderr = sink
-    refused = []
-    trusted = [False]
-    real_import = builtins.__import__
-    blocked_prefixes = (
-        "os.", "subprocess.", "socket.", "shutil.", "ctypes.", "pty.", "fcntl.", "mmap.", "resource.",
-        "signal.", "gc.", "glob.", "tempfile.", "urllib.", "http.", "ftplib.", "smtplib.", "webbrowser.",
-        "sqlite3.", "syslog.", "winreg.", "msvcrt.", "_winapi.", "cpython.", "sys.addaudithook",
-        "sys.settrace", "sys.setprofile", "sys._current_frames", "sys.remote_exec",
-    )
-
-    def refuse(what):
-        if not refused:
-            refused.append(what)
-        raise PermissionError(f"sandbox: {what} is not allowed")
-
-    def hook(event, args):
-        if trusted[0]:
-            return
-        if event == "open":
-            refuse(f"open({args[0]!r})")
-        if event == "import":
-            if str(args[0]).partition(".")[0] not in allowed:
-                refuse(f"import {args[0]}")
-            return
-        if event.startswith(blocked_prefixes):
-            refuse(event)
-
-    def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
-        if level != 0 or name.partition(".")[0] not in allowed:
-            refuse(f"import {name}")
-        if name in sys.modules:
-            return real_import(name, globals, locals, fromlist, level)
-        trusted[0] = True
+    def failure(error):
         try:
-            return real_import(name, globals, locals, fromlist, level)
-        finally:
-            trusted[0] = False
+            text = str(error)[:1000]
+        except BaseException:
+            text = "<unprintable>"
+        try:
+            name = str(type(error).__name__)[:100]
+        except BaseException:
+            name = "BaseException"
+        return {"raised": name, "message": text}
 
-    safe_builtins = dict(builtins.__dict__)
-    safe_builtins["__import__"] = guarded_import
-    namespace = {"__name__": "__main__", "__builtins__": safe_builtins}
-    sys.addaudithook(hook)
+    payload = receive()
+    limits = payload["limits"]
+    for name, value in limits.items():
+        resource.setrlimit(getattr(resource, name), (value, value))
 
-    status, detail = "passed", f"{len(tests)} tests passed"
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+
+    def resolve(tag, body):
+        if tag == "global" and type(body) is str:
+            return namespace[body]
+        raise ValueError("malformed value")
+
     try:
-        exec(program, namespace)
+        code = compile(payload["program"], "<program>", "exec")
     except BaseException as error:
-        status, detail = "error", f"program raised {type(error).__name__}: {error}"
-    if status == "passed":
-        for src, code in tests:
-            try:
-                exec(code, namespace)
-            except AssertionError:
-                status, detail = "failed", f"failed: {src}"
-                break
-            except BaseException as error:
-                status, detail = "error", f"{src}: {type(error).__name__}: {error}"
-                break
-    if refused:
-        status, detail = "forbidden", f"refused {refused[0]}"
-    report(status, detail, sink.text())
+        send({"syntax_error": failure(error)})
+        os._exit(0)
+    try:
+        exec(code, namespace)
+    except BaseException as error:
+        send(failure(error))
+        os._exit(0)
+    send({"ready": True})
+    while True:
+        request = receive()
+        try:
+            name = request["name"]
+            if request["op"] == "lookup":
+                if name not in namespace:
+                    reply = {"missing": True}
+                else:
+                    value = namespace[name]
+                    if type(value).__name__ == "module":
+                        reply = {"module": str(value.__name__)}
+                    elif callable(value):
+                        reply = {"callable": True}
+                    else:
+                        reply = {"value": encode(value)}
+            else:
+                args = [decode(a, resolve) for a in request["args"]]
+                kwargs = {str(k): decode(v, resolve) for k, v in request["kwargs"]}
+                reply = {"value": encode(namespace[name](*args, **kwargs))}
+        except BaseException as error:
+            reply = failure(error)
+        try:
+            send(reply)
+        except BaseException as error:
+            send(failure(error))
+
 
 _main()
-"""
+'''
+
+_codec: dict[str, Any] = {}
+exec(compile(_CODEC, "<sandbox codec>", "exec"), _codec)  # noqa: S102 - the project's own code
+_encode = _codec["encode"]
+_decode = _codec["decode"]
+
+
+# ---------------------------------------------------------------------------------------------
+# values from the child, as the parent's test code sees them
+
+
+class Opaque:
+    """A value of a type the codec does not carry: it cannot be compared, hashed or tested for truth."""
+
+    __slots__ = ("type_name",)
+
+    def __init__(self, type_name: str):
+        self.type_name = type_name
+
+    def _refuse(self, *_: Any) -> Any:
+        raise TypeError(f"a {self.type_name} object from the sandboxed program cannot be compared or used")
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __bool__ = __hash__ = __len__ = __iter__ = _refuse  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<{self.type_name} from the sandbox>"
+
+
+class RemoteError(Exception):
+    """An exception raised by the program in the sandbox, of a type the parent does not re-raise."""
+
+
+class _Abort(BaseException):
+    """Ends a run early (deadline, child gone, protocol broken); never caught by test code."""
+
+    def __init__(self, status: str, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+_RERAISED = {
+    name: cls
+    for name, cls in vars(builtins).items()
+    if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, StopIteration | StopAsyncIteration)
+}
+
+
+def _from_child(tag: str, body: Any) -> Any:
+    if tag == "opaque" and isinstance(body, str):
+        return Opaque(body[:100])
+    raise ValueError("malformed value")
+
+
+class _RemoteFunction:
+    """A callable of the program: calling it runs it in the sandbox with plain arguments."""
+
+    def __init__(self, child: _Child, name: str):
+        self._child, self._name = child, name
+        self.__name__ = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._child.call(self._name, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<sandboxed {self._name}>"
+
+
+def _to_child(value: Any) -> Any:
+    if isinstance(value, _RemoteFunction):
+        return {"global": value._name}
+    if isinstance(value, list | tuple | set | frozenset) and type(value) in (list, tuple, set, frozenset):
+        return {type(value).__name__: [_to_child(v) for v in value]}
+    if type(value) is dict:
+        return {"dict": [[_to_child(k), _to_child(v)] for k, v in value.items()]}
+    encoded = _encode(value)
+    if isinstance(encoded, dict) and "opaque" in encoded:
+        raise TypeError(f"a {type(value).__name__} cannot be passed to the sandboxed program")
+    return encoded
+
+
+class _Namespace(dict):
+    """Globals of the parent's test code: a name the tests do not define and that is no builtin is
+    looked up in the program (a function becomes a proxy, a module the parent's own import of that
+    standard-library module, a value its plain copy)."""
+
+    def __init__(self, child: _Child):
+        super().__init__(__name__="__main__", __builtins__=builtins)
+        self._child = child
+
+    def __missing__(self, name: str) -> Any:
+        if name.startswith("__") or hasattr(builtins, name):
+            raise KeyError(name)
+        reply = self._child.request({"op": "lookup", "name": name})
+        if reply.get("missing"):
+            raise KeyError(name)
+        if reply.get("callable"):
+            value: Any = _RemoteFunction(self._child, name)
+        elif isinstance(reply.get("module"), str):
+            module = reply["module"]
+            if module.partition(".")[0] not in sys.stdlib_module_names:
+                raise KeyError(name)
+            import importlib
+
+            value = importlib.import_module(module)
+        elif "value" in reply:
+            value = self._child.value(reply)
+        else:
+            raise KeyError(name)
+        self[name] = value
+        return value
+
+
+# ---------------------------------------------------------------------------------------------
+# the child process
+
+
+def _limits(timeout_s: float, memory_mb: int) -> dict[str, int]:
+    return {
+        "RLIMIT_CPU": max(1, math.ceil(timeout_s)),
+        "RLIMIT_AS": int(memory_mb) << 20,
+        "RLIMIT_NPROC": 0,
+        "RLIMIT_FSIZE": FILE_BYTES,
+        "RLIMIT_NOFILE": OPEN_FILES,
+        "RLIMIT_CORE": 0,
+    }
+
+
+class _Child:
+    """One sandboxed runner: JSON lines on its stdin (requests) and stdout (replies), the program's
+    output on stderr; every read and write bounded by the run's deadline and the size caps."""
+
+    def __init__(self, argv: list[str], cwd: str | None, deadline: float, pass_fds: tuple[int, ...] = ()):
+        self.deadline = deadline
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
+            env=dict(_ENV), start_new_session=True, close_fds=True, pass_fds=pass_fds,
+        )
+        self.selector = selectors.DefaultSelector()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            os.set_blocking(stream.fileno(), False)  # type: ignore[union-attr]
+            self.selector.register(stream, selectors.EVENT_READ)
+        os.set_blocking(self.proc.stdin.fileno(), False)  # type: ignore[union-attr]
+        self.replies = bytearray()
+        self.output = bytearray()
+        self.output_bytes = 0
+        self.closed_reply = False
+
+    # -- I/O -----------------------------------------------------------------------------------
+    def _left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _Abort("timeout", "killed at the wall-clock limit")
+        return left
+
+    def _pump(self, timeout: float) -> None:
+        """Read whatever the child wrote (replies; output up to the caps) within ``timeout``."""
+        for key, _ in self.selector.select(timeout):
+            stream = key.fileobj
+            try:
+                data = os.read(stream.fileno(), 1 << 16)  # type: ignore[union-attr]
+            except BlockingIOError:
+                continue
+            if stream is self.proc.stdout:
+                if not data:
+                    self.selector.unregister(stream)
+                    self.closed_reply = True
+                self.replies += data
+                if len(self.replies) > MAX_MESSAGE_BYTES:
+                    raise _Abort("error", f"the program's reply exceeds {MAX_MESSAGE_BYTES} bytes")
+            else:
+                if not data:
+                    self.selector.unregister(stream)
+                    continue
+                self.output_bytes += len(data)
+                if len(self.output) < MAX_OUTPUT_CHARS * 4:
+                    self.output += data[: MAX_OUTPUT_CHARS * 4 - len(self.output)]
+                if self.output_bytes > MAX_OUTPUT_BYTES:  # stop reading: its further writes fail
+                    self.selector.unregister(stream)
+                    stream.close()  # type: ignore[union-attr]
+
+    def send(self, message: dict[str, Any]) -> None:
+        data = memoryview((json.dumps(message, ensure_ascii=True) + "\n").encode("ascii"))
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise _Abort("error", f"a request to the program exceeds {MAX_MESSAGE_BYTES} bytes")
+        fd = self.proc.stdin.fileno()  # type: ignore[union-attr]
+        with selectors.DefaultSelector() as writable:
+            writable.register(fd, selectors.EVENT_WRITE)
+            while data:
+                if writable.select(min(self._left(), 0.05)):
+                    try:
+                        data = data[os.write(fd, data):]
+                    except BlockingIOError:
+                        pass
+                    except BrokenPipeError:
+                        raise _Abort("error", "the program exited" + self._exit_note()) from None
+                self._pump(0)
+
+    def receive(self) -> dict[str, Any]:
+        while b"\n" not in self.replies:
+            if self.closed_reply:
+                try:
+                    self.proc.wait(timeout=max(0.01, min(self._left(), 1.0)))
+                except subprocess.TimeoutExpired:
+                    pass
+                raise _Abort("error", "the program exited" + self._exit_note())
+            self._pump(self._left())
+        line, _, rest = bytes(self.replies).partition(b"\n")
+        self.replies = bytearray(rest)
+        try:
+            reply = json.loads(line.decode("ascii"))
+        except (ValueError, RecursionError, MemoryError):
+            raise _Abort("error", "malformed reply from the program") from None
+        if not isinstance(reply, dict):
+            raise _Abort("error", "malformed reply from the program")
+        return reply
+
+    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.send(message)
+        return self.receive()
+
+    # -- calls -----------------------------------------------------------------------------------
+    def value(self, reply: dict[str, Any]) -> Any:
+        if "value" in reply:
+            try:
+                return _decode(reply["value"], _from_child)
+            except (ValueError, TypeError, RecursionError, MemoryError):
+                raise _Abort("error", "malformed value from the program") from None
+        name, message = str(reply.get("raised", "Exception"))[:100], str(reply.get("message", ""))[:MAX_DETAIL_CHARS]
+        raise _RERAISED.get(name, RemoteError)(f"{name}: {message}" if name not in _RERAISED else message)
+
+    def call(self, name: str, args: tuple, kwargs: dict[str, Any]) -> Any:
+        request = {"op": "call", "name": name, "args": [_to_child(a) for a in args],
+                   "kwargs": [[str(k), _to_child(v)] for k, v in kwargs.items()]}
+        return self.value(self.request(request))
+
+    def output_text(self) -> str:
+        return bytes(self.output).decode("utf-8", "replace")[:MAX_OUTPUT_CHARS]
+
+    def _exit_note(self) -> str:
+        code = self.proc.poll()
+        return "" if code is None else f" (status {code})"
+
+    def kill(self) -> None:
+        """SIGKILL the sandbox's process group; bwrap's PID namespace then ends every process in it."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not ignorable
+            pass
+        self.selector.close()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                stream.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------------------------------------
+# isolation: bubblewrap, or nothing without the explicit opt-out
 
 _ENV = {"LC_ALL": "C.UTF-8", "PATH": "/usr/bin:/bin"}
+_unsafe_allowed = False
+_warned = False
+
+
+def allow_unsafe_execution(allowed: bool) -> None:
+    """Process-wide opt-out of the OS isolation (``eval.unsafe_code_without_sandbox=true``)."""
+    global _unsafe_allowed
+    _unsafe_allowed = bool(allowed)
+
+
+def _interpreter() -> str:
+    return os.path.realpath(sys.executable)
+
+
+def _interpreter_paths() -> list[str]:
+    """What ``python -I -S`` needs beyond the shared-library folders: itself, its standard library
+    and its shared libpython (when it is built with one)."""
+    paths = {_interpreter()}
+    base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix, "installed_base": sys.base_prefix,
+            "installed_platbase": sys.base_exec_prefix}  # the interpreter's own, not a venv's
+    for key in ("stdlib", "platstdlib"):
+        path = sysconfig.get_paths(vars=base).get(key)
+        if path and os.path.isdir(path):
+            paths.add(os.path.realpath(path))
+    dynload = sysconfig.get_config_var("DESTSHARED")
+    if dynload and os.path.isdir(dynload):
+        paths.add(os.path.realpath(dynload))
+    libdir, library = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    if libdir and library and os.path.exists(os.path.join(libdir, library)):
+        paths.add(os.path.realpath(os.path.join(libdir, library)))
+    return sorted(paths)
+
+
+# seccomp (classic BPF) against new processes: clone, clone3, fork and vfork fail with EPERM. bwrap
+# maps the sandbox user to the caller's uid, and for a caller that is root RLIMIT_NPROC does not
+# apply (the kernel exempts uid 0), so the filter is what stops fork bombs and subprocesses.
+_SYSCALLS = {  # machine: (AUDIT_ARCH_*, numbers of clone, clone3, fork, vfork)
+    "x86_64": (0xC000003E, (56, 435, 57, 58)),
+    "aarch64": (0xC00000B7, (220, 435)),
+}
+
+
+def seccomp_filter(machine: str | None = None) -> bytes:
+    """The BPF program bwrap loads (``--seccomp FD``): a ``struct sock_filter`` array."""
+    import platform
+    import struct
+
+    machine = machine or platform.machine()
+    if machine not in _SYSCALLS:
+        raise SandboxUnavailable(f"the sandbox has no process-creation filter for the {machine} architecture "
+                                 f"(known: {', '.join(_SYSCALLS)}); run code evaluation on one of those or set "
+                                 f"{UNSAFE_FLAG}=true where unisolated execution is acceptable")
+    arch, numbers = _SYSCALLS[machine]
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    allow, deny, kill = 0x7FFF0000, 0x00050000 | 1, 0x80000000  # ALLOW, ERRNO(EPERM), KILL_PROCESS
+    n = len(numbers)
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill), (ld, 0, 0, 0), (jge, n + 1, 0, 0x40000000)]
+    prog += [(jeq, n - i, 0, nr) for i, nr in enumerate(numbers)]
+    prog += [(ret, 0, 0, allow), (ret, 0, 0, deny)]
+    return b"".join(struct.pack("<HBBI", *insn) for insn in prog)
+
+
+def bwrap_argv(bwrap: str, seccomp_fd: int) -> list[str]:
+    """The bubblewrap command line that runs the runner (``-c`` code appended by the caller).
+
+    No /proc is mounted: the sandbox user maps to the caller's uid outside, and for a caller that
+    is root a procfs would expose files (sysctls, sysrq-trigger) that only check the owner."""
+    argv = [
+        bwrap, "--unshare-all", "--die-with-parent", "--new-session",
+        "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "sandbox",
+        "--clearenv", *[x for k, v in _ENV.items() for x in ("--setenv", k, v)],
+    ]
+    if os.geteuid() == 0:
+        argv += ["--cap-drop", "ALL"]
+    for folder in ("/usr/lib", "/usr/lib64", "/usr/lib32"):
+        if os.path.isdir(folder) and not os.path.islink(folder):
+            argv += ["--ro-bind", folder, folder]
+    for folder in ("/lib", "/lib64", "/lib32"):
+        if os.path.islink(folder):
+            argv += ["--symlink", os.readlink(folder), folder]
+        elif os.path.isdir(folder):
+            argv += ["--ro-bind", folder, folder]
+    for path in _interpreter_paths():
+        argv += ["--ro-bind", path, path]
+        site = os.path.join(path, "site-packages")
+        if os.path.isdir(site):  # no third-party packages (``-S`` skips them anyway)
+            argv += ["--size", "4096", "--tmpfs", site, "--remount-ro", site]
+    for device in ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"):
+        argv += ["--dev-bind", device, device]
+    argv += ["--size", str(TMPFS_BYTES), "--tmpfs", "/tmp", "--chdir", "/tmp", "--remount-ro", "/",
+             "--seccomp", str(seccomp_fd)]
+    return argv + [_interpreter(), "-I", "-S", "-B", "-c"]
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(bwrap: str | None) -> str | None:
+    """None when bubblewrap runs a program here as uid 65534 without network, else the reason."""
+    if bwrap is None:
+        return "bubblewrap (bwrap) is not installed"
+    program = "import os, socket\ndef probe():\n    return [os.getuid(), len(socket.if_nameindex())]\n"
+    result = _run(bwrap, program, [f"assert probe() == [{SANDBOX_UID}, 1]"], 10.0, 256)
+    if result.passed:
+        return None
+    return f"bubblewrap cannot start a sandbox here ({result.status}: {result.detail[:300]})"
+
+
+def isolation() -> str:
+    """``ISOLATED`` when programs run under bubblewrap; ``UNISOLATED`` when the user opted out;
+    else ``SandboxUnavailable`` naming the fix. Checked once per process (a tiny probe run)."""
+    reason = _probe(shutil.which("bwrap"))
+    if reason is None:
+        return ISOLATED
+    if _unsafe_allowed:
+        global _warned
+        if not _warned:
+            log.warning("generated code runs WITHOUT OS isolation (%s=true): %s", UNSAFE_FLAG, reason)
+            _warned = True
+        return UNISOLATED
+    raise SandboxUnavailable(
+        f"generated code runs only in an OS sandbox, and {reason}. Fix: install bubblewrap "
+        "(`apt-get install bubblewrap`, or your distribution's package) on a kernel that allows user "
+        "namespaces (sysctl user.max_user_namespaces > 0, kernel.unprivileged_userns_clone=1, and on "
+        "Ubuntu 24.04+ kernel.apparmor_restrict_unprivileged_userns=0), or run the code evaluation on "
+        f"a machine or container where it does (docs/security.md). Only if executing untrusted code "
+        f"unisolated is acceptable there: {UNSAFE_FLAG}=true"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
 
 
 @dataclass(frozen=True)
@@ -183,78 +624,102 @@ class SandboxResult:
 
 
 def run_program(
-    program: str, tests: list[str], timeout_s: float = 3.0, memory_mb: int = 512
+    program: str,
+    tests: Sequence[str],
+    timeout_s: float = 3.0,
+    memory_mb: int = 512,
+    *,
+    setup: str = "",
+    entry_point: str | None = None,
 ) -> SandboxResult:
-    """Run ``program`` then each ``assert`` line of ``tests`` in a restricted child process.
+    """Run ``program`` in the sandbox, then each test (trusted code, run here) against it.
 
-    ``status`` is one of ``STATUSES``. ``timeout_s`` bounds wall-clock time (the process group is
-    killed) and, rounded up, CPU time; ``memory_mb`` bounds the child's address space.
+    ``tests`` are statements run in order in one namespace, e.g. ``assert f(3) == 11``; names they
+    take from the program call into the sandbox. ``setup`` is trusted code run here first (e.g. a
+    HumanEval prompt's helpers, so that the tests use the prompt's own ``poly``); ``entry_point``
+    is then taken from the program, not from ``setup``. ``status`` is one of ``STATUSES``:
+    ``timeout_s`` bounds the whole run (wall clock; also CPU seconds, rounded up), ``memory_mb``
+    the child's address space.
     """
     if timeout_s <= 0 or memory_mb <= 0:
         raise ValueError(f"timeout_s and memory_mb must be positive, got {timeout_s}, {memory_mb}")
-    token = f"@@sandbox-result-{secrets.token_hex(12)}@@"
-    payload = json.dumps(
-        {
-            "program": program,
-            "tests": list(tests),
-            "token": token,
-            "preloaded": PRELOADED_MODULES,
-            "lazy": LAZY_MODULES,
-            "memory_bytes": int(memory_mb) * 1024 * 1024,
-            "cpu_s": max(1, math.ceil(timeout_s)),
-            "max_output": MAX_OUTPUT_CHARS,
-        },
-        ensure_ascii=True,
-    ).encode("ascii")
+    bwrap = shutil.which("bwrap") if isolation() == ISOLATED else None
+    return _run(bwrap, program, tests, timeout_s, memory_mb, setup, entry_point)
+
+
+def _run(
+    bwrap: str | None, program: str, tests: Sequence[str], timeout_s: float, memory_mb: int,
+    setup: str = "", entry_point: str | None = None,
+) -> SandboxResult:
+    """One run: under ``bwrap``, or (``None``: the explicit opt-out) as a plain child in a temp folder."""
+    runner = f"MAX_MESSAGE = {MAX_MESSAGE_BYTES}\n{_CODEC}\n{_RUNNER}"
+    try:
+        compiled = [(src, compile(src, "<test>", "exec")) for src in ([setup] if setup else []) + list(tests)]
+    except (SyntaxError, ValueError) as error:
+        return SandboxResult(False, "error", f"a test does not compile: {type(error).__name__}: {error}")
+    deadline = time.monotonic() + timeout_s
+    if bwrap is not None:
+        read_end, write_end = os.pipe()
+        try:
+            os.write(write_end, seccomp_filter())
+        finally:
+            os.close(write_end)
+        try:
+            child = _Child(bwrap_argv(bwrap, read_end) + [runner], None, deadline, (read_end,))
+        finally:
+            os.close(read_end)
+        return _session(child, compiled, program, tests, timeout_s, memory_mb, setup, entry_point)
     workdir = tempfile.mkdtemp(prefix="arm-sandbox-")
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _RUNNER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=workdir,
-            env=_ENV,
-            start_new_session=True,
-            close_fds=True,
-        )
-        try:
-            out, err = proc.communicate(payload, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc.pid)
-            proc.communicate()
-            return SandboxResult(False, "timeout", f"killed after the wall-clock limit of {timeout_s:g} s")
-        finally:
-            _kill_group(proc.pid)
+        child = _Child([_interpreter(), "-I", "-S", "-B", "-c", runner], workdir, deadline)
+        return _session(child, compiled, program, tests, timeout_s, memory_mb, setup, entry_point)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return _parse(out, err, proc.returncode, token)
 
 
-def _kill_group(pid: int) -> None:
-    """Kill the child's whole process group (it leads its own session); gone already is fine."""
+def _session(
+    child: _Child, compiled: list[tuple[str, Any]], program: str, tests: Sequence[str], timeout_s: float,
+    memory_mb: int, setup: str, entry_point: str | None,
+) -> SandboxResult:
+    """Hand the program to the child, then run the tests here against its answers."""
     try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _parse(out: bytes, err: bytes, returncode: int, token: str) -> SandboxResult:
-    """Read the runner's result line; without one, explain from the exit status."""
-    marker = token.encode("ascii")
-    for line in reversed(out.splitlines()):
-        if line.startswith(marker):
+        child.send({"program": program, "limits": _limits(timeout_s, memory_mb)})
+        first = child.receive()
+        if "syntax_error" in first:
+            error = first["syntax_error"] if isinstance(first["syntax_error"], dict) else {}
+            return SandboxResult(False, "syntax_error", _cut(f"{error.get('raised')}: {error.get('message')}"),
+                                 child.output_text())
+        if not first.get("ready"):
+            return SandboxResult(False, "error", _cut(f"program raised {first.get('raised')}: {first.get('message')}"),
+                                 child.output_text())
+        namespace = _Namespace(child)
+        for index, (src, code) in enumerate(compiled):
             try:
-                data = json.loads(line[len(marker) :].decode("ascii"))
-                status, detail, output = str(data["status"]), str(data["detail"]), str(data["output"])
-            except (ValueError, KeyError, TypeError):
-                break
-            if status not in STATUSES:
-                break
-            return SandboxResult(status == "passed", status, detail, output)
-    if returncode in (-signal.SIGXCPU, -signal.SIGKILL):
-        return SandboxResult(False, "timeout", f"killed by signal {-returncode} (CPU limit)")
-    tail = err.decode("utf-8", "replace")[-MAX_DETAIL_CHARS:]
-    return SandboxResult(
-        False, "error", f"runner exited with status {returncode} and no result; stderr: {tail}"
-    )
+                exec(code, namespace)  # noqa: S102 - trusted test code; the program's names are proxies
+            except AssertionError:
+                return SandboxResult(False, "failed", _cut(f"failed: {src}"), child.output_text())
+            except Exception as error:  # the program's exceptions arrive as plain types or RemoteError
+                return SandboxResult(False, "error", _cut(f"{src}: {type(error).__name__}: {error}"), child.output_text())
+            if index == 0 and setup and entry_point:
+                namespace.pop(entry_point, None)  # the prompt's stub: the program's definition is tested
+        return SandboxResult(True, "passed", f"{len(tests)} tests passed", child.output_text())
+    except _Abort as abort:
+        if abort.status == "timeout" or _killed_by_limit(child):
+            return SandboxResult(False, "timeout", f"{abort.detail} of {timeout_s:g} s", child.output_text())
+        return SandboxResult(False, abort.status, _cut(abort.detail + _stderr_note(child)), child.output_text())
+    finally:
+        child.kill()
+
+
+def _killed_by_limit(child: _Child) -> bool:
+    return child.proc.poll() in (-signal.SIGXCPU, -signal.SIGKILL, 128 + signal.SIGXCPU, 128 + signal.SIGKILL)
+
+
+def _stderr_note(child: _Child) -> str:
+    text = child.output_text().strip()
+    return f"; output: {text[-300:]}" if text else ""
+
+
+def _cut(text: str) -> str:
+    return text[:MAX_DETAIL_CHARS]
+

@@ -1,24 +1,31 @@
-"""Tests of the sandbox that runs generated code: outcomes, limits, refusals and cleanup."""
+"""Tests of the sandbox that runs generated code: outcomes, limits, isolation, the parent-side verdict,
+the refusal without isolation and the explicit opt-out (hostile programs: test_sandbox_escapes.py)."""
 
 from __future__ import annotations
 
-import tempfile
+import logging
 import time
-from pathlib import Path
 
 import pytest
 
-from evals.sandbox import run_program
+from evals import sandbox
+from evals.sandbox import SandboxUnavailable, run_program
 from evals.scoring import score_code
+from tests.sandbox_setup import ensure_bwrap
 
-ROOT = Path(__file__).resolve().parents[1]
+ensure_bwrap()
+
 PROGRAM = "def f(x):\n    return x*3+2\n"
 TESTS = ["assert f(3) == 11", "assert f(0) == 2"]
 
 
+def test_bubblewrap_isolation_is_available_here() -> None:
+    """CI installs bubblewrap (Makefile `sandbox`, tests/sandbox_setup.py): the sandbox must work there."""
+    assert sandbox.isolation() == sandbox.ISOLATED
+
+
 def test_correct_code_passes() -> None:
-    result = run_program(PROGRAM, TESTS)
-    assert (result.passed, result.status) == (True, "passed")
+    assert run_program(PROGRAM, TESTS) == sandbox.SandboxResult(True, "passed", "2 tests passed", "")
 
 
 def test_wrong_code_fails_and_names_the_test() -> None:
@@ -34,6 +41,11 @@ def test_infinite_loop_times_out_quickly() -> None:
     assert time.monotonic() - start < 4
 
 
+def test_loop_inside_a_call_times_out() -> None:
+    result = run_program("def f(x):\n    while True:\n        pass\n", TESTS, timeout_s=1.0)
+    assert result.status == "timeout"
+
+
 def test_exception_is_error() -> None:
     result = run_program("def f(x):\n    return 1 // 0\n", TESTS)
     assert result.status == "error" and "ZeroDivisionError" in result.detail
@@ -43,37 +55,48 @@ def test_syntax_error() -> None:
     assert run_program("def f(x):\nreturn x\n", TESTS).status == "syntax_error"
 
 
+def test_program_output_is_kept_capped() -> None:
+    result = run_program("print('hello')\nprint('x' * 100000)\n" + PROGRAM, TESTS)
+    assert result.passed and result.output.startswith("hello\n") and len(result.output) == sandbox.MAX_OUTPUT_CHARS
+
+
 @pytest.mark.parametrize(
-    "program",
-    [
-        "print(open('/etc/passwd').read())",
-        f"data = open({str(ROOT / 'pyproject.toml')!r}).read()",
-        "try:\n    open('/etc/hostname')\nexcept Exception:\n    pass\ndef f(x):\n    return x*3+2",
-        "import os\nos.system('echo hacked')",
-        "import subprocess\nsubprocess.run(['ls'])",
-        "import socket",
-        "os = print.__self__.__import__('os')\nos.listdir('/')",
-        "open('out.txt', 'w').write('x')",
-        "import arm",
-    ],
+    ("value", "expected"),
+    [("3", "3"), ("3.0", "3"), ("True", "1"), ("(1, [2.5, 'a'], {3: None})", "(1, [2.5, 'a'], {3: None})"),
+     ("{1, 2}", "{2, 1}"), ("b'ab'", "b'ab'"), ("1+2j", "complex(1, 2)"), ("range(3)", "range(0, 3)"),
+     ("float('inf')", "float('inf')"), ("10**30", "10**30"), ("frozenset({1})", "frozenset([1])")],
 )
-def test_forbidden_operations(program: str) -> None:
-    result = run_program(program, TESTS)
-    assert (result.passed, result.status) == (False, "forbidden"), result
+def test_values_cross_with_python_equality(value: str, expected: str) -> None:
+    """The parent compares plain copies of the returned values with Python's own ``==``."""
+    assert run_program(f"def f():\n    return {value}\n", [f"assert f() == {expected}"]).passed
 
 
-def test_forbidden_file_read_scores_zero() -> None:
-    doc = {"code_prefix": "def f(x):\n", "tests": TESTS}
-    assert score_code("    open('/etc/passwd').read()\n    return x*3+2", doc) == 0.0
+@pytest.mark.parametrize(("value", "expected"), [("[1, 2]", "(1, 2)"), ("'3'", "3"), ("float('nan')", "float('nan')")])
+def test_values_that_differ_in_python_differ_here(value: str, expected: str) -> None:
+    assert run_program(f"def f():\n    return {value}\n", [f"assert f() == {expected}"]).status == "failed"
 
 
-def test_allowed_stdlib_imports() -> None:
-    program = (
-        "import math, re, itertools, functools, string\n"
-        "from collections import Counter\nfrom typing import List\nimport heapq\n"
-        "def f(x):\n    return math.floor(x * 3 + 2.5)\n"
-    )
-    assert run_program(program, TESTS).status == "passed"
+def test_arguments_keywords_helpers_and_values_of_the_program() -> None:
+    program = "import math\nSCALE = 2\ndef g(x):\n    return x + 1\ndef f(x, *, k=0, fn=None):\n    return fn(x) * SCALE + k\n"
+    tests = ["assert f(1, k=3, fn=g) == 7", "assert SCALE == 2", "assert math.isclose(g(0.5), 1.5)"]
+    assert run_program(program, tests).passed
+
+
+def test_objects_of_other_types_cannot_be_compared() -> None:
+    program = "class P:\n    pass\ndef f():\n    return P()\n"
+    result = run_program(program, ["assert f() != 1"])
+    assert result.status == "error" and "cannot be compared" in result.detail
+
+
+def test_builtins_win_over_the_programs_names() -> None:
+    program = "def abs(x):\n    return 0\ndef f(x):\n    return x\n"
+    assert run_program(program, ["assert abs(f(5) - 1) < 1e-6"]).status == "failed"
+
+
+def test_setup_runs_here_and_the_entry_point_comes_from_the_program() -> None:
+    setup = "def helper(x):\n    return x * 10\ndef f(x):\n    '''stub'''\n"
+    program = setup + "    return x + 1\ndef helper(x):\n    return 0\n"
+    assert run_program(program, ["assert helper(f(1)) == 20"], setup=setup, entry_point="f").passed
 
 
 def test_memory_bomb_is_contained() -> None:
@@ -82,13 +105,49 @@ def test_memory_bomb_is_contained() -> None:
 
 
 def test_printed_fake_result_does_not_confuse() -> None:
-    program = PROGRAM + "print('@@sandbox-result-0@@{\"status\": \"passed\"}')\nraise ValueError('boom')\n"
+    program = PROGRAM + "print('{\"ready\": true}')\nraise ValueError('boom')\n"
     result = run_program(program, TESTS)
     assert result.status == "error" and "boom" in result.detail
 
 
-def test_temp_dir_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    assert run_program(PROGRAM, TESTS).passed
-    assert run_program("while True:\n    pass\n", [], timeout_s=0.5).status == "timeout"
-    assert list(tmp_path.iterdir()) == []
+def test_the_program_runs_as_nobody_without_network_processes_or_files() -> None:
+    program = (
+        "import os, socket\n"
+        "def ids():\n    return [os.getuid(), os.getgid()]\n"
+        "def net():\n    return [name for _, name in socket.if_nameindex()]\n"
+        "def root():\n    return sorted(os.listdir('/'))\n"
+        "def env():\n    return dict(os.environ)\n"
+        "def fork():\n    try:\n        os.fork()\n    except OSError as e:\n        return e.errno\n"
+    )
+    tests = ["assert ids() == [65534, 65534]", "assert net() == ['lo']", "assert not {'etc', 'proc', 'sys', 'home', 'var', 'work', 'run'} & set(root())",
+             "assert set(env()) <= {'LC_ALL', 'PATH', 'PWD'}", "import errno\nassert fork() == errno.EPERM"]
+    result = run_program(program, tests)
+    assert result.passed, result
+
+
+def test_score_code_scores_through_the_sandbox() -> None:
+    doc = {"code_prefix": "def f(x):\n", "tests": TESTS}
+    assert score_code("    return x*3+2", doc) == 1.0
+    assert score_code("    open('/etc/passwd').read()\n    return x*3+2", doc) == 0.0  # no /etc in the sandbox
+
+
+def test_without_isolation_it_refuses_naming_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    sandbox.allow_unsafe_execution(False)
+    with pytest.raises(SandboxUnavailable, match=r"apt-get install bubblewrap.*eval\.unsafe_code_without_sandbox=true"):
+        run_program(PROGRAM, TESTS)
+
+
+def test_explicit_opt_out_runs_unisolated_with_a_warning(monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    monkeypatch.setattr(sandbox, "_warned", False)
+    sandbox.allow_unsafe_execution(True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="evals.sandbox"):
+            assert sandbox.isolation() == sandbox.UNISOLATED
+            assert run_program(PROGRAM, TESTS).passed
+            assert run_program("def f(x):\n    return 0\n", TESTS).status == "failed"
+        assert "WITHOUT OS isolation" in caplog.text
+    finally:
+        sandbox.allow_unsafe_execution(False)
