@@ -238,3 +238,68 @@ def test_paper_table_composes_every_point(compose):
     for point in itertools.product(*axes):
         cfg = compose("experiment=paper_table", *point)
         assert cfg.eval.split == "test" and cfg.logger.name == "wandb"
+
+
+# --- per-size resources: one job array per model size, each with that size's model.slurm.job ---
+
+# Two "sizes" of the tiny model with their own (small) resources: what conf/model/qwen3-*.yaml's
+# slurm.job blocks are for the real sizes, scaled to this machine (2 CPUs).
+SIZES = {"tiny_res_a": {"cpus_per_task": 1, "mem_gb": 1, "timeout_min": 7},
+         "tiny_res_b": {"cpus_per_task": 2, "mem_gb": 2, "timeout_min": 9}}
+
+
+def write_size_configs(conf: Path) -> Path:
+    """A config search path holding model/tiny_res_{a,b}.yaml: the tiny model plus a name and a slurm.job block."""
+    import yaml
+
+    (conf / "model").mkdir(parents=True)
+    scratch = REPO / "conf" / "model" / "tiny_scratch.yaml"  # the from-scratch tiny model, where `tiny` is pretrained
+    tiny = yaml.safe_load((scratch if scratch.is_file() else REPO / "conf" / "model" / "tiny.yaml").read_text())
+    for name, job in SIZES.items():
+        (conf / "model" / f"{name}.yaml").write_text(yaml.safe_dump({**tiny, "name": name.replace("_", "-"), "slurm": {"job": job}}))
+    return conf
+
+
+def sacct_rows(cluster, job_ids: list[str]) -> dict[str, dict[str, str]]:
+    fields = ["JobID", "JobName", "AllocCPUS", "ReqMem", "Timelimit", "State", "ExitCode"]
+    out = cluster.run("sacct", "-X", "-n", "-P", "-S", "2000-01-01", "-j", ",".join(job_ids), "-o", ",".join(fields))
+    rows = {}
+    for line in out.splitlines():
+        row = dict(zip(fields, line.split("|"), strict=True))
+        rows[row["JobID"]] = row
+    return rows
+
+
+@pytest.mark.slow
+def test_a_sweep_over_sizes_submits_each_size_with_its_own_resources(cluster, tmp_path):
+    conf = write_size_configs(tmp_path / "conf")
+    root = tmp_path / "outputs"
+    cmd = [sys.executable, "-m", "arm", "-m", "experiment=smoke", "hydra/launcher=slurm_local", "model=tiny_res_a,tiny_res_b",
+           "merge=none,linear", "references.early=false", "references.converged=false", "logger=none", f"paths.root={root}",
+           f"hydra.searchpath=[file://{conf}]"]
+    proc = subprocess.run(cmd, cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    cluster.wait_until_drained(timeout=120)
+
+    sweep = root / "runs" / "sweeps" / "smoke"
+    submitted = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+    arrays = sorted({n.split("_")[0] for n in submitted}, key=int)
+    assert len(submitted) == 4 and len(arrays) == 2, submitted  # one job array per size, two jobs (merge=none,linear) each
+    rows = sacct_rows(cluster, submitted)
+    print("\nsacct -X -o JobID,JobName,AllocCPUS,ReqMem,Timelimit,State,ExitCode:")
+    for row in rows.values():
+        print("  " + "|".join(row.values()))
+    assert sorted(rows) == submitted
+    for name, job in SIZES.items():
+        tasks = [row for row in rows.values() if row["JobName"] == f"arm-{name.replace('_', '-')}"]
+        assert len(tasks) == 2 and len({t["JobID"].split("_")[0] for t in tasks}) == 1, tasks  # the same array
+        for row in tasks:
+            assert row["State"] == "COMPLETED" and row["ExitCode"] == "0:0", row
+            assert int(row["AllocCPUS"]) == job["cpus_per_task"], row
+            assert row["ReqMem"] in (f"{job['mem_gb']}G", f"{job['mem_gb'] * 1024}M"), row
+            assert row["Timelimit"] == f"00:{job['timeout_min']:02d}:00", row
+    # Each job ran its own size and wrote its results.
+    for job_dir in (p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()):
+        result = load_result(job_dir / "results" / "base" / "results.json")
+        assert (job_dir / "results" / "linear" / "results.json").is_file() is job_dir.name.endswith("-linear")
+        assert result["model"] in {n.replace("_", "-") for n in SIZES} and job_dir.name.split("-", 1)[1].startswith(result["model"])
