@@ -143,6 +143,17 @@ def load_sft_records(domain_cfg: Mapping[str, Any], max_examples: int | None = N
     return format_rows(load_raw_rows(domain_cfg.get("sft_data") or {}, max_examples, seed), domain_cfg)
 
 
+def calibration_folder(domain_cfg: Mapping[str, Any], cache_dir: Path, n_records: int, seed: int = 0) -> tuple[str, Path]:
+    """Content key and cache folder of a real domain's calibration records (complete: train.jsonl)."""
+    from arm.cache import content_key
+    from arm.trajectory import PACKAGE_DIR, source_digest
+
+    source = (domain_cfg.get("calibration") or {}).get("source") or "sft_data"
+    data = {k: domain_cfg.get(k) for k in ("sft_data", "prompt_template", "response_template")}
+    key = content_key("calibration", source, data, int(n_records), int(seed), source_digest(PACKAGE_DIR / "formatting.py"))
+    return key, Path(cache_dir) / "data" / f"{domain_cfg['name']}-calibration-{key}"
+
+
 def ensure_calibration_data(domain_cfg: Mapping[str, Any], cache_dir: Path, n_records: int, seed: int = 0):
     """ARM's calibration records for a real domain, written once as `train.jsonl` in the data cache.
 
@@ -150,13 +161,11 @@ def ensure_calibration_data(domain_cfg: Mapping[str, Any], cache_dir: Path, n_re
     formatted like the SFT records) or a path to a JSONL of {prompt, response} records.
     Returns an `arm.trajectory.DomainData` whose `split("train")` is what the merge reads.
     """
-    from arm.cache import atomic_write_json, build_once, content_key
-    from arm.trajectory import PACKAGE_DIR, DomainData, source_digest
+    from arm.cache import atomic_write_json, build_once
+    from arm.trajectory import DomainData
 
     source = (domain_cfg.get("calibration") or {}).get("source") or "sft_data"
-    data = {k: domain_cfg.get(k) for k in ("sft_data", "prompt_template", "response_template")}
-    key = content_key("calibration", source, data, int(n_records), int(seed), source_digest(PACKAGE_DIR / "formatting.py"))
-    folder = Path(cache_dir) / "data" / f"{domain_cfg['name']}-calibration-{key}"
+    key, folder = calibration_folder(domain_cfg, cache_dir, n_records, seed)
 
     def build(tmp: Path) -> None:
         if source == "sft_data":

@@ -104,6 +104,12 @@ def eval_key(model: ModelRef, cfg: Mapping[str, Any], data: DomainData | None) -
     )
 
 
+def eval_folder(model: ModelRef, cfg: Mapping[str, Any], data: DomainData | None, paths: Paths) -> Path:
+    """Where the evaluation of `model` under this job's settings is cached (complete: results.json)."""
+    key = eval_key(model, cfg, data)
+    return paths.cache / "evals" / f"{cfg['model']['name']}-{cfg['domain']['name']}-{model.name}-{key}"
+
+
 def evaluate_cached(
     model: ModelRef,
     *,
@@ -119,8 +125,8 @@ def evaluate_cached(
     from evals import runner
     from evals.results import RESULTS_NAME, build_result, load_result, write_result
 
-    key = eval_key(model, cfg, data)
-    folder = paths.cache / "evals" / f"{cfg['model']['name']}-{cfg['domain']['name']}-{model.name}-{key}"
+    folder = eval_folder(model, cfg, data, paths)
+    key = folder.name.rsplit("-", 1)[1]
     specs = runner.task_specs(cfg["domain"])
     split = cfg["eval"].get("split", "test")
     unsafe = bool(cfg["domain"].get("unsafe_code", False))
@@ -144,6 +150,28 @@ def evaluate_cached(
     return load_result(folder / RESULTS_NAME), folder
 
 
+def merge_folder(trajectory: Trajectory, cfg: Mapping[str, Any], paths: Paths,
+                 data: DomainData | None = None) -> tuple[str, Path]:
+    """The merge's content key and cache folder (complete: merge_summary.json): the method's identity,
+    the inputs' keys, the calibration data's key when the method's weights depend on it, and the code
+    of whole-model methods."""
+    from arm.merge_engine import merge_identity, split_config
+    from baselines import get_method
+
+    merge_cfg = to_plain(cfg["merge"])
+    name, params, _ = split_config(merge_cfg)
+    uses_calibration = getattr(get_method(name), "uses_calibration", None)
+    calibration_key = data.key if (data is not None and uses_calibration is not None and uses_calibration(params)) else None
+    key_parts: list[Any] = [merge_identity(merge_cfg), trajectory.base.key, [r.key for r in trajectory.early]]
+    if calibration_key is not None:
+        key_parts.append({"calibration": calibration_key})
+    code_files = getattr(get_method(name), "code_files", None)
+    if code_files is not None:  # whole-model methods: their code is part of the merged weights' identity
+        key_parts.append({"code": source_digest(*code_files())})
+    key = content_key("merge", *key_parts)
+    return key, paths.cache / "merged" / f"{cfg['model']['name']}-{cfg['domain']['name']}-{merge_cfg['name']}-{key}"
+
+
 def merge_cached(
     trajectory: Trajectory,
     cfg: Mapping[str, Any],
@@ -158,22 +186,11 @@ def merge_cached(
     converged SFT checkpoint (diagnostics only: not part of the key), log = the tracker's metrics.
     The calibration data's key joins the merge key when the method's weights depend on it.
     """
-    from arm.merge_engine import MergeContext, merge_from_config, merge_identity, split_config
-    from baselines import get_method
+    from arm.merge_engine import MergeContext, merge_from_config
 
     merge_cfg = to_plain(cfg["merge"])
     method = merge_cfg["name"]
-    name, params, _ = split_config(merge_cfg)
-    uses_calibration = getattr(get_method(name), "uses_calibration", None)
-    calibration_key = data.key if (data is not None and uses_calibration is not None and uses_calibration(params)) else None
-    key_parts: list[Any] = [merge_identity(merge_cfg), trajectory.base.key, [r.key for r in trajectory.early]]
-    if calibration_key is not None:
-        key_parts.append({"calibration": calibration_key})
-    code_files = getattr(get_method(name), "code_files", None)
-    if code_files is not None:  # whole-model methods: their code is part of the merged weights' identity
-        key_parts.append({"code": source_digest(*code_files())})
-    key = content_key("merge", *key_parts)
-    folder = paths.cache / "merged" / f"{cfg['model']['name']}-{cfg['domain']['name']}-{method}-{key}"
+    key, folder = merge_folder(trajectory, cfg, paths, data)
     summary_file = folder / "merge_summary.json"
     if not summary_file.is_file():
         from arm.cache import atomic_write_json, file_lock
@@ -219,6 +236,11 @@ def plot_job(trajectory: Trajectory, results: list[dict[str, Any]], cfg: Mapping
     return out
 
 
+def calibration_size(cfg: Mapping[str, Any]) -> int:
+    """Records of a real domain's calibration set: 4 × merge.calibration.n_sequences (ARM samples from them)."""
+    return int((cfg["merge"].get("calibration") or {}).get("n_sequences") or 128) * 4
+
+
 def _takes_calibration(method: str) -> bool:
     from baselines import get_method
 
@@ -233,6 +255,13 @@ def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, An
     from evals.table import build_table, to_markdown
 
     validate(cfg)
+    if cfg.get("plan"):  # print every stage, cached or not, with its GPUs and memory; run nothing (arm/plan.py)
+        from arm.plan import run_plan
+
+        return run_plan(cfg)
+    from arm.plan import check_devices
+
+    check_devices(cfg)  # a stage that cannot fit the visible GPUs stops the job here, before loading anything
     paths = Paths.from_cfg(cfg, run_dir)
     paths.run_dir.mkdir(parents=True, exist_ok=True)
     config = to_plain(cfg)
@@ -251,8 +280,7 @@ def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, An
             if calibration is None and cfg["domain"].get("sft_data") and _takes_calibration(cfg["merge"]["name"]):
                 from arm.formatting import ensure_calibration_data  # real domains: a sample of the SFT data
 
-                n = int((cfg["merge"].get("calibration") or {}).get("n_sequences") or 128) * 4
-                calibration = ensure_calibration_data(cfg["domain"], paths.cache, n, seed=int(cfg.get("seed", 0)))
+                calibration = ensure_calibration_data(cfg["domain"], paths.cache, calibration_size(cfg), seed=int(cfg.get("seed", 0)))
             merged, summary = merge_cached(trajectory, cfg, paths, calibration, tracker)
             todo.append((merged, {"role": "merge", "method": merged.name, "params": summary.get("params"),
                                   "merge_wall_s": summary.get("wall_s")}))
