@@ -8,7 +8,7 @@ TESTS ?= tests
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-compat bench headline lint install clean-cache
+.PHONY: run test test-compat bench headline lint install clean-cache sandbox
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,13 +19,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Generated code (code_synth, HumanEval, MBPP) runs only inside bubblewrap (docs/security.md): install it
+# where it is missing and we may (root with apt-get, as on a fresh CI machine); otherwise say how.
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; } || \
+		echo "warning: bubblewrap (bwrap) is missing: install it (apt-get install bubblewrap); code evaluation refuses to run without it"
+
 # The main job on the embedded default: tiny Qwen3 trained here on math_synth and code_synth,
 # references (base, early SFT, converged SFT) evaluated with lm-eval, ARM and every baseline merged
 # from the same early checkpoints with their config defaults (conf/merge/*.yaml), then the table.
 RUN_DIR := outputs/runs/make-run
 RUN_METHODS ?= none,arm,linear,task_arithmetic,ties,expo,dare
 
-run: $(STAMP)
+run: $(STAMP) sandbox
 	rm -rf $(RUN_DIR)
 	$(BIN)/arm -m domain=math_synth,code_synth merge=$(RUN_METHODS) hydra.sweep.dir=$(RUN_DIR)
 	$(BIN)/arm-table $(RUN_DIR) --out $(RUN_DIR)/table.md
@@ -37,7 +44,7 @@ run: $(STAMP)
 	@echo "W&B runs (offline):       $(RUN_DIR)/*/wandb  (upload: .venv/bin/wandb sync <run folder>)"
 	@echo "trajectories and cache:   outputs/cache"
 
-test: $(STAMP)
+test: $(STAMP) sandbox
 	$(BIN)/python -m pytest -q $(TESTS)
 
 # GPU machines get another transformers: the vllm extra (0.32.x) needs transformers>=5.16.1,<5.20,

@@ -81,8 +81,8 @@ def test_cfg_job_prints_a_complete_resolved_config():
     assert "???" not in proc.stdout
     cfg = OmegaConf.create(proc.stdout)
     assert cfg.model.name == "qwen3-14b" and cfg.model.hub_id == "Qwen/Qwen3-14B-Base"
-    assert cfg.domain.name == "code" and cfg.domain.unsafe_code is True
-    assert [t.name for t in cfg.domain.tasks] == ["humaneval", "mbpp"]
+    assert cfg.domain.name == "code" and cfg.domain.unsafe_code is False  # scored in the project's sandbox
+    assert [t.name for t in cfg.domain.tasks] == ["humaneval_sandboxed", "mbpp_sandboxed"]
     assert cfg.merge.name == "arm" and cfg.merge.rotation and cfg.merge.calibration.n_sequences
     assert cfg.eval.backend and cfg.logger.name and cfg.paths.cache and "trajectory" in cfg
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -96,8 +96,9 @@ def test_real_domains_name_lm_eval_tasks_and_metrics(compose):
     code = task_specs(code_cfg)
     assert [(s.name, s.key, s.num_fewshot) for s in math] == [
         ("gsm8k_cot_zeroshot", "exact_match,flexible-extract", 0), ("minerva_math500", "exact_match,none", 4)]
-    assert [(s.name, s.key, s.num_fewshot) for s in code] == [("humaneval", "pass@1,create_test", 0), ("mbpp", "pass_at_1,none", 3)]
-    assert code_cfg.unsafe_code is True and not compose("domain=math").domain.get("unsafe_code", False)
+    assert [(s.name, s.key, s.num_fewshot) for s in code] == [("humaneval_sandboxed", "pass@1,none", 0),
+                                                                ("mbpp_sandboxed", "pass_at_1,none", 3)]
+    assert code_cfg.unsafe_code is False and not compose("domain=math").domain.get("unsafe_code", False)
     for domain in REAL_DOMAINS:
         gen = compose(f"domain={domain}").domain.generation
         assert gen.gen_kwargs.temperature == 0.0 and gen.gen_kwargs.max_gen_toks > 0 and gen.apply_chat_template is False
