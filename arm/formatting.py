@@ -13,6 +13,13 @@ shape as the synthetic domains). The templates are in conf/domain/{math,code}.ya
 | `magicoder_oss` | ise-uiuc/Magicoder-OSS-Instruct-75K | problem, solution, lang, ... |
 | `evol_instruct_code` | nickrosh/Evol-Instruct-Code-80k-v1 | instruction, output |
 | `prompt_response` | any local JSONL already formatted | prompt, response |
+
+Fields a template may use: `{question}`, `{solution}` (the row's answer as it is), and for the code
+schemas `{code}` (the Python program of the answer: its first ```python block, or the whole answer when
+it is a program; rows without one are skipped) and `{docstring}` (the question, safe inside a
+triple-quoted docstring). The code domain trains completion-style on them (conf/domain/code.yaml,
+docs/reproduce.md "Formats"): a docstring stating the task, then the program, as HumanEval and MBPP are
+prompted (plain code after a prompt, no markdown, no chat template).
 """
 
 from __future__ import annotations
@@ -52,22 +59,58 @@ def format_metamathqa(row: Row) -> dict[str, str]:
     return {"question": query.strip(), "solution": response.strip()}
 
 
-def format_magicoder_evol(row: Row) -> dict[str, str]:
+FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)```", re.DOTALL)
+PYTHON_FENCES = ("python", "py", "python3")
+
+
+def _parses(code: str) -> bool:
+    import ast
+
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+def python_code(answer: str) -> str | None:
+    """The Python program of a code answer: the first ```python (py, python3) block, else the first
+    unlabelled block that parses as Python, else the whole answer when it parses (answers given as bare
+    code). None: no Python program in it (another language, prose only)."""
+    blocks = FENCE_RE.findall(answer)
+    for lang, body in blocks:
+        if lang.lower() in PYTHON_FENCES and body.strip():
+            return body.strip("\n").rstrip()
+    for lang, body in blocks:
+        if not lang and body.strip() and _parses(body):
+            return body.strip("\n").rstrip()
+    if not blocks and answer.strip() and _parses(answer):
+        return answer.strip("\n").rstrip()
+    return None
+
+
+def _code_fields(question: str, answer: str) -> dict[str, Any]:
+    question, answer = question.strip(), answer.strip()
+    return {"question": question, "solution": answer, "code": python_code(answer),
+            "docstring": question.replace('"""', '\\"\\"\\"')}
+
+
+def format_magicoder_evol(row: Row) -> dict[str, Any]:
     question, solution = _need(row, "instruction", "response", schema="magicoder_evol")
-    return {"question": question.strip(), "solution": solution.strip()}
+    return _code_fields(question, solution)
 
 
-def format_magicoder_oss(row: Row) -> dict[str, str]:
+def format_magicoder_oss(row: Row) -> dict[str, Any]:
     question, solution = _need(row, "problem", "solution", schema="magicoder_oss")
-    return {"question": question.strip(), "solution": solution.strip()}
+    return _code_fields(question, solution)
 
 
-def format_evol_instruct_code(row: Row) -> dict[str, str]:
+def format_evol_instruct_code(row: Row) -> dict[str, Any]:
     question, solution = _need(row, "instruction", "output", schema="evol_instruct_code")
-    return {"question": question.strip(), "solution": solution.strip()}
+    return _code_fields(question, solution)
 
 
-FORMATTERS: dict[str, Callable[[Row], dict[str, str]]] = {
+FORMATTERS: dict[str, Callable[[Row], dict[str, Any]]] = {
     "gsm8k": format_gsm8k,
     "metamathqa": format_metamathqa,
     "magicoder_evol": format_magicoder_evol,
@@ -76,25 +119,40 @@ FORMATTERS: dict[str, Callable[[Row], dict[str, str]]] = {
 }
 
 
-def format_record(row: Row, fmt: str, prompt_template: str, response_template: str) -> dict[str, str]:
-    """One raw row -> {"prompt", "response"} (the SFT and calibration record)."""
+def format_record(row: Row, fmt: str, prompt_template: str, response_template: str) -> dict[str, str] | None:
+    """One raw row -> {"prompt", "response"} (the SFT and calibration record); None when the templates
+    use a field the row does not have (`{code}` of an answer without a Python program)."""
     if fmt == "prompt_response":
         prompt, response = _need(row, "prompt", "response", schema="prompt_response")
         return {"prompt": prompt, "response": response}
     if fmt not in FORMATTERS:
         raise ConfigError("domain.sft_data.format", f"unknown format '{fmt}' (known: {', '.join([*FORMATTERS, 'prompt_response'])})")
     fields = FORMATTERS[fmt](row)
-    return {"prompt": prompt_template.format(**fields), "response": response_template.format(**fields)}
+    try:
+        prompt, response = prompt_template.format(**fields), response_template.format(**fields)
+    except KeyError as exc:
+        raise ConfigError("domain.prompt_template", f"field {exc} is not one of the '{fmt}' format's: {sorted(fields)}") from None
+    if "{code}" in prompt_template + response_template and fields.get("code") is None:
+        return None
+    return {"prompt": prompt, "response": response}
 
 
 def format_rows(rows: Iterable[Row], domain_cfg: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The SFT records of `rows`; rows the templates cannot use (a code answer without Python) are skipped."""
+    import logging
+
     data = domain_cfg.get("sft_data") or {}
     fmt = data.get("format")
     if not fmt:
         raise ConfigError("domain.sft_data.format", "missing")
     prompt_t = domain_cfg.get("prompt_template") or "{question}"
     response_t = domain_cfg.get("response_template") or "{solution}"
-    return [format_record(row, fmt, prompt_t, response_t) for row in rows]
+    rows = list(rows)
+    records = [r for r in (format_record(row, fmt, prompt_t, response_t) for row in rows) if r is not None]
+    if len(records) < len(rows):
+        logging.getLogger(__name__).info("%s: %d of %d rows have no Python program in the answer; skipped",
+                                         fmt, len(rows) - len(records), len(rows))
+    return records
 
 
 # --------------------------------------------------------------------------- loading

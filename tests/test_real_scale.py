@@ -193,6 +193,8 @@ def test_code_rows_format_exactly(compose, fmt, question, solution):
     from arm.formatting import format_rows
 
     domain = OmegaConf.to_container(compose("domain=code", f"domain.sft_data.format={fmt}").domain)
+    # The instruction templates (the domain trains completion-style: tests/test_formats.py).
+    domain = {**domain, "prompt_template": "### Instruction:\n{question}\n\n### Response:\n", "response_template": "{solution}"}
     records = format_rows(_rows(fmt), domain)
     assert records[-1] == {"prompt": f"### Instruction:\n{question}\n\n### Response:\n", "response": solution}
 
