@@ -268,7 +268,8 @@ def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, An
     tracker = start_tracker(cfg, paths.run_dir, config)
     results: list[dict[str, Any]] = []
     try:
-        data = ensure_data(cfg["domain"], paths.cache) if cfg["domain"].get("synthetic") else None
+        data = (ensure_data(cfg["domain"], paths.cache, cfg["model"].get("prompt_format") or "plain")
+                if cfg["domain"].get("synthetic") else None)
         trajectory = ensure_trajectory(cfg, data, paths.cache)
         ref_cfg = cfg.get("references") or {}
         todo: list[tuple[ModelRef, dict[str, Any]]] = [

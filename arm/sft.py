@@ -44,6 +44,7 @@ DEFAULT_SFT: dict[str, Any] = {
     "eval_every": 50,  # validation loss every N steps (and at every save step)
     "eval_batch_size": 128,
     "max_val_examples": None,  # cap on validation examples used for the loss (None: all)
+    "max_train_examples": None,  # SFT on the first N records of the training split only (None: all)
     "group_by_length": True,  # batches of similar length (less padding), order still seeded
     "num_threads": None,  # torch.set_num_threads (None: leave torch's default)
 }
@@ -65,6 +66,11 @@ def resolve_sft_config(sft_cfg: Mapping[str, Any] | None, n_train: int) -> dict[
     cfg.update(given)
     if n_train <= 0:
         raise ValueError("sft: the training split is empty")
+    if cfg["max_train_examples"] is not None:
+        cap = cfg["max_train_examples"]
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0:
+            raise ValueError(f"sft.max_train_examples must be a positive integer or null, got {cap!r}")
+        n_train = min(n_train, cap)
     for key in ("batch_size", "eval_every", "eval_batch_size"):
         if not isinstance(cfg[key], int) or cfg[key] <= 0:
             raise ValueError(f"sft.{key} must be a positive integer, got {cfg[key]!r}")
@@ -255,11 +261,14 @@ def train_trajectory(
     out_dir: Path,
     seed: int,
     log_fn: Callable[[dict], None] | None = None,
+    init_from: Path | None = None,
 ) -> dict:
     """Train the tiny model from its base to the end of the SFT schedule; write the trajectory.
 
-    model_cfg: the model config (`name`, `arch`). sft_cfg: the `sft:` keys (see DEFAULT_SFT).
+    model_cfg: the model config (`name`, `arch`, `tokenizer`). sft_cfg: the `sft:` keys (see DEFAULT_SFT).
     splits: {"train", "validation"} lists of records with "prompt" and "response".
+    init_from: a model folder (the pretrained base) to start from, with its tokenizer; None: a freshly
+    initialised model (seeded by `seed`) with the tokenizer named by `model_cfg["tokenizer"]`.
     Returns the manifest (also written to out_dir/manifest.json).
     """
     for split in ("train", "validation"):
@@ -269,7 +278,7 @@ def train_trajectory(
         for i, rec in enumerate(splits[split]):
             if "prompt" not in rec or "response" not in rec:
                 raise ValueError(f"splits[{split!r}][{i}] lacks 'prompt' or 'response'")
-    if "arch" not in model_cfg:
+    if "arch" not in model_cfg and init_from is None:
         raise ValueError("model config has no `arch:` block")
     cfg = resolve_sft_config(sft_cfg, len(splits["train"]))
 
@@ -279,23 +288,42 @@ def train_trajectory(
     if cfg["num_threads"]:
         torch.set_num_threads(int(cfg["num_threads"]))
     try:
-        return _train(model_cfg, cfg, splits, Path(out_dir), int(seed), log_fn)
+        return _train(model_cfg, cfg, splits, Path(out_dir), int(seed), log_fn, init_from)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _train(model_cfg, cfg, splits, out_dir: Path, seed: int, log_fn) -> dict:
+def load_model(path: Path):
+    """(model, tokenizer) of a saved tiny model folder, float32, greedy generation defaults, eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from arm.tiny import greedy_generation_config
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.generation_config = greedy_generation_config(tokenizer)
+    model.eval()
+    return model, tokenizer
+
+
+def _train(model_cfg, cfg, splits, out_dir: Path, seed: int, log_fn, init_from: Path | None = None) -> dict:
     import torch
 
-    from arm.tiny import build_char_tokenizer, build_model
+    from arm.tiny import build_model, build_tokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = build_char_tokenizer()
-    model = build_model(model_cfg["arch"], tokenizer, seed)
+    if init_from is not None:
+        model, tokenizer = load_model(Path(init_from))
+        torch.manual_seed(int(seed))
+    else:
+        tokenizer = build_tokenizer(model_cfg.get("tokenizer") or "char")
+        model = build_model(model_cfg["arch"], tokenizer, seed)
     max_len = int(model.config.max_position_embeddings)
-    train_enc = [encode_example(tokenizer, r) for r in splits["train"]]
+    train_records = list(splits["train"])[: cfg["max_train_examples"] or None]
+    train_enc = [encode_example(tokenizer, r) for r in train_records]
     val_enc = [encode_example(tokenizer, r) for r in splits["validation"]]
     if cfg["max_val_examples"]:
         val_enc = val_enc[: int(cfg["max_val_examples"])]
@@ -413,6 +441,7 @@ def _train(model_cfg, cfg, splits, out_dir: Path, seed: int, log_fn) -> dict:
         "format": 1,
         "model": model_cfg.get("name", "tiny"),
         "base": "base",
+        "init_from": str(init_from) if init_from is not None else None,
         "checkpoints": checkpoints,
         "converged_step": total,
         "early_steps": list(cfg["early_steps"]),
@@ -443,10 +472,12 @@ def _load_conf(path: Path) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m arm.sft --domain math_synth --out DIR`: train the default tiny trajectory of a domain
-    from conf/model/<model>.yaml (arch, sft) and conf/domain/<domain>.yaml (data, sft), as the pipeline does."""
+    from conf/model/<model>.yaml (arch or pretrained base, prompt format, sft) and conf/domain/<domain>.yaml
+    (data, sft), as the pipeline does."""
     import argparse
 
     from arm.domains import generate_splits
+    from arm.domains.formats import apply_format
 
     root = Path(__file__).resolve().parents[1] / "conf"
     parser = argparse.ArgumentParser(prog="python -m arm.sft", description=main.__doc__.split("\n")[0])
@@ -455,24 +486,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="trajectory folder to write (must not exist)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: sft.num_threads)")
+    parser.add_argument("--cache", type=Path, default=Path("outputs/cache"), help="where a pretrained base is cached")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override an sft key, e.g. --set lr=3e-4 --set max_train_examples=400")
     args = parser.parse_args(argv)
     try:
+        import yaml
+
         model_cfg = _load_conf(root / "model" / f"{args.model}.yaml")
         domain_cfg = _load_conf(root / "domain" / f"{args.domain}.yaml")
         sft = {**(model_cfg.pop("sft", None) or {}), **(domain_cfg.get("sft") or {})}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            sft[key] = yaml.safe_load(value)
         if args.threads:
             sft["num_threads"] = args.threads
         data = dict(domain_cfg.get("data") or {})
         data_seed = int(data.pop("seed", 0))
         if args.out.exists():
             raise ValueError(f"{args.out} exists; pass a new folder")
-        splits = generate_splits(domain_cfg.get("generator", args.domain), data, data_seed)
+        generator = domain_cfg.get("generator", args.domain)
+        splits = generate_splits(generator, data, data_seed)
+        fmt = model_cfg.get("prompt_format") or "plain"
+        splits = {name: apply_format(generator, records, fmt) for name, records in splits.items()}
+        init_from = None
+        if model_cfg.get("pretrain") is not None:
+            from arm.pretrain import ensure_base
+
+            init_from, _ = ensure_base(model_cfg, args.cache)
 
         def log(entry: dict) -> None:
             print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()), flush=True)
 
-        manifest = train_trajectory(model_cfg, sft, splits, args.out, seed=args.seed, log_fn=log)
-    except ValueError as error:
+        manifest = train_trajectory(model_cfg, sft, splits, args.out, seed=args.seed, log_fn=log, init_from=init_from)
+    except Exception as error:  # noqa: BLE001 - ValueError and the pipeline's ConfigError
+        from arm.errors import ArmError
+
+        if not isinstance(error, (ValueError, ArmError)):
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(

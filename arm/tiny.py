@@ -15,6 +15,12 @@ PAD_TOKEN = "<pad>"
 EOS_TOKEN = "<|endoftext|>"
 UNK_TOKEN = "<unk>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)
+# The chat template of the pretrained-base miniature (conf/model/tiny.yaml, `tokenizer: char_chat`): two
+# role tokens that pretraining never sees, so SFT has a format of its own to teach.
+USER_TOKEN = "<|user|>"
+ASSISTANT_TOKEN = "<|assistant|>"
+CHAT_TOKENS = (USER_TOKEN, ASSISTANT_TOKEN)
+TOKENIZERS = ("char", "char_chat")
 
 # Keys of the `arch:` block that map one-to-one onto Qwen3Config arguments.
 ARCH_KEYS = (
@@ -42,16 +48,25 @@ REQUIRED_ARCH_KEYS = (
 )
 
 
-def build_char_tokenizer():
+def build_tokenizer(kind: str = "char"):
+    """The tokenizer named by a model config's `tokenizer:` key (`char` or `char_chat`)."""
+    if kind not in TOKENIZERS:
+        raise ValueError(f"model.tokenizer: unknown tokenizer {kind!r}; known: {', '.join(TOKENIZERS)}")
+    return build_char_tokenizer(chat=kind == "char_chat")
+
+
+def build_char_tokenizer(chat: bool = False):
     """A character-level `PreTrainedTokenizerFast`: pad/eos/unk specials, then `string.printable`.
 
-    No BOS is added; padding is on the left (for batched generation).
+    With `chat`, the role tokens `<|user|>` and `<|assistant|>` follow (ids 103, 104), as special tokens
+    that are matched before the text is split into characters. No BOS is added; padding is on the left
+    (for batched generation).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
-    for token in (*SPECIAL_TOKENS, *string.printable):
+    for token in (*SPECIAL_TOKENS, *string.printable, *(CHAT_TOKENS if chat else ())):
         vocab.setdefault(token, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
@@ -64,6 +79,7 @@ def build_char_tokenizer():
         padding_side="left",
         clean_up_tokenization_spaces=False,
         model_max_length=1_000_000,
+        **({"additional_special_tokens": list(CHAT_TOKENS)} if chat else {}),
     )
     return tokenizer
 

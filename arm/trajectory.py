@@ -88,30 +88,48 @@ def data_params(domain_cfg: Mapping) -> tuple[dict, int]:
     return params, seed
 
 
-def ensure_data(domain_cfg: Mapping, cache_dir: Path) -> DomainData:
-    """Generate the synthetic domain's splits once per (generator code, knobs, seed)."""
+def data_key(domain_cfg: Mapping, prompt_format: str = "plain") -> str:
+    """The content key of a synthetic domain's splits: generator code, knobs, seed and prompt format."""
     from arm import domains
+    from arm.domains import formats
 
     generator = domain_cfg.get("generator")
     try:
         module = domains.get_generator(generator)
     except ValueError as exc:
         raise ConfigError("domain.generator", str(exc)) from exc
+    if prompt_format not in formats.FORMATS:
+        raise ConfigError("model.prompt_format", f"'{prompt_format}' is not one of: {', '.join(formats.FORMATS)}")
     params, seed = data_params(domain_cfg)
-    key = content_key("data", generator, params, seed, source_digest(Path(module.__file__), PACKAGE_DIR / "domains" / "__init__.py"))
-    folder = Path(cache_dir) / "data" / f"{domain_cfg['name']}-{key}"
+    parts: list[Any] = ["data", generator, params, seed, source_digest(Path(module.__file__), PACKAGE_DIR / "domains" / "__init__.py")]
+    if prompt_format != "plain":  # plain keeps the keys it always had
+        parts.append({"format": prompt_format, "code": source_digest(PACKAGE_DIR / "domains" / "formats.py")})
+    return content_key(*parts)
+
+
+def ensure_data(domain_cfg: Mapping, cache_dir: Path, prompt_format: str = "plain") -> DomainData:
+    """Generate the synthetic domain's splits once per (generator code, knobs, seed, prompt format)."""
+    from arm import domains
+    from arm.domains import formats
+
+    generator = domain_cfg.get("generator")
+    key = data_key(domain_cfg, prompt_format)
+    params, seed = data_params(domain_cfg)
+    suffix = "" if prompt_format == "plain" else f"-{prompt_format}"
+    folder = Path(cache_dir) / "data" / f"{domain_cfg['name']}{suffix}-{key}"
 
     def build(tmp: Path) -> None:
         try:
             splits = domains.generate_splits(generator, params, seed)
+            splits = {name: formats.apply_format(generator, records, prompt_format) for name, records in splits.items()}
         except ValueError as exc:
             raise ConfigError("domain.data", str(exc)) from exc
         domains.write_splits(splits, tmp)
-        atomic_write_json(tmp / "data.json", {"generator": generator, "params": params, "seed": seed,
+        atomic_write_json(tmp / "data.json", {"generator": generator, "params": params, "seed": seed, "format": prompt_format,
                                                "sizes": {k: len(v) for k, v in splits.items()}})
 
     if build_once(folder, build):
-        log.info("generated %s data in %s", domain_cfg["name"], folder)
+        log.info("generated %s data (%s prompts) in %s", domain_cfg["name"], prompt_format, folder)
     return DomainData(domain_cfg["name"], folder, key)
 
 
@@ -215,13 +233,47 @@ def sft_config(cfg: Mapping) -> dict:
     return to_plain(OmegaConf.merge(OmegaConf.create(to_plain(model_sft)), OmegaConf.create(to_plain(domain_sft))))
 
 
+def pretrained_base(cfg: Mapping, cache_dir: Path | None) -> tuple[Path | None, str | None]:
+    """(folder, recipe key) of the model's pretrained base (model.pretrain), or (None, None) for a model
+    that SFT trains from a random initialisation. With cache_dir None only the key is computed."""
+    from arm import pretrain
+
+    model_cfg = to_plain(cfg["model"])
+    rec = pretrain.recipe(model_cfg)
+    if rec is None:
+        return None, None
+    domain = cfg["domain"]
+    generator = domain.get("generator")
+    held = pretrain.held_out_data(rec["held_out"])
+    if generator in held:
+        given = dict(to_plain(domain.get("data") or {}))
+        if given != held[generator]:
+            from arm.domains import corpus
+
+            excluded = corpus.held_out_keys({generator: held[generator]})
+            current = corpus.held_out_keys({generator: given})
+            kind = "math" if generator == "math_synth" else "code"
+            outside = len(current[kind] - excluded[kind])
+            if outside:
+                log.warning("domain.data differs from the data block the pretrained base's corpus was built against "
+                            "(conf/domain/%s.yaml): %d of %d validation/test problems were not excluded from the corpus "
+                            "and may have been seen in pretraining", domain["name"], outside, len(current[kind]))
+    if cache_dir is None:
+        return None, pretrain.recipe_key(model_cfg, rec)
+    return pretrain.ensure_base(model_cfg, cache_dir)
+
+
 def trajectory_key(cfg: Mapping, data: DomainData) -> str:
     sft = sft_config(cfg)
     sft.pop("early_steps", None)  # which checkpoints feed the merge does not change the training run
     model = to_plain(cfg["model"])
     model.pop("sft", None)
     code = source_digest(PACKAGE_DIR / "sft.py", PACKAGE_DIR / "tiny.py")
-    return content_key("trajectory", model, sft, data.key, int(cfg.get("seed", 0)), code)
+    _, base_key = pretrained_base(cfg, None)
+    parts: list[Any] = ["trajectory", model, sft, data.key, int(cfg.get("seed", 0)), code]
+    if base_key is not None:  # a from-scratch model keeps the keys it always had
+        parts.append({"base": base_key})
+    return content_key(*parts)
 
 
 def ensure_trajectory(cfg: Mapping, data: DomainData | None, cache_dir: Path) -> Trajectory:
@@ -255,12 +307,14 @@ def ensure_trajectory(cfg: Mapping, data: DomainData | None, cache_dir: Path) ->
     except ValueError as exc:
         raise ConfigError("model.sft", str(exc)) from exc
 
+    base_path, base_key = pretrained_base(cfg, cache_dir)
+
     def build(tmp: Path) -> None:
         from arm.sft import train_trajectory
 
         log.info("training the %s trajectory on %s (%d examples) into %s", cfg["model"]["name"], data.name, len(splits["train"]), folder)
-        manifest = train_trajectory(to_plain(cfg["model"]), sft, splits, tmp, seed=int(cfg.get("seed", 0)))
-        manifest.update({"domain": data.name, "data_key": data.key, "key": key})
+        manifest = train_trajectory(to_plain(cfg["model"]), sft, splits, tmp, seed=int(cfg.get("seed", 0)), init_from=base_path)
+        manifest.update({"domain": data.name, "data_key": data.key, "key": key, "base_recipe_key": base_key})
         atomic_write_json(tmp / "manifest.json", manifest)
 
     built = build_once(folder, build, is_complete=lambda p: (p / "manifest.json").is_file())

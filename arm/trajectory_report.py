@@ -55,9 +55,11 @@ def generation_settings(domain: str) -> dict[str, Any]:
     return {"until": list(until), "max_gen_toks": int(kwargs.get("max_gen_toks", 256))}
 
 
-def domain_split(domain: str, split: str, data_dir: Path | None = None) -> list[dict]:
-    """The records of one split: from `<data_dir>/<split>.jsonl`, or regenerated from the domain config."""
+def domain_split(domain: str, split: str, data_dir: Path | None = None, prompt_format: str = "plain") -> list[dict]:
+    """The records of one split: from `<data_dir>/<split>.jsonl`, or regenerated from the domain config
+    in the given prompt format (the model config's `prompt_format`)."""
     from arm.domains import generate_splits, read_split
+    from arm.domains.formats import apply_format
 
     if data_dir is not None:
         return read_split(Path(data_dir) / f"{split}.jsonl")
@@ -66,7 +68,7 @@ def domain_split(domain: str, split: str, data_dir: Path | None = None) -> list[
         raise ValueError(f"no domain config {conf}; pass --data-dir")
     data = dict(_load_yaml(conf).get("data") or {})
     seed = int(data.pop("seed", 0))
-    return generate_splits(domain, data, seed)[split]
+    return apply_format(domain, generate_splits(domain, data, seed)[split], prompt_format)
 
 
 def trajectory_models(trajectory_dir: Path) -> tuple[dict, list[dict]]:
@@ -155,6 +157,7 @@ def quick_scores(
     limit: int | None = None,
     batch_size: int = 128,
     num_threads: int | None = None,
+    prompt_format: str = "plain",
 ) -> dict[str, Any]:
     """Score base + every checkpoint of a trajectory on a split. Returns
     {"domain", "split", "n", "early_steps", "converged_step", "train_wall_s",
@@ -167,20 +170,20 @@ def quick_scores(
     if num_threads:
         torch.set_num_threads(num_threads)
     try:
-        return _quick_scores(trajectory_dir, domain, split, records, data_dir, limit, batch_size)
+        return _quick_scores(trajectory_dir, domain, split, records, data_dir, limit, batch_size, prompt_format)
     finally:
         torch.set_num_threads(threads)
         if bars:
             hf_logging.enable_progress_bar()
 
 
-def _quick_scores(trajectory_dir, domain, split, records, data_dir, limit, batch_size) -> dict[str, Any]:
+def _quick_scores(trajectory_dir, domain, split, records, data_dir, limit, batch_size, prompt_format="plain") -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest, models = trajectory_models(Path(trajectory_dir))
     if records is None:
-        records = domain_split(domain, split, data_dir)
+        records = domain_split(domain, split, data_dir, prompt_format)
     records = list(records)[: limit or None]
     settings = generation_settings(domain)
     prompts = [r["prompt"] for r in records]
@@ -206,6 +209,43 @@ def _quick_scores(trajectory_dir, domain, split, records, data_dir, limit, batch
         "models": models,
         "samples": samples,
     }
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def trajectory_geometry(trajectory_dir: Path) -> dict[str, Any]:
+    """Where SFT went, in weight space: ‖c* − θ0‖ / ‖θ0‖ (how far SFT moves the base) and, for each early
+    checkpoint c_m, ‖c_m − θ0‖ / ‖c* − θ0‖ and cos(c_m − θ0, c* − θ0) (does the early update point where
+    SFT ends up?). Over every floating-point tensor of the model (tied weights once)."""
+    import math
+
+    from safetensors.numpy import load_file
+
+    manifest, models = trajectory_models(Path(trajectory_dir))
+
+    def weights(path: str) -> dict:
+        return {k: v.astype("float64") for k, v in load_file(str(Path(path) / "model.safetensors")).items()
+                if v.dtype.kind == "f"}
+
+    by_step = {m["step"]: m for m in models}
+    base = weights(by_step[0]["path"])
+    converged = weights(by_step[manifest["converged_step"]]["path"])
+    names = sorted(set(base) & set(converged))
+
+    def dot(a: dict, b: dict) -> float:
+        return math.fsum(float((a[k] * b[k]).sum()) for k in names)
+
+    d_conv = {k: converged[k] - base[k] for k in names}
+    norm_base, norm_conv = math.sqrt(dot(base, base)), math.sqrt(dot(d_conv, d_conv))
+    out: dict[str, Any] = {"rel_update": norm_conv / norm_base, "update_norm": norm_conv, "base_norm": norm_base, "early": []}
+    for step in manifest.get("early_steps", []):
+        early = weights(by_step[step]["path"])
+        d_early = {k: early[k] - base[k] for k in names}
+        norm_early = math.sqrt(dot(d_early, d_early))
+        out["early"].append({"step": step, "rel_to_converged_update": norm_early / norm_conv,
+                             "cos_to_converged_update": dot(d_early, d_conv) / (norm_early * norm_conv)})
+    return out
 
 
 # --------------------------------------------------------------------------- plot
@@ -264,10 +304,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON")
     parser.add_argument("--data-dir", type=Path, default=None, help="folder with <split>.jsonl (default: regenerate)")
+    parser.add_argument("--format", default="plain", choices=["plain", "chat"],
+                        help="prompt format of the trajectory's model (model.prompt_format; tiny: chat, tiny_scratch: plain)")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--scores", type=Path, default=None, help="re-plot the scores of an earlier --json file")
+    parser.add_argument("--title", default=None, help="plot title")
     args = parser.parse_args(argv)
     try:
         if args.scores:
@@ -283,12 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 limit=args.limit,
                 batch_size=args.batch_size,
                 num_threads=args.threads,
+                prompt_format=args.format,
             )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     manifest = json.loads((args.trajectory_dir / "manifest.json").read_text())
-    plot_trajectory(manifest, result, args.out)
+    result["geometry"] = trajectory_geometry(args.trajectory_dir)
+    plot_trajectory(manifest, result, args.out, title=args.title)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
@@ -297,6 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if conv and conv["score"] > 0:
         ratios = [m["score"] / conv["score"] for m in result["models"] if m["step"] in set(result["early_steps"])]
         print("early/converged score ratio: " + ", ".join(f"{r:.2f}" for r in ratios))
+    geo = result["geometry"]
+    print(f"geometry: ||c* - theta0|| / ||theta0|| = {geo['rel_update']:.4f}; "
+          + "; ".join(f"step {e['step']}: cos(c_m - theta0, c* - theta0) = {e['cos_to_converged_update']:.3f}, "
+                      f"||c_m - theta0|| / ||c* - theta0|| = {e['rel_to_converged_update']:.3f}" for e in geo["early"]))
     print(f"n={result['n']} split={result['split']} train_wall_s={result['train_wall_s']} plot={args.out}")
     return 0
 

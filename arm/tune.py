@@ -11,8 +11,11 @@ merges and evaluations are cached, so a rerun or a resumed run redoes nothing th
   ablations  one factor at a time around each domain's chosen point of `ablations.base`, on the
              validation split. Writes <out>/ablations.csv and <out>/ablations.md.
   test       each row's chosen point, plus base, early and converged SFT, on the test split, each
-             merge labelled with its row name. Writes <out>/table/ (table.md, .csv, .tex, plots)
-             and <out>/fidelity.json + fidelity.png (ARM rows: how θ − c_m lines up with c* − c_m).
+             merge labelled with its row name, once per SFT seed of the spec's `seeds:` (the chosen
+             point re-evaluated per seed; selection and ablations use the first seed only). Writes
+             <out>/table/ (table.md, .csv, .tex, plots: the first seed), <out>/spread.md + spread.json
+             (every cell as mean [min, max] over the seeds) and <out>/fidelity.json + fidelity.png
+             (ARM rows, first seed: how θ − c_m lines up with c* − c_m).
 
 The test split is read only by the `test` stage, after the choice is written down.
 """
@@ -60,6 +63,10 @@ def load_spec(path: Path) -> dict[str, Any]:
     domains = spec.get("domains")
     if not isinstance(domains, list) or not domains or not all(isinstance(d, str) for d in domains):
         raise InputError(f"{path}: key 'domains' must be a non-empty list of domain names")
+    seeds = spec.setdefault("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise InputError(f"{path}: key 'seeds' must be a non-empty list of distinct integers (SFT seeds)")
     overrides = spec.setdefault("overrides", [])
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise InputError(f"{path}: key 'overrides' must be a list of Hydra override strings")
@@ -161,7 +168,7 @@ def stage_select(spec: Mapping[str, Any], runner: Runner) -> dict[str, Any]:
             for i, params in enumerate(points):
                 run_dir = runner.out / "select" / domain / slug(label) / f"{i:03d}"
                 overrides = [f"domain={domain}", "eval.split=validation", "logger=none", f"label={json.dumps(label)}",
-                             *merge_overrides(row["merge"], params)]
+                             f"seed={spec['seeds'][0]}", *merge_overrides(row["merge"], params)]
                 results = runner.run(run_dir, overrides)
                 score, _ = merged_score(results)
                 refs = reference_scores(results)
@@ -195,7 +202,7 @@ def stage_ablations(spec: Mapping[str, Any], selected: Mapping[str, Any], runner
         for j, variation in enumerate(ablations["variations"]):
             params = {**chosen["params"], **variation}  # flat keys, dotted for nested ones (calibration.n_sequences)
             run_dir = runner.out / "ablations" / domain / f"{j:03d}-{slug(params_text(variation))}"
-            overrides = [f"domain={domain}", "eval.split=validation", "logger=none",
+            overrides = [f"domain={domain}", "eval.split=validation", "logger=none", f"seed={spec['seeds'][0]}",
                          f"label={json.dumps(params_text(variation))}", *merge_overrides(chosen["merge"], params)]
             if params == chosen["params"]:
                 score = chosen["validation"]  # the variation is the chosen point itself
@@ -240,37 +247,49 @@ def stage_test(spec: Mapping[str, Any], selected: Mapping[str, Any], runner: Run
 
     shutil.rmtree(runner.out / "test", ignore_errors=True)  # rows of an earlier spec must not reach the table
     fidelity: dict[str, Any] = {}
-    for domain in spec["domains"]:
-        fidelity[domain] = {}
-        for label in spec["rows"]:
-            choice = selected[domain][label]
-            run_dir = runner.out / "test" / domain / slug(label)
-            overrides = [f"domain={domain}", "eval.split=test", f"label={json.dumps(label)}",
-                         *merge_overrides(choice["merge"], choice["params"])]
-            results = runner.run(run_dir, overrides)
-            _, merged = merged_score(results)
-            summary_file = Path(merged["model_path"]) / "merge_summary.json"
-            summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-            diagnostics_file = Path(merged["model_path"]) / "diagnostics.json"
-            if diagnostics_file.is_file():
-                diagnostics = json.loads(diagnostics_file.read_text())
-                fidelity[domain][label] = {
-                    "params": choice["params"],
-                    "history": [{k: h.get(k) for k in ("iteration", "eta", "cos_to_converged", "rel_dist_to_converged",
-                                                       "cos_direction_to_converged", "mean_angle_deg", "loss")}
-                                for h in diagnostics.get("history", [])],
-                    "selected_iteration": diagnostics.get("selected_iteration"),
-                    "merge_wall_s": summary.get("wall_s"),
-                }
+    seeds = list(spec.get("seeds") or [0])
+    for seed in seeds:
+        for domain in spec["domains"]:
+            fidelity.setdefault(domain, {})
+            for label in spec["rows"]:
+                choice = selected[domain][label]
+                run_dir = runner.out / "test" / f"seed-{seed}" / domain / slug(label)
+                overrides = [f"domain={domain}", "eval.split=test", f"label={json.dumps(label)}", f"seed={seed}",
+                             *merge_overrides(choice["merge"], choice["params"])]
+                results = runner.run(run_dir, overrides)
+                _, merged = merged_score(results)
+                if seed != seeds[0]:
+                    continue
+                summary_file = Path(merged["model_path"]) / "merge_summary.json"
+                summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+                diagnostics_file = Path(merged["model_path"]) / "diagnostics.json"
+                if diagnostics_file.is_file():
+                    diagnostics = json.loads(diagnostics_file.read_text())
+                    fidelity[domain][label] = {
+                        "params": choice["params"],
+                        "history": [{k: h.get(k) for k in ("iteration", "eta", "cos_to_converged", "rel_dist_to_converged",
+                                                           "cos_direction_to_converged", "mean_angle_deg", "loss",
+                                                           "rotation_effect")}
+                                    for h in diagnostics.get("history", [])],
+                        "selected_iteration": diagnostics.get("selected_iteration"),
+                        "merge_wall_s": summary.get("wall_s"),
+                    }
     (runner.out / "fidelity.json").write_text(json.dumps(fidelity, indent=2) + "\n")
     (runner.out / "fidelity.md").write_text(fidelity_markdown(fidelity))
     (runner.out / "selected.md").write_text(selected_markdown(selected, spec))
     plot_fidelity(fidelity, runner.out / "fidelity.png")
-    results = load_results([runner.out / "test" / domain for domain in spec["domains"]])  # columns in spec order
-    table = build_table(results)
-    write_outputs(table, results, runner.out / "table")
-    log.info("wrote %s", runner.out / "table")
-    return runner.out / "table" / "table.md"
+    from evals.spread import build_spread, to_json
+    from evals.spread import to_markdown as spread_markdown
+
+    first = load_results([runner.out / "test" / f"seed-{seeds[0]}" / domain for domain in spec["domains"]])  # columns in spec order
+    table = build_table(first)
+    write_outputs(table, first, runner.out / "table")
+    everything = load_results([runner.out / "test" / f"seed-{s}" / domain for s in seeds for domain in spec["domains"]])
+    spread = build_spread(everything)
+    (runner.out / "spread.md").write_text(spread_markdown(spread))
+    (runner.out / "spread.json").write_text(json.dumps(to_json(spread), indent=2) + "\n")
+    log.info("wrote %s and %s", runner.out / "table", runner.out / "spread.md")
+    return runner.out / "spread.md"
 
 
 def selected_markdown(selected: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
@@ -293,15 +312,17 @@ def selected_markdown(selected: Mapping[str, Any], spec: Mapping[str, Any]) -> s
 
 def fidelity_markdown(fidelity: Mapping[str, Any]) -> str:
     """ARM rows at their selected iteration: how the step θ − c_m lines up with where SFT went (c* − c_m)."""
-    lines = ["| domain | row | chosen | cos(θ − c_m, c* − c_m) | ‖θ − c*‖ / ‖c* − c_m‖ | mean principal angle ° |",
-             "|---|---|---|---:|---:|---:|"]
+    lines = ["| domain | row | chosen | cos(θ − c_m, c* − c_m) | ‖θ − c*‖ / ‖c* − c_m‖ | mean principal angle ° | "
+             "rotation effect ‖θ − θ_ExPO‖ / ‖θ_ExPO − c_m‖ |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for domain, rows in fidelity.items():
         for label, entry in rows.items():
             hist = {h["iteration"]: h for h in entry["history"]}
             h = hist.get(entry.get("selected_iteration"), entry["history"][-1])
-            angle = h.get("mean_angle_deg")
+            angle, effect = h.get("mean_angle_deg"), h.get("rotation_effect")
             lines.append(f"| {domain} | {label} | {params_text(entry['params'])} | {h.get('cos_to_converged', float('nan')):.4f} | "
-                         f"{h.get('rel_dist_to_converged', float('nan')):.4f} | {'' if angle is None else f'{angle:.2f}'} |")
+                         f"{h.get('rel_dist_to_converged', float('nan')):.4f} | {'' if angle is None else f'{angle:.2f}'} | "
+                         f"{'' if effect is None else f'{effect:.4f}'} |")
     lines += ["", "At iteration 0 (θ = c_m) the relative distance is 1 by definition; below 1 means closer to c* than c_m is.", ""]
     return "\n".join(lines)
 

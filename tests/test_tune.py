@@ -14,6 +14,7 @@ from tests.test_pipeline import SMALL
 
 SPEC = """
 domains: [math_synth]
+seeds: [0, 1]
 overrides: []
 rows:
   linear: {merge: linear, grid: {}}
@@ -84,6 +85,19 @@ def test_select_ablate_and_test(tmp_path, capsys):
     assert "| math_synth | arm (rotation=procrustes) |" in (out / "fidelity.md").read_text()
     assert "| expo | alpha=" in (out / "selected.md").read_text()
     assert "sft_converged" in capsys.readouterr().out
+
+    # The test stage ran every row once per SFT seed; spread.md/json summarise the per-seed values.
+    assert {r["config"]["seed"] for r in test_results} == {0, 1}
+    assert len([r for r in test_results if r["role"] == "merge"]) == 2 * 3
+    spread = json.loads((out / "spread.json").read_text())
+    assert spread["seeds"] == [0, 1]
+    for r in test_results:
+        label = r.get("label") or r["name"]
+        cell = next(c for c in spread["cells"] if c["row"] == label)
+        value = 100 * next(iter(r["primary"].values()))["value"]
+        assert cell["by_seed"][str(r["config"]["seed"])] == pytest.approx(value, abs=1e-4)
+        assert cell["min"] - 1e-4 <= value <= cell["max"] + 1e-4
+    assert "over 2 SFT seed(s) [0, 1]" in (out / "spread.md").read_text()
 
     # A second run reuses every merge and evaluation (nothing is rebuilt).
     before = sorted(p.name for p in (tmp_path / "cache" / "evals").iterdir())
