@@ -696,8 +696,9 @@ def _session(
         for index, (src, code) in enumerate(compiled):
             try:
                 exec(code, namespace)  # noqa: S102 - trusted test code; the program's names are proxies
-            except AssertionError:
-                return SandboxResult(False, "failed", _cut(f"failed: {src}"), child.output_text())
+            except AssertionError as error:
+                note = f" ({error})" if str(error) else ""
+                return SandboxResult(False, "failed", _cut(f"failed: {src}{note}"), child.output_text())
             except Exception as error:  # the program's exceptions arrive as plain types or RemoteError
                 return SandboxResult(False, "error", _cut(f"{src}: {type(error).__name__}: {error}"), child.output_text())
             if index == 0 and setup and entry_point:

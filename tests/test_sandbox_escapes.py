@@ -1,0 +1,227 @@
+"""The escape catalogue: hostile programs against the code sandbox (evals/sandbox.py, issue 14).
+
+Each program attacks, and either scores 0 or is contained: the harness survives, nothing outside the
+sandbox's own temp folder changes (canary files here, the project's files, the host's /tmp), no secret
+of the parent's environment is readable, no connection reaches a listener on 127.0.0.1, no process
+outlives the run. Containment checks run in the parent as test code against what the attack returns
+(``loot``), so a check that passes is a statement about what the program could reach.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import secrets
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from evals import sandbox
+from evals.sandbox import run_program
+from tests.sandbox_setup import ensure_bwrap
+
+ensure_bwrap()
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "arm-escape-secret-" + secrets.token_hex(8)
+PROJECT_FILES = [ROOT / "pyproject.toml", ROOT / "evals" / "sandbox.py", ROOT / "Makefile"]
+SOLUTION = "def f(x):\n    return x*3+2\n"
+TESTS = ["assert f(3) == 11", "assert f(0) == 2"]
+
+
+def _digest(paths: list[Path]) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else "missing" for p in paths}
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
+    """A secret in the parent's environment, canary files, a listener on 127.0.0.1; afterwards: all intact."""
+    monkeypatch.setenv("ARM_TEST_TOKEN", SECRET)
+    canary = tmp_path / "canary.txt"
+    canary.write_text("canary")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    before = _digest([*PROJECT_FILES, canary])
+    host_tmp = tmp_path / "host-tmp"  # the harness's temp folder: the sandbox needs none on the host
+    host_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(host_tmp))
+    yield {"canary": canary, "port": listener.getsockname()[1], "pid": os.getpid(), "root": ROOT}
+    with pytest.raises(TimeoutError):
+        listener.accept()  # nothing connected
+    listener.close()
+    assert _digest([*PROJECT_FILES, canary]) == before
+    assert sorted(tmp_path.iterdir()) == [canary, host_tmp] and list(host_tmp.iterdir()) == []
+    assert run_program(SOLUTION, TESTS).passed  # the harness still works
+
+
+def _loot(attack: str, checks: list[str], timeout_s: float = 3.0) -> sandbox.SandboxResult:
+    """Run ``attack`` (a program defining ``attack()``, returning what it got), then ``checks`` here."""
+    return run_program(attack, ["loot = attack()", *checks], timeout_s=timeout_s, setup=f"SECRET = {SECRET!r}")
+
+
+def _all_attempts(body: str) -> str:
+    """A program whose ``attack()`` runs each line of ``body`` and collects results or error names."""
+    lines = "\n".join(f"    try:\n        got.append(repr({line}))\n    except BaseException as e:\n"
+                      f"        got.append(type(e).__name__)" for line in body.strip().splitlines())
+    return f"import os, sys, socket, subprocess, signal, gc\ndef attack():\n    got = []\n{lines}\n    return got\n"
+
+
+def test_reading_files_outside(world: dict) -> None:
+    pid = world["pid"]
+    program = _all_attempts(f"""
+open({str(world['root'] / 'pyproject.toml')!r}).read()
+open('/etc/passwd').read()
+open('/etc/shadow').read()
+open('/proc/{pid}/environ').read()
+open('/proc/self/environ').read()
+open('/proc/1/environ').read()
+open({str(world['canary'])!r}).read()
+open('/root/.bash_history').read()
+os.listdir({str(world['root'])!r})
+""")
+    result = _loot(program, ["text = ' '.join(loot)", "assert SECRET not in text", "assert '[project]' not in text",
+                             "assert 'root:' not in text and 'canary' not in text and 'Makefile' not in text",
+                             "assert all(item.endswith('Error') for item in loot), loot"])
+    assert result.passed, result
+
+
+def test_parent_environment_is_not_inherited(world: dict) -> None:
+    result = _loot("import os\ndef attack():\n    return dict(os.environ)\n",
+                   ["assert SECRET not in str(loot) and set(loot) <= {'LC_ALL', 'PATH', 'PWD'}"])
+    assert result.passed, result
+
+
+def test_listing_root_shows_only_the_interpreter(world: dict) -> None:
+    result = _loot("import os\ndef attack():\n    return sorted(os.listdir('/'))\n",
+                   ["assert not {'etc', 'proc', 'sys', 'home', 'work', 'var', 'run', 'boot', 'mnt'} & set(loot), loot"])
+    assert result.passed, result
+
+
+def test_writing_renaming_deleting_outside(world: dict) -> None:
+    canary, root = str(world["canary"]), world["root"]
+    program = _all_attempts(f"""
+open({canary!r}, 'w').write('owned')
+os.rename({canary!r}, {canary!r} + '.moved')
+os.remove({canary!r})
+os.truncate({str(root / 'pyproject.toml')!r}, 0)
+os.remove({str(root / 'Makefile')!r})
+open('/usr/lib/owned', 'w').write('x')
+open('/owned', 'w').write('x')
+open('/dev/owned', 'w').write('x')
+os.mkdir('/tmp/ok') or 'made'
+open('/tmp/ok/inside', 'w').write('allowed inside its own /tmp')
+""")
+    result = _loot(program, ["assert all(item.endswith('Error') for item in loot[:8]), loot", "assert loot[8:] == [repr('made'), '27'], loot"])
+    assert result.passed, result
+
+
+def test_network_to_a_local_listener(world: dict) -> None:
+    program = _all_attempts(f"""
+socket.create_connection(('127.0.0.1', {world['port']}), timeout=0.5).sendall(b'owned')
+socket.create_connection(('localhost', {world['port']}), timeout=0.5)
+socket.getaddrinfo('example.com', 80)
+""")
+    result = _loot(program, ["assert all(item.endswith('Error') or item == 'gaierror' for item in loot), loot"])
+    assert result.passed, result
+
+
+def test_fork_loop_subprocess_and_setsid_children(world: dict) -> None:
+    program = _all_attempts("""
+[os.fork() for _ in range(10000)]
+subprocess.run(['/bin/sh', '-c', 'sleep 60 &'])
+os.system('sleep 60')
+os.posix_spawn('/usr/bin/sleep', ['sleep', '60'], {})
+os.setsid() or os.fork()
+__import__('threading').Thread(target=lambda: None).start()
+""")
+    result = _loot(program, ["assert [loot[0], loot[1], loot[3]] == ['PermissionError'] * 3 and loot[2] != '0', loot",
+                             "assert loot[4] == 'PermissionError' and loot[5] == 'RuntimeError', loot"])
+    assert result.passed, result
+    assert "sleep 60" not in os.popen("ps -eo args").read()
+
+
+def test_fork_bomb_at_import_is_contained(world: dict) -> None:
+    start = time.monotonic()
+    result = run_program("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n", TESTS,
+                         timeout_s=1.0)
+    assert result.status == "timeout" and time.monotonic() - start < 4
+
+
+def test_killing_the_parent_and_everything_visible(world: dict) -> None:
+    program = _all_attempts(f"""
+os.kill({world['pid']}, signal.SIGKILL)
+os.kill(os.getppid(), signal.SIGKILL)
+os.killpg(0, signal.SIGKILL)
+""")
+    result = _loot(program, ["assert loot"])
+    assert result.status in ("error", "passed", "failed", "timeout")  # it may kill its own sandbox; we live on
+    assert run_program("import os, signal\nos.kill(-1, signal.SIGKILL)\n" + SOLUTION, TESTS).status in ("error", "passed")
+
+
+@pytest.mark.parametrize("stream", ["os.write(1, chunk)", "os.write(2, chunk)", "sys.stdout.write(chunk.decode())"])
+def test_huge_output_is_capped_while_reading(world: dict, stream: str) -> None:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    program = f"import os, sys\nchunk = b'x' * (1 << 20)\nfor _ in range(1024):\n    {stream}\n" + SOLUTION
+    result = run_program(program, TESTS, timeout_s=10.0)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert not result.passed and len(result.output) <= sandbox.MAX_OUTPUT_CHARS and grown_mb < 64, (result, grown_mb)
+
+
+@pytest.mark.parametrize("bomb", [
+    "blob = bytearray(1 << 34)",
+    "blob = []\nwhile True:\n    blob.append(bytearray(1 << 24))",
+    "open('/tmp/fill', 'wb').write(b'x' * (1 << 28))",
+    "n = 1\nfor _ in range(10 ** 9):\n    n *= 3",
+    "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass",
+    "import time\ntime.sleep(60)",
+])
+def test_memory_disk_and_time_bombs(world: dict, bomb: str) -> None:
+    start = time.monotonic()
+    result = run_program(bomb + "\n" + SOLUTION, TESTS, timeout_s=1.5, memory_mb=256)
+    assert not result.passed and result.status in ("error", "timeout"), result
+    assert time.monotonic() - start < 5
+
+
+def test_disabling_guards_through_closures_frames_gc_and_sys_modules(world: dict) -> None:
+    """Everything in the child is reachable (frames, the runner's closures, gc, sys.modules) and none of
+    it holds an expected value or decides a verdict: the best a program can do is return values."""
+    program = (
+        "import gc, sys, json\n"
+        "frame = sys._getframe()\n"
+        "while frame.f_back is not None:\n    frame = frame.f_back\n"
+        "runner = frame.f_locals\n"
+        "found = [o for o in gc.get_objects() if isinstance(o, str) and ('==' in o or 'assert' in o)]\n"
+        "for o in gc.get_objects():\n"
+        "    if callable(o) and getattr(o, '__name__', '') in ('send', 'encode', 'failure'):\n"
+        "        try:\n            o.__code__ = (lambda *a, **k: None).__code__\n        except Exception:\n            pass\n"
+        "sys.modules['json'].dumps = lambda *a, **k: '{\"value\": 11}'\n"
+        "def f(x):\n    return found[0] if found else None\n"
+    )
+    result = run_program(program, TESTS)
+    assert not result.passed and result.status in ("failed", "error", "timeout"), result
+
+
+def test_forged_reports_and_always_equal_objects(world: dict) -> None:
+    forged = (
+        "import os\n"
+        "for fd in range(3, 12):\n"
+        "    try:\n        os.write(fd, b'{\"ready\": true}\\n{\"value\": 11}\\n{\"value\": 2}\\n{\"passed\": true}\\n')\n"
+        "    except OSError:\n        pass\n"
+        "def f(x):\n    return -1\n"
+    )
+    assert not run_program(forged, TESTS).passed
+    always = "class Yes(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\ndef f(x):\n    return Yes(0)\n"
+    assert run_program(always, TESTS).status == "error"
+    str_sub = "class S(str):\n    def __eq__(self, other):\n        return True\ndef f(x):\n    return S('')\n"
+    assert run_program(str_sub, TESTS).status == "error"
+    exits = "import sys\ndef f(x):\n    sys.exit(0)\n"
+    assert run_program(exits, TESTS).status == "error"
+    raises_assertion_ok = "def f(x):\n    raise AssertionError('fine')\n"
+    assert not run_program(raises_assertion_ok, TESTS).passed
