@@ -1,11 +1,13 @@
-"""The Hydra app: every combination of config groups composes, the CLI answers fast and typos fail fast."""
+"""The Hydra app: every combination of config groups composes, the CLI answers and typos fail before any work.
+
+How fast they answer (the < 2 s goal) is measured by `make bench` (benchmarks/cli_bench.py), not here:
+a wall-clock assert fails on a loaded machine whatever the code does."""
 
 from __future__ import annotations
 
 import itertools
 import subprocess
 import sys
-import time
 
 import pytest
 from omegaconf import OmegaConf
@@ -56,18 +58,21 @@ def test_domain_tasks_have_metric_and_template(compose):
             assert all(s.name in synthetic_templates() for s in specs)
 
 
-def _arm(*args: str, timeout: float = 30) -> tuple[subprocess.CompletedProcess, float]:
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "arm", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
-    return proc, time.perf_counter() - start
+def _arm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "arm", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
 
-def test_help_is_fast_and_lists_groups():
-    proc, wall = _arm("--help")
+def test_help_lists_groups_without_heavy_imports():
+    proc = _arm("--help")
     assert proc.returncode == 0, proc.stderr
     for group in GROUPS:
         assert f"{group}:" in proc.stdout
-    assert wall < 2.0, f"arm --help took {wall:.2f} s"
+    # what keeps it fast: --help imports none of the heavy libraries
+    probe = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['arm', '--help']\n"
+                            "import arm.cli\ntry:\n    arm.cli.main()\nexcept SystemExit:\n    pass\n"
+                            "heavy = [m for m in ('torch', 'transformers', 'lm_eval', 'vllm', 'wandb', 'matplotlib') if m in sys.modules]\n"
+                            "print('HEAVY', heavy)"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert "HEAVY []" in probe.stdout, probe.stdout[-500:] + probe.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
@@ -75,8 +80,7 @@ def test_help_is_fast_and_lists_groups():
     [("model=nonexistent", "model/nonexistent"), ("merge=nosuchmethod", "merge/nosuchmethod"), ("nosuchkey=1", "nosuchkey")],
 )
 def test_typos_fail_fast_naming_the_key(override, expected, tmp_path):
-    proc, wall = _arm(override, f"paths.root={tmp_path}")
+    proc = _arm(override, f"paths.root={tmp_path}")
     assert proc.returncode != 0
     assert expected in proc.stderr + proc.stdout
-    assert wall < 2.0, f"'arm {override}' took {wall:.2f} s to fail"
     assert not (tmp_path / "cache").exists(), "nothing may be written for a config typo"
