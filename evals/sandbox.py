@@ -514,12 +514,14 @@ def _interpreter_paths() -> list[str]:
     return sorted(paths)
 
 
-# seccomp (classic BPF) against new processes: clone, clone3, fork and vfork fail with EPERM. bwrap
-# maps the sandbox user to the caller's uid, and for a caller that is root RLIMIT_NPROC does not
-# apply (the kernel exempts uid 0), so the filter is what stops fork bombs and subprocesses.
-_SYSCALLS = {  # machine: (AUDIT_ARCH_*, numbers of clone, clone3, fork, vfork)
-    "x86_64": (0xC000003E, (56, 435, 57, 58)),
-    "aarch64": (0xC00000B7, (220, 435)),
+# seccomp (classic BPF): new processes (clone, clone3, fork, vfork), new namespaces and mounts
+# (unshare, setns, mount, umount2, pivot_root), keyrings (add_key, request_key, keyctl), ptrace, bpf
+# and perf_event_open fail with EPERM. bwrap maps the sandbox user to the caller's uid, and for a
+# caller that is root RLIMIT_NPROC does not apply (the kernel exempts uid 0): the filter is what stops
+# fork bombs and subprocesses there.
+_SYSCALLS = {  # machine: (AUDIT_ARCH_*, the numbers above in that order)
+    "x86_64": (0xC000003E, (56, 435, 57, 58, 272, 308, 165, 166, 155, 248, 249, 250, 101, 321, 298)),
+    "aarch64": (0xC00000B7, (220, 435, 97, 268, 40, 39, 41, 217, 218, 219, 117, 280, 241)),
 }
 
 
@@ -555,6 +557,8 @@ def bwrap_argv(bwrap: str, seccomp_fd: int) -> list[str]:
     ]
     if os.geteuid() == 0:
         argv += ["--cap-drop", "ALL"]
+    if _bwrap_supports(bwrap, "--disable-userns"):  # bubblewrap >= 0.8: no nested user namespaces either
+        argv += ["--unshare-user", "--disable-userns"]
     for folder in ("/usr/lib", "/usr/lib64", "/usr/lib32"):
         if os.path.isdir(folder) and not os.path.islink(folder):
             argv += ["--ro-bind", folder, folder]
@@ -575,7 +579,16 @@ def bwrap_argv(bwrap: str, seccomp_fd: int) -> list[str]:
     return argv + [_interpreter(), "-I", "-S", "-B", "-c"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
+def _bwrap_supports(bwrap: str, option: str) -> bool:
+    try:
+        help_text = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return option in help_text
+
+
+@functools.cache
 def _probe(bwrap: str | None) -> str | None:
     """None when bubblewrap runs a program here as uid 65534 without network, else the reason."""
     if bwrap is None:

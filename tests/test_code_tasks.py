@@ -113,10 +113,10 @@ def test_humaneval_pass_at_1_equals_lm_evals() -> None:
         prediction = doc["prompt"] + solution["response"]  # lm-eval's create_test filter (build_predictions)
         theirs.append(_code_eval_passes(prediction + "\n" + _render(template, doc)))
         ours.append(hooks.process_humaneval(doc, [solution["response"]])["pass@1"] == 1.0)
-    assert ours == theirs, [(s["task_id"], s["kind"], o, t) for (_, s), o, t in zip(cases, ours, theirs) if o != t]
+    assert ours == theirs, [(s["task_id"], s["kind"], o, t) for (_, s), o, t in zip(cases, ours, theirs, strict=False) if o != t]
     kinds = [s["kind"] for _, s in cases]
-    assert all(p for p, k in zip(theirs, kinds) if k.startswith(("reference", "right")))
-    assert not any(p for p, k in zip(theirs, kinds) if k.startswith("wrong"))
+    assert all(p for p, k in zip(theirs, kinds, strict=False) if k.startswith(("reference", "right")))
+    assert not any(p for p, k in zip(theirs, kinds, strict=False) if k.startswith("wrong"))
 
 
 def test_mbpp_pass_at_1_equals_lm_evals() -> None:
@@ -127,7 +127,7 @@ def test_mbpp_pass_at_1_equals_lm_evals() -> None:
     for doc, solution in cases:
         theirs.append(_code_eval_passes(solution["response"] + "\n" + _render(template, doc)))
         ours.append(hooks.process_mbpp(doc, [solution["response"]])["pass_at_1"] == 1.0)
-    assert ours == theirs, [(s["task_id"], s["kind"], o, t) for (_, s), o, t in zip(cases, ours, theirs) if o != t]
+    assert ours == theirs, [(s["task_id"], s["kind"], o, t) for (_, s), o, t in zip(cases, ours, theirs, strict=False) if o != t]
     assert sum(theirs) == sum(1 for _, s in cases if s["kind"].startswith(("reference", "right")))
 
 

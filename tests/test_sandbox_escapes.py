@@ -29,7 +29,6 @@ ensure_bwrap()
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "arm-escape-secret-" + secrets.token_hex(8)
-PROJECT_FILES = [ROOT / "pyproject.toml", ROOT / "evals" / "sandbox.py", ROOT / "Makefile"]
 SOLUTION = "def f(x):\n    return x*3+2\n"
 TESTS = ["assert f(3) == 11", "assert f(0) == 2"]
 
@@ -44,19 +43,23 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
     monkeypatch.setenv("ARM_TEST_TOKEN", SECRET)
     canary = tmp_path / "canary.txt"
     canary.write_text("canary")
+    in_project = ROOT / "tests" / f".sandbox-canary-{secrets.token_hex(4)}"  # a file of the project's own folder
+    in_project.write_text("project canary")
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
     listener.settimeout(0.2)
-    before = _digest([*PROJECT_FILES, canary])
+    before = _digest([in_project, canary])
     host_tmp = tmp_path / "host-tmp"  # the harness's temp folder: the sandbox needs none on the host
     host_tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(host_tmp))
-    yield {"canary": canary, "port": listener.getsockname()[1], "pid": os.getpid(), "root": ROOT}
+    yield {"canary": canary, "project": in_project, "port": listener.getsockname()[1], "pid": os.getpid(), "root": ROOT}
     with pytest.raises(TimeoutError):
         listener.accept()  # nothing connected
     listener.close()
-    assert _digest([*PROJECT_FILES, canary]) == before
+    after = _digest([in_project, canary])
+    in_project.unlink(missing_ok=True)
+    assert after == before
     assert sorted(tmp_path.iterdir()) == [canary, host_tmp] and list(host_tmp.iterdir()) == []
     assert run_program(SOLUTION, TESTS).passed  # the harness still works
 
@@ -77,6 +80,7 @@ def test_reading_files_outside(world: dict) -> None:
     pid = world["pid"]
     program = _all_attempts(f"""
 open({str(world['root'] / 'pyproject.toml')!r}).read()
+open({str(world['project'])!r}).read()
 open('/etc/passwd').read()
 open('/etc/shadow').read()
 open('/proc/{pid}/environ').read()
@@ -105,13 +109,13 @@ def test_listing_root_shows_only_the_interpreter(world: dict) -> None:
 
 
 def test_writing_renaming_deleting_outside(world: dict) -> None:
-    canary, root = str(world["canary"]), world["root"]
+    canary = str(world["canary"])
     program = _all_attempts(f"""
 open({canary!r}, 'w').write('owned')
 os.rename({canary!r}, {canary!r} + '.moved')
 os.remove({canary!r})
-os.truncate({str(root / 'pyproject.toml')!r}, 0)
-os.remove({str(root / 'Makefile')!r})
+os.truncate({str(world['project'])!r}, 0)
+os.remove({str(world['project'])!r})
 open('/usr/lib/owned', 'w').write('x')
 open('/owned', 'w').write('x')
 open('/dev/owned', 'w').write('x')
@@ -225,3 +229,14 @@ def test_forged_reports_and_always_equal_objects(world: dict) -> None:
     assert run_program(exits, TESTS).status == "error"
     raises_assertion_ok = "def f(x):\n    raise AssertionError('fine')\n"
     assert not run_program(raises_assertion_ok, TESTS).passed
+
+
+def test_new_namespaces_mounts_and_tracing_are_refused(world: dict) -> None:
+    program = _all_attempts("""
+__import__('ctypes').CDLL(None, use_errno=True).unshare(0x10000000) or __import__('ctypes').get_errno()
+__import__('ctypes').CDLL(None, use_errno=True).unshare(0x00020000) or __import__('ctypes').get_errno()
+__import__('ctypes').CDLL(None, use_errno=True).mount(b'proc', b'/tmp', b'proc', 0, None) or __import__('ctypes').get_errno()
+__import__('ctypes').CDLL(None, use_errno=True).ptrace(16, 1, 0, 0) or __import__('ctypes').get_errno()
+""")
+    result = _loot(program, ["assert loot == ['-1'] * 4, loot"])
+    assert result.passed, result
