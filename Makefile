@@ -77,3 +77,10 @@ bench: $(STAMP)
 
 clean-cache:
 	rm -rf outputs/cache
+
+# On a CUDA machine, in at most ~8 minutes: the merge engine (linear, TIES, ARM) on CUDA against CPU, ARM
+# layer by layer on CUDA against in memory on CPU, vLLM (CUDA) against hf, a few bf16 Trainer SFT steps
+# resumed once; results and timings in one JSON (benchmarks/gpu_check.py). Without CUDA it says so, exit 3.
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_check --out benchmarks/results/gpu_check.json
