@@ -346,7 +346,8 @@ def device_problems(stages: Sequence[Stage], devices: list[float] | None, spare_
             continue
         smallest = min(devices)
         if st.gpus > len(devices):
-            problems.append(f"{st.name} needs {st.gpus} GPUs, {len(devices)} visible: {st.fix} (config key '{st.key}')")
+            problems.append(f"{st.name} needs {st.gpus} GPUs, {len(devices)} visible: give the job {st.gpus} GPUs "
+                            f"(hydra.launcher.gpus_per_node={st.gpus}), or lower {st.key}")
         elif st.gpu_gb is not None and st.gpu_gb + spare_gb > st.limit_share * smallest:
             share = f" × gpu_memory_utilization {st.limit_share:g}" if st.limit_share < 1 else ""
             problems.append(f"{st.name} needs ~{st.gpu_gb:.1f} GB per GPU (ESTIMATE, python -m arm.memory) + {spare_gb:g} GB "

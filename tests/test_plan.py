@@ -200,7 +200,8 @@ def test_guard_stops_an_sft_that_cannot_fit_before_loading(compose, tmp_path, mo
     (["model=qwen3-1.7b", "merge=arm", "merge.statistics=model"], ["merge arm (model) needs ~40.2 GB", "merge.statistics=layerwise"]),
     (["model=qwen3-14b", "merge=none", "eval=vllm"], ["eval base needs ~30.2 GB", "gpu_memory_utilization 0.9",
                                                       "model.vllm.tensor_parallel_size=2"]),
-    (["model=qwen3-8b", "merge=none", "eval=vllm", "model.vllm.tensor_parallel_size=2"], ["eval base needs 2 GPUs, 1 visible"]),
+    (["model=qwen3-8b", "merge=none", "eval=vllm", "model.vllm.tensor_parallel_size=2"], ["eval base needs 2 GPUs, 1 visible: give the job 2 GPUs (hydra.launcher.gpus_per_node=2)",
+                                                                                 "or lower model.vllm.tensor_parallel_size"]),
 ])
 def test_guard_names_the_estimate_and_the_fix(compose, tmp_path, overrides, expect):
     from arm.plan import check_devices
