@@ -661,11 +661,12 @@ def _rotation_effect(inputs: Inputs, coeffs: Mapping[str, Sequence[float]], corr
     for name in inputs.names:
         a = math.fsum(coeffs[name])
         d2 = 0.0
-        if name in corr or a != alpha:
-            diff = corr[name].to(device) if name in corr else None
+        if name in corr or a != alpha:  # on E's device (host memory in layer-by-layer mode on a GPU)
+            diff = corr[name] if name in corr else None
             if a != alpha:
-                scaled = inputs.g[name] * (a - alpha)
+                scaled = inputs.g[name].to(diff.device if diff is not None else device) * (a - alpha)
                 diff = scaled if diff is None else scaled.add_(diff)
+            assert diff is not None
             d2 = float(diff.square().sum())
         total_num += d2
         total_den += gsq[name]
@@ -886,17 +887,20 @@ class ARM:
                         extra[n] = (lambda info=plan.inputs[n][0]: _read_tensor(info))
                 state = result.state.with_extra(extra)
             del model
-            written = write_state_dict(state, base, checkpoints, out_dir, settings)
+
+            def diagnostics(folder: Path) -> None:  # into the temporary folder: out_dir appears only when complete
+                result.diagnostics["statistics"] = mode
+                result.diagnostics["inputs"] = {"base": str(base), "checkpoints": [str(c) for c in checkpoints],
+                                                "steps": steps, "converged": str(conv_path) if conv_path else None}
+                (folder / DIAGNOSTICS_JSON).write_text(json.dumps(result.diagnostics, indent=2, default=float) + "\n")
+                plot_diagnostics(result.diagnostics, folder / DIAGNOSTICS_PNG)
+
+            written = write_state_dict(state, base, checkpoints, out_dir, settings, before_publish=diagnostics)
         finally:
             if isinstance(inputs, _DiskInputs):
                 inputs.close()
             if previous is not None:
                 previous.close()
-        result.diagnostics["statistics"] = mode
-        result.diagnostics["inputs"] = {"base": str(base), "checkpoints": [str(c) for c in checkpoints],
-                                        "steps": steps, "converged": str(conv_path) if conv_path else None}
-        (out_dir / DIAGNOSTICS_JSON).write_text(json.dumps(result.diagnostics, indent=2, default=float) + "\n")
-        plot_diagnostics(result.diagnostics, out_dir / DIAGNOSTICS_PNG)
         final = result.diagnostics["history"][result.selected]
         return {
             "method": cls.name,

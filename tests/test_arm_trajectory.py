@@ -391,7 +391,9 @@ def _recomputed_effect(ours, ref, last) -> tuple[float, dict[str, float]]:
     {"formulation": "proximal", "rotation": "none", "prox_lambda": 0.1},
     {"formulation": "proximal", "rotation": "procrustes", "prox_lambda": 0.3},
     {"formulation": "iterate_rotation", "rotation": "procrustes"},
-], ids=["trajectory-procrustes", "trajectory-geodesic-delta-best", "proximal-none", "proximal-procrustes", "iterate"])
+    {"formulation": "iterate_rotation", "rotation": "geodesic", "layer_scale": "alignment"},
+], ids=["trajectory-procrustes", "trajectory-geodesic-delta-best", "proximal-none", "proximal-procrustes", "iterate",
+        "iterate-alignment"])
 def test_formulations_on_real_folders_in_memory_and_layer_by_layer(traj, tmp_path, params, no_plot) -> None:
     """The same tensors and diagnostics in both statistics modes; unrotated tensors exactly ExPO's; the
     rotation effect in diagnostics.json equals the one recomputed from the written folders."""
