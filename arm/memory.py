@@ -155,6 +155,9 @@ def stage_memory(shapes: Shapes, model_cfg: Mapping[str, Any], arm_cfg: Mapping[
         "that layer's group inputs + one group's reference and current": (stats_layer + 2 * max_tokens * max(groups) * 4) / GB,
         "one batch of logits (float32, + reshape and log-softmax copies)": 3 * stats_batch * max_len * V * 4 / GB,
     }
+    if arm_cfg.get("formulation") == "proximal":  # one group's C = XᵀX/N and its Cholesky factor at a time
+        for stage in ("arm_in_memory", "arm_layerwise"):
+            out[stage]["proximal: C and its Cholesky factor, widest group input (float32)"] = 2 * max(groups) ** 2 * 4 / GB
     best_copies = 2 if arm_cfg.get("select") == "best_loss" else 1
     out["arm_layerwise_host"] = {
         f"E for rotated weights (4 B each{', + the best iterate' if best_copies == 2 else ''})":
