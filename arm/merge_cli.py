@@ -23,6 +23,18 @@ from pathlib import Path
 from typing import Any
 
 
+def _shard_size(text: str) -> int | str:
+    """``--shard-size``: checked before any work (a positive number of bytes or a size like 500MB)."""
+    from arm.tensor_io import parse_size
+
+    value: int | str = int(text) if text.isdigit() else text
+    try:
+        parse_size(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
 def _value(text: str) -> Any:
     try:
         return json.loads(text)
@@ -50,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--dtype", default=None, help="output dtype: float32 | bfloat16 | float16 (default: the base's)"
     )
-    p.add_argument("--shard-size", default="5GB", help="output shard size, e.g. 5GB, 500MB or bytes")
+    p.add_argument("--shard-size", default="5GB", type=_shard_size, help="output shard size, e.g. 5GB, 500MB or bytes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--calibration", type=Path, help="JSONL of {prompt, response} records (ARM's calibration set)")
@@ -65,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "dtype": args.dtype,
         "overwrite": args.overwrite,
-        "shard_size": int(args.shard_size) if args.shard_size.isdigit() else args.shard_size,
+        "shard_size": args.shard_size,
     }
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -92,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = merge_from_config(cfg, args.base, args.checkpoints, args.out, progress=not args.no_progress,
                                     context=context)
-    except (ValueError, FileExistsError) as err:
+    except (ValueError, FileExistsError) as err:  # bad inputs, outputs or parameters: named in the message
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # anything else the file system refused, e.g. reading an input
+        print(f"error: {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
         return 1
     print(json.dumps(summary))
     return 0

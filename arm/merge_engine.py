@@ -21,6 +21,7 @@ merge of linear or task arithmetic runs on numpy alone, bit-identically (``basel
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -83,6 +84,43 @@ class MergeInputError(ValueError):
     """Input models that cannot be merged (names the folder, file or tensor)."""
 
 
+class MergeOutputError(ValueError):
+    """The output folder cannot be written where asked (names the path; nothing is left behind)."""
+
+
+def check_output_path(out_dir: Path, inputs: Sequence[Path], overwrite: bool) -> None:
+    """Refuse an output folder that would destroy or mix with the inputs, or cannot be a folder:
+    equal to, inside or containing an input (even with overwrite), '.', '/', a file, or a place
+    where its temporary sibling cannot be created (e.g. /proc). Called before any work."""
+    out = Path(out_dir)
+    resolved = out.resolve()
+    if out.name in ("", ".", "..") or resolved == Path(resolved.anchor) or resolved == Path.cwd().resolve():
+        raise MergeOutputError(f"{out}: not an output folder of its own (give the path of a new folder)")
+    for inp in inputs:
+        other = Path(inp).resolve()
+        if resolved == other or other in resolved.parents or resolved in other.parents:
+            relation = "is" if resolved == other else "lies inside" if other in resolved.parents else "contains"
+            raise MergeOutputError(f"{out}: the output folder {relation} the input {inp}; the merge would replace or mix "
+                                   "with its inputs (refused even with overwrite): choose another folder")
+    if out.exists() and not out.is_dir():
+        raise MergeOutputError(f"{out}: exists and is not a folder")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: output folder exists (set merge.overwrite=true to replace it)")
+    parent = resolved.parent
+    if parent.exists() and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+        raise MergeOutputError(f"{out}: cannot create a folder in {parent} (not a writable folder)")
+    if str(resolved).startswith(("/proc/", "/sys/", "/dev/")):
+        raise MergeOutputError(f"{out}: not a place for a model folder (a kernel file system)")
+
+
+def _write_error(err: OSError, out_dir: Path, tmp: Path) -> MergeOutputError:
+    """An OSError while writing (disk full, quota, I/O) as a clean error naming the output and the removed temp."""
+    what = err.strerror or str(err)
+    if err.errno == errno.ENOSPC:
+        what = "no space left on the device"
+    return MergeOutputError(f"{out_dir}: cannot write the merged model ({what}); its temporary folder {tmp} was removed")
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     device: str = "auto"  # auto | cpu | cuda (or cuda:N)
@@ -106,7 +144,8 @@ class EngineSettings:
         if not isinstance(overwrite, bool):
             raise MergeConfigError(f"merge.overwrite: expected true or false, got {overwrite!r}")
         try:
-            shard_size = parse_size(cfg.get("shard_size", DEFAULT_SHARD_SIZE) or DEFAULT_SHARD_SIZE)
+            size = cfg.get("shard_size")
+            shard_size = parse_size(DEFAULT_SHARD_SIZE if size is None else size)  # 0 is an error, not the default
         except ValueError as err:
             raise MergeConfigError(f"merge.shard_size: {err}") from None
         return cls(device, dtype, overwrite, shard_size)
@@ -214,6 +253,8 @@ def merge_from_config(
     if not checkpoints:
         raise MergeInputError("no early checkpoints given: every method needs at least one")
     base, checkpoints, out_dir = Path(base), [Path(c) for c in checkpoints], Path(out_dir)
+    converged = getattr(context, "converged", None)
+    check_output_path(out_dir, [base, *checkpoints, *([Path(converged)] if converged else [])], settings.overwrite)
     from baselines import get_method
 
     cls = get_method(name)
@@ -222,7 +263,10 @@ def merge_from_config(
         # out_dir, typically through write_state_dict below
         if out_dir.exists() and not settings.overwrite:
             raise FileExistsError(f"{out_dir}: output folder exists (set merge.overwrite=true to replace it)")
-        return cls.merge_folder(params, base, checkpoints, out_dir, settings, progress=progress, context=context)
+        try:
+            return cls.merge_folder(params, base, checkpoints, out_dir, settings, progress=progress, context=context)
+        except FloatingPointError as err:  # a diverging iteration (overflow to Inf/NaN): a clean error, not a traceback
+            raise MergeInputError(f"merge '{name}' diverged: {err}") from None
     rule = cls.from_params(params, len(checkpoints))
     return merge(rule, base, checkpoints, out_dir, settings, progress=progress)
 
@@ -457,7 +501,10 @@ def merge(
             torch.set_num_threads(1)
             workers = _cpu_workers()
         pool = _WorkerPool(rule, used, device, chunk)
-    tmp = temp_sibling(out_dir)
+    try:
+        tmp = temp_sibling(out_dir)
+    except OSError as err:
+        raise MergeOutputError(f"{out_dir}: cannot create its temporary sibling folder ({err.strerror or err})") from None
     writer = ShardedWriter(tmp, plan.out, settings.shard_size)
     published = False
     try:
@@ -488,6 +535,8 @@ def merge(
         copy_model_files(base_f, ck_f, tmp, settings.dtype)
         publish(tmp, out_dir, settings.overwrite)
         published = True
+    except OSError as err:  # disk full, quota, I/O error: nothing at out_dir, the temporary folder removed below
+        raise _write_error(err, out_dir, tmp) from None
     finally:
         if threads is not None:
             import torch
@@ -690,8 +739,12 @@ def write_state_dict(
     checkpoints: Sequence[Path],
     out_dir: Path,
     settings: EngineSettings,
+    before_publish: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Write in-memory tensors as a model folder like a merge does (for whole-model methods).
+
+    ``before_publish(tmp)`` writes the method's own files (e.g. ARM's diagnostics) into the temporary
+    folder, so the folder appears at ``out_dir`` only when complete.
 
     Tensors must be exactly the base's (names and shapes, as ``plan_merge`` checks); they are
     written in the base's storage order, cast to ``settings.dtype`` (floats; default the base's
@@ -709,7 +762,10 @@ def write_state_dict(
     extra = [n for n in state if n not in plan.inputs]
     if missing or extra:
         raise MergeInputError(f"state dict vs base {base}: missing {missing[:3]}, extra {extra[:3]}")
-    tmp = temp_sibling(out_dir)
+    try:
+        tmp = temp_sibling(out_dir)
+    except OSError as err:
+        raise MergeOutputError(f"{out_dir}: cannot create its temporary sibling folder ({err.strerror or err})") from None
     writer = ShardedWriter(tmp, plan.out, settings.shard_size)
     published = False
     try:
@@ -724,8 +780,12 @@ def write_state_dict(
             writer.write_tensor(name, t.to(device="cpu", dtype=torch_dtype(target.dtype)))
         writer.close()
         copy_model_files(base_f, ck_f, tmp, settings.dtype)
+        if before_publish is not None:
+            before_publish(tmp)
         publish(tmp, out_dir, settings.overwrite)
         published = True
+    except OSError as err:  # disk full, quota, I/O error: nothing at out_dir, the temporary folder removed below
+        raise _write_error(err, out_dir, tmp) from None
     finally:
         writer.abort()
         if not published:

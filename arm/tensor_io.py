@@ -456,7 +456,11 @@ class ShardedWriter:
             self._fh = None
 
     def abort(self) -> None:
-        self._close_file()
+        """Close without raising (after a failure: a full disk fails the final flush too)."""
+        try:
+            self._close_file()
+        except OSError:
+            self._fh = None
 
 
 # ---------------------------------------------------------------------------------------------

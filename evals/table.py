@@ -150,6 +150,7 @@ def build_table(results: Sequence[Mapping[str, Any]]) -> Table:
     columns: list[Column] = []
     rows: dict[str, tuple] = {}
     table = Table(columns=columns, rows=[], notes=notes)
+    sources: dict[tuple[str, Column], str] = {}  # the file each cell came from (errors name both of a conflict)
     for i, r in enumerate(results):
         if r["role"] == "merge":
             label = r.get("label") or merge_labels[i]
@@ -163,7 +164,16 @@ def build_table(results: Sequence[Mapping[str, Any]]) -> Table:
             column = Column(r["model"], r["domain"], r["split"], task, cell["metric"])
             if column not in columns:
                 columns.append(column)
-            table.cells[(label, column)] = 100.0 * float(cell["value"])
+            value = 100.0 * float(cell["value"])
+            if (label, column) in table.cells and table.cells[(label, column)] != value:
+                from arm.errors import InputError
+
+                first = sources.get((label, column), "<a result>")
+                raise InputError(f"{first} and {r.get('_file', '<a result>')}: two different results for the same cell "
+                                 f"(row '{label}', {column.model}/{column.domain}/{column.split} {task}): "
+                                 f"{table.cells[(label, column)]:.4g} vs {value:.4g}; keep one of them")
+            table.cells[(label, column)] = value
+            sources.setdefault((label, column), r.get("_file", "<a result>"))
             table.n[column] = cell.get("n")
     table.rows = sorted(rows, key=lambda label: rows[label])
     table.columns[:] = _order_columns(columns)
@@ -404,7 +414,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         location = log_sweep_table(table, project=args.wandb, group=group, run_dir=run_dir, images=images)
         print(f"W&B table run: {location} (group {group})", file=sys.stderr)
     if args.out:
-        atomic_write_text(args.out, text)
+        try:
+            atomic_write_text(args.out, text)
+        except OSError as err:
+            print(f"arm-table: error: {args.out}: cannot write ({err.strerror or err})", file=sys.stderr)
+            return 2
         print(f"wrote {args.out}")
     elif not args.out_dir:
         sys.stdout.write(text)

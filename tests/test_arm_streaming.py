@@ -167,7 +167,7 @@ def test_bad_inputs_fail_before_writing(traj, tmp_path) -> None:
         arm(traj, out, MergeContext(calibration=[]))
     with pytest.raises(ValueError, match="merge.rank: 1000 is larger than the input width 32"):
         arm(traj, out, MergeContext(calibration=records()), rank=1000)
-    with pytest.raises(FloatingPointError, match=r"ARM iteration 1: parameter '.+' became NaN/Inf"):
+    with pytest.raises(MergeInputError, match=r"merge 'arm' diverged: ARM iteration 1: parameter '.+' became NaN/Inf"):
         arm(traj, out, rotation="none", lr=1e39, iterations=2)
     assert not out.exists()
     assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
