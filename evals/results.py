@@ -14,7 +14,8 @@ One file per (model folder, evaluation setting). Schema version 1:
     metrics          {task: {"<metric>,<filter>": value, ..., "n": documents}}
     primary          {task: {"metric": "<metric>,<filter>", "value": v, "n": n}} (the table's cells)
     eval             backend, device, model_args, gen_kwargs per task, limit, num_fewshot, n_shot per task,
-                     gen_kwargs_override (applied to every generate task), apply_chat_template
+                     gen_kwargs_override (applied to every generate task), apply_chat_template, engine
+                     (vllm: version, the settings read back from the engine, every SamplingParams; hf: null)
     wall_s           {"eval": s, "merge": s or null}
     git, versions, created, cache_key, config (the resolved Hydra config that produced it)
 """
@@ -79,10 +80,10 @@ def build_result(
         "metrics": evaluation["metrics"],
         "primary": evaluation["primary"],
         "eval": {k: evaluation.get(k) for k in ("backend", "device", "model_args", "gen_kwargs", "limit", "num_fewshot",
-                                                  "n_shot", "gen_kwargs_override", "apply_chat_template")},
+                                                  "n_shot", "gen_kwargs_override", "apply_chat_template", "engine")},
         "wall_s": {"eval": evaluation.get("eval_wall_s"), "merge": merge_wall_s},
         "git": git_revision(),
-        "versions": versions(),
+        "versions": evaluation.get("versions") or versions(),  # of the process that ran lm-eval
         "created": now_iso(),
         "cache_key": cache_key,
         "config": dict(config),

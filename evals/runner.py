@@ -1,6 +1,8 @@
 """Evaluate one model folder with lm-evaluation-harness (Python API).
 
-Backends: `hf` (CPU or one GPU, any machine) and `vllm` (GPU machines). The synthetic tasks are YAML
+Backends: `hf` (CPU or one GPU, any machine) and `vllm` (GPU machines with the vllm extra; on a CPU the
+vLLM CPU venv of evals/vllm_env.py: an interpreter without vLLM hands the evaluation to it through
+evals/vllm_worker.py). The synthetic tasks are YAML
 templates in evals/tasks/; the runner writes a copy with absolute data paths and the chosen split
 into the evaluation's own folder, so each result keeps the exact task definition it was scored with.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from arm.errors import ConfigError, InputError
+from arm.provenance import versions
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +142,97 @@ def model_args_for(backend: str, model_path: Path, eval_cfg: Mapping, model_cfg:
     raise ConfigError("eval.backend", f"unknown backend '{backend}' (known: hf, vllm)")
 
 
+def vllm_importable() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("vllm") is not None
+
+
+SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "min_tokens", "stop",
+                   "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs")
+
+
+def _set_vllm_cpu_env() -> str | None:
+    """On vLLM's CPU build: set its variables where unset (before vllm is imported); its version, else None."""
+    import importlib.metadata
+
+    try:
+        cpu_build = importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    from evals.vllm_env import cpu_runtime_env
+
+    for key, value in cpu_runtime_env({}).items():
+        os.environ.setdefault(key, value)
+    return cpu_build
+
+
+def vllm_lm(model_args: Mapping[str, Any], eval_cfg: Mapping) -> tuple[Any, dict[str, Any]]:
+    """lm-eval's VLLM model for `model_args`, and what the vLLM engine was built with.
+
+    On vLLM's CPU build (distribution `vllm-cpu`) the variables of evals.vllm_env.cpu_runtime_env are
+    set first where unset (KV cache size, engine in-process). The returned LM records every distinct
+    SamplingParams it hands to vLLM into engine["sampling_params"].
+    """
+    import importlib.metadata
+
+    cpu_build = _set_vllm_cpu_env()
+    import vllm
+    from lm_eval.api.registry import get_model
+
+    lm = get_model("vllm").create_from_arg_obj(dict(model_args), {"batch_size": eval_cfg.get("batch_size", "auto")})
+    engine: dict[str, Any] = {
+        "vllm_version": vllm.__version__,
+        "distribution": f"vllm-cpu {cpu_build}" if cpu_build else f"vllm {importlib.metadata.version('vllm')}",
+        "lm_eval_data_parallel_size": lm.data_parallel_size,  # lm-eval's own data parallelism (Ray workers)
+        "env": {k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING") if k in os.environ},
+    }
+    llm = getattr(lm, "model", None)  # None when lm-eval dispatches data parallel workers
+    if llm is not None:
+        config = llm.llm_engine.vllm_config
+        engine.update({
+            "device": str(config.device_config.device_type),
+            "dtype": str(config.model_config.dtype).removeprefix("torch."),
+            "tensor_parallel_size": config.parallel_config.tensor_parallel_size,
+            "data_parallel_size": config.parallel_config.data_parallel_size,
+            "max_model_len": config.model_config.max_model_len,
+            "gpu_memory_utilization": config.cache_config.gpu_memory_utilization,  # on CPU: a share of RAM
+            "kv_cache_memory_bytes": config.cache_config.kv_cache_memory_bytes,  # VLLM_CPU_KVCACHE_SPACE on CPU
+            "enforce_eager": config.model_config.enforce_eager,
+            "seed": config.model_config.seed,
+        })
+    else:
+        engine["device"] = "cuda"
+    seen: list[dict[str, Any]] = []
+    engine["sampling_params"] = seen
+    generate = lm._model_generate
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        params = kwargs.get("sampling_params")
+        for p in params if isinstance(params, list) else [params]:
+            if p is not None:
+                fields = {k: getattr(p, k, None) for k in SAMPLING_FIELDS}
+                fields["stop"] = list(fields["stop"] or [])
+                if fields not in seen:
+                    seen.append(fields)
+        return generate(*args, **kwargs)
+
+    lm._model_generate = recording
+    return lm, engine
+
+
+def release_vllm(lm: Any) -> None:
+    """Shut the in-process engine down and free its memory (a worker evaluates many models in turn)."""
+    import gc
+
+    llm = getattr(lm, "model", None)
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    lm.model = None
+    gc.collect()
+
+
 def check_model_folder(model_path: Path) -> None:
     path = Path(model_path)
     if not path.is_dir():
@@ -168,7 +262,13 @@ def evaluate(
     check_model_folder(model_path)
     backend = eval_cfg.get("backend", "hf")
     model_args = model_args_for(backend, model_path, eval_cfg, model_cfg)
-    device = resolve_device(eval_cfg.get("device", "auto"))
+    if backend == "vllm" and not vllm_importable():
+        # The vLLM CPU venv's interpreter runs this same function (evals/vllm_worker.py).
+        from evals.vllm_worker import evaluate_in_vllm_venv
+
+        return evaluate_in_vllm_venv(model_path, specs, eval_cfg, out_dir, include_path=include_path,
+                                     model_cfg=model_cfg, unsafe_code=unsafe_code, seed=seed)
+    device = resolve_device(eval_cfg.get("device", "auto")) if backend == "hf" else None
     if unsafe_code:
         # lm-eval's code_eval metric (HumanEval, MBPP) refuses to run without this variable.
         os.environ["HF_ALLOW_CODE_EVAL"] = "1"
@@ -185,25 +285,33 @@ def evaluate(
         raise ConfigError("domain.tasks", f"lm-eval does not know task(s) {unknown}")
     requests, num_fewshot = task_requests(specs, eval_cfg.get("num_fewshot"))
 
+    if backend == "vllm":
+        _set_vllm_cpu_env()
+        import vllm  # noqa: F401  (10-20 s once per process: not part of a model's evaluation time)
     start = time.perf_counter()
-    raw = simple_evaluate(
-        model=backend,
-        model_args=model_args,
-        tasks=requests,
-        num_fewshot=num_fewshot,
-        batch_size=eval_cfg.get("batch_size", 16),
-        device=device if backend == "hf" else None,
-        limit=eval_cfg.get("limit"),
-        log_samples=True,
-        task_manager=manager,
-        gen_kwargs=dict(eval_cfg["gen_kwargs"]) if eval_cfg.get("gen_kwargs") else None,
-        apply_chat_template=bool(eval_cfg.get("apply_chat_template", False)),
-        confirm_run_unsafe_code=unsafe_code,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    lm, engine = (vllm_lm(model_args, eval_cfg) if backend == "vllm" else (None, None))
+    try:
+        raw = simple_evaluate(
+            model=lm if lm is not None else backend,  # vllm: lm-eval's own VLLM class, built by vllm_lm
+            model_args=model_args,
+            tasks=requests,
+            num_fewshot=num_fewshot,
+            batch_size=eval_cfg.get("batch_size", 16),
+            device=device if backend == "hf" else None,
+            limit=eval_cfg.get("limit"),
+            log_samples=True,
+            task_manager=manager,
+            gen_kwargs=dict(eval_cfg["gen_kwargs"]) if eval_cfg.get("gen_kwargs") else None,
+            apply_chat_template=bool(eval_cfg.get("apply_chat_template", False)),
+            confirm_run_unsafe_code=unsafe_code,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    finally:
+        if lm is not None:
+            release_vllm(lm)
     wall = time.perf_counter() - start
     if raw is None:  # only non-zero ranks of a distributed run get None
         raise RuntimeError("lm-eval returned no results on this rank")
@@ -230,8 +338,11 @@ def evaluate(
         "gen_kwargs": gen_kwargs,
         "eval_wall_s": round(wall, 3),
         "backend": backend,
-        "device": device if backend == "hf" else "cuda",
+        "device": device if backend == "hf" else engine["device"],
         "model_args": model_args,
+        # vllm: what the engine was built with (read back from vLLM) and every SamplingParams it received.
+        "engine": engine,
+        "versions": versions(),  # of the process that evaluated (the vLLM CPU venv has its own transformers)
         "limit": eval_cfg.get("limit"),
         "num_fewshot": eval_cfg.get("num_fewshot"),
         # What each task actually ran with: shots (lm-eval's n-shot), the gen_kwargs override and chat template.
