@@ -61,7 +61,10 @@ class Paths:
 
 def validate(cfg: Mapping[str, Any]) -> None:
     """Cheap checks of the composed config, before any work."""
+    from arm.config_checks import check_values
     from evals.runner import synthetic_templates, task_specs
+
+    check_values(cfg)  # value types and ranges (eval.limit, seed, ...), and the code sandbox where tasks run code
 
     domain = cfg["domain"]
     specs = task_specs(domain)
@@ -276,6 +279,10 @@ def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, An
             (ref, {"role": "reference"})
             for ref in trajectory.references(ref_cfg.get("base", True), ref_cfg.get("early", True), ref_cfg.get("converged", True))
         ]
+        from evals.runner import check_model_folder
+
+        for ref, _ in todo:  # a missing or corrupt reference checkpoint is named before any merge or evaluation
+            check_model_folder(ref.path)
         if cfg["merge"]["name"] != "none":
             calibration = data
             if calibration is None and cfg["domain"].get("sft_data") and _takes_calibration(cfg["merge"]["name"]):

@@ -16,12 +16,15 @@ One file per (model folder, evaluation setting). Schema version 1:
     eval             backend, device, model_args, gen_kwargs per task, limit, num_fewshot, n_shot per task,
                      gen_kwargs_override (applied to every generate task), apply_chat_template, engine
                      (vllm: version, the settings read back from the engine, every SamplingParams; hf: null)
+                     code_execution: how generated programs ran ("bwrap"; "none (eval.unsafe_code_without_sandbox=true)"
+                     when the user opted out of isolation; null for tasks that run no code)
     wall_s           {"eval": s, "merge": s or null}
     git, versions, created, cache_key, config (the resolved Hydra config that produced it)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -80,7 +83,8 @@ def build_result(
         "metrics": evaluation["metrics"],
         "primary": evaluation["primary"],
         "eval": {k: evaluation.get(k) for k in ("backend", "device", "model_args", "gen_kwargs", "limit", "num_fewshot",
-                                                  "n_shot", "gen_kwargs_override", "apply_chat_template", "engine")},
+                                                  "n_shot", "gen_kwargs_override", "apply_chat_template", "engine",
+                                                  "code_execution")},
         "wall_s": {"eval": evaluation.get("eval_wall_s"), "merge": merge_wall_s},
         "git": git_revision(),
         "versions": evaluation.get("versions") or versions(),  # of the process that ran lm-eval
@@ -110,8 +114,10 @@ def validate_result(result: Any, source: str | Path) -> dict[str, Any]:
     for task, cell in result["primary"].items():
         if not isinstance(cell, dict) or not {"metric", "value", "n"} <= set(cell):
             raise InputError(f"{source}: key 'primary.{task}' needs metric, value and n")
-        if not isinstance(cell["value"], int | float):
+        if not isinstance(cell["value"], int | float) or isinstance(cell["value"], bool):
             raise InputError(f"{source}: key 'primary.{task}.value' is not a number")
+        if not math.isfinite(cell["value"]):
+            raise InputError(f"{source}: key 'primary.{task}.value' is {cell['value']} (not a finite score)")
     return result
 
 
@@ -130,7 +136,10 @@ def find_result_files(paths: Iterable[Path]) -> list[Path]:
         if path.is_file():
             found.append(path)
         elif path.is_dir():
-            found.extend(sorted(p for p in path.rglob(RESULTS_NAME) if ".tmp-" not in str(p)))
+            for p in sorted(p for p in path.rglob(RESULTS_NAME) if ".tmp-" not in str(p)):
+                if not p.is_file():
+                    raise InputError(f"{p}: a folder named {RESULTS_NAME}, not a results file")
+                found.append(p)
         else:
             raise InputError(f"{path}: no such file or folder")
     return found

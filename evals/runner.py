@@ -25,6 +25,25 @@ from arm.provenance import versions
 log = logging.getLogger(__name__)
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "tasks"
+CODE_TASK_DIR = TEMPLATE_DIR / "code"
+"""lm-eval tasks of the real code domain scored by the project's sandbox (humaneval_sandboxed, mbpp_sandboxed)."""
+CODE_TASKS = ("code_synth", "humaneval_sandboxed", "mbpp_sandboxed")
+"""Tasks whose scorer executes generated programs (always through evals.sandbox)."""
+
+
+def code_isolation(specs: Sequence[TaskSpec], eval_cfg: Mapping) -> str | None:
+    """How the tasks' generated programs will run: ``sandbox.ISOLATED``, ``sandbox.UNISOLATED`` (only
+    with eval.unsafe_code_without_sandbox=true), or None when no task executes code. Raises
+    ``SandboxUnavailable`` (naming the fix) when no isolation is available: call it before any work."""
+    if not any(spec.name in CODE_TASKS for spec in specs):
+        return None
+    unsafe = eval_cfg.get("unsafe_code_without_sandbox", False)
+    if not isinstance(unsafe, bool):
+        raise ConfigError("eval.unsafe_code_without_sandbox", f"expected true or false, got {unsafe!r}")
+    from evals import sandbox
+
+    sandbox.allow_unsafe_execution(unsafe)
+    return sandbox.isolation()
 
 
 @dataclass(frozen=True)
@@ -241,6 +260,13 @@ def check_model_folder(model_path: Path) -> None:
         raise InputError(f"{path}: not a Hugging Face model folder (no config.json)")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise InputError(f"{path}: no weights (*.safetensors) in the model folder")
+    if any(path.glob("*.safetensors")):
+        from arm.tensor_io import ModelFolder, TensorIOError
+
+        try:
+            ModelFolder(path)  # every safetensors header against its file size: names a corrupt or truncated file
+        except TensorIOError as err:
+            raise InputError(str(err)) from None
 
 
 def evaluate(
@@ -262,6 +288,7 @@ def evaluate(
     check_model_folder(model_path)
     backend = eval_cfg.get("backend", "hf")
     model_args = model_args_for(backend, model_path, eval_cfg, model_cfg)
+    isolation = code_isolation(specs, eval_cfg)  # before any work: refuses without a sandbox (or the opt-out)
     if backend == "vllm" and not vllm_importable():
         # The vLLM CPU venv's interpreter runs this same function (evals/vllm_worker.py).
         from evals.vllm_worker import evaluate_in_vllm_venv
@@ -279,7 +306,7 @@ def evaluate(
     if include_path is not None:
         manager = TaskManager(include_path=str(include_path), include_defaults=False)
     else:
-        manager = TaskManager()
+        manager = TaskManager(include_path=str(CODE_TASK_DIR))  # lm-eval's tasks and the sandboxed code tasks
     unknown = [s.name for s in specs if s.name not in manager.all_tasks]
     if unknown:
         raise ConfigError("domain.tasks", f"lm-eval does not know task(s) {unknown}")
@@ -340,6 +367,7 @@ def evaluate(
         "backend": backend,
         "device": device if backend == "hf" else engine["device"],
         "model_args": model_args,
+        "code_execution": isolation,  # how generated programs ran: bwrap, none (opted out), or null (no code)
         # vllm: what the engine was built with (read back from vLLM) and every SamplingParams it received.
         "engine": engine,
         "versions": versions(),  # of the process that evaluated (the vLLM CPU venv has its own transformers)
