@@ -69,7 +69,10 @@ def test_vllm_without_venv_says_how_to_create_it(compose, tmp_path, monkeypatch)
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(b"")
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros(2, dtype=np.float32)}, str(model / "model.safetensors"))
     cfg = compose("eval=vllm", "domain=math_synth")
     with pytest.raises(ConfigError, match="make vllm-cpu"):
         runner.evaluate(model, runner.task_specs(cfg.domain), runner.effective_eval_cfg(cfg.eval, cfg.domain), tmp_path,
