@@ -160,6 +160,6 @@ def test_layerwise_on_an_unsupported_model_fails_before_writing(traj, tmp_path, 
 def test_layerwise_divergence_names_the_iteration_and_parameter(traj, tmp_path) -> None:
     out = tmp_path / "out"
     cfg = {"name": "arm", "device": "cpu", "rotation": "none", "lr": 1e39, "iterations": 2, "statistics": "layerwise"}
-    with pytest.raises(FloatingPointError, match=r"ARM iteration 1: parameter '.+' became NaN/Inf"):
+    with pytest.raises(MergeInputError, match=r"merge 'arm' diverged: ARM iteration 1: parameter '.+' became NaN/Inf"):
         merge_from_config(cfg, traj.base, traj.checkpoints, out, progress=False)
     assert not out.exists()
