@@ -103,7 +103,19 @@ class LocalCluster:
                 raise TimeoutError(f"jobs still queued after {timeout}s:\n{self.run('squeue')}")
             time.sleep(1)
 
+    def cancel_all(self, timeout: float = 60) -> None:
+        """Cancel every job still queued or running: a test that fails mid-sweep must not leave its jobs'
+        processes behind once the daemons are gone."""
+        try:
+            ids = self.run("squeue", "-h", "-o", "%A").split()
+            if ids:
+                self.run("scancel", *ids)
+                self.wait_until_drained(timeout)
+        except (RuntimeError, TimeoutError, subprocess.SubprocessError):
+            pass
+
     def stop(self) -> None:
+        self.cancel_all()
         subprocess.run([str(SCRIPT), "stop", str(self.state)], env=self.env, timeout=120, check=False)
         for name, pid in self.pids.items():  # belt and braces: only our recorded PIDs
             for _ in range(50):

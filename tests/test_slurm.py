@@ -244,8 +244,10 @@ def test_paper_table_composes_every_point(compose):
 
 # Two "sizes" of the tiny model with their own (small) resources: what conf/model/qwen3-*.yaml's
 # slurm.job blocks are for the real sizes, scaled to this machine (2 CPUs).
-SIZES = {"tiny_res_a": {"cpus_per_task": 1, "mem_gb": 1, "timeout_min": 7},
-         "tiny_res_b": {"cpus_per_task": 2, "mem_gb": 2, "timeout_min": 9}}
+# Time limits with a wide margin: on a loaded 2-core machine one 24-step job has taken 5.5 minutes.
+SIZES = {"tiny_res_a": {"cpus_per_task": 1, "mem_gb": 1, "timeout_min": 25},
+         "tiny_res_b": {"cpus_per_task": 2, "mem_gb": 2, "timeout_min": 30}}
+SIZES_TIMEOUT = 1200  # seconds for the launch: the two arrays run one after the other (b needs both CPUs)
 
 
 def write_size_configs(conf: Path) -> Path:
@@ -275,9 +277,9 @@ def test_a_sweep_over_sizes_submits_each_size_with_its_own_resources(cluster, tm
     conf = write_size_configs(tmp_path / "conf")
     root = tmp_path / "outputs"
     cmd = [sys.executable, "-m", "arm", "-m", "experiment=smoke", "hydra/launcher=slurm_local", "model=tiny_res_a,tiny_res_b",
-           "merge=none,linear", "references.early=false", "references.converged=false", "logger=none", f"paths.root={root}",
-           f"hydra.searchpath=[file://{conf}]"]
-    proc = subprocess.run(cmd, cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+           "merge=none,linear", "references.early=false", "references.converged=false", "eval.limit=8", "logger=none",
+           f"paths.root={root}", f"hydra.searchpath=[file://{conf}]"]
+    proc = subprocess.run(cmd, cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=SIZES_TIMEOUT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     cluster.wait_until_drained(timeout=120)
 
