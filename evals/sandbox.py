@@ -10,8 +10,10 @@ started by bubblewrap (``bwrap``, Debian package ``bubblewrap``) with:
   ``/tmp`` (a size-capped tmpfs) as its working folder; no network (only its own loopback), a clean
   environment (``LC_ALL`` and ``PATH`` only);
 - resource limits set by the runner before any untrusted code runs: CPU seconds, address space,
-  no new processes, file size, open files, no core files; and a wall-clock deadline at which the
-  parent kills the sandbox, whose PID namespace takes every process in it along.
+  no new processes, file size, open files, no core files; and a wall-clock deadline (counted once the
+  runner has set them, so a slow start-up is not the program's time) at which the parent kills the
+  sandbox, whose PID namespace takes every process in it along. A sandbox that does not start raises
+  ``SandboxStartError``: an infrastructure failure is never scored as a failed program.
 
 The verdict is decided in the parent. The child only executes the program and then answers calls:
 the parent runs the (trusted) test code itself, and every name the tests take from the program
@@ -78,6 +80,16 @@ UNISOLATED = "none (eval.unsafe_code_without_sandbox=true)"
 
 class SandboxUnavailable(ArmError):
     """No OS isolation for generated code on this machine (and no explicit opt-out)."""
+
+
+class SandboxStartError(RuntimeError):
+    """The sandbox itself did not start (not the program's fault): never scored as a failed program."""
+
+
+STARTUP_S = 60.0
+"""Time the sandbox and interpreter may take to start, before the program's own wall-clock limit
+(like code_eval's, which times the program, not the process start): on a loaded machine start-up
+alone can take seconds, and it must not turn a correct program into a timeout."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +181,7 @@ def _main():
     limits = payload["limits"]
     for name, value in limits.items():
         resource.setrlimit(getattr(resource, name), (value, value))
+    send({"started": True})  # before any untrusted code: the program's time starts now
 
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
 
@@ -594,7 +607,10 @@ def _probe(bwrap: str | None) -> str | None:
     if bwrap is None:
         return "bubblewrap (bwrap) is not installed"
     program = "import os, socket\ndef probe():\n    return [os.getuid(), len(socket.if_nameindex())]\n"
-    result = _run(bwrap, program, [f"assert probe() == [{SANDBOX_UID}, 1]"], 10.0, 256)
+    try:
+        result = _run(bwrap, program, [f"assert probe() == [{SANDBOX_UID}, 1]"], 10.0, 256)
+    except SandboxStartError as err:
+        return f"bubblewrap cannot start a sandbox here: {err}"
     if result.passed:
         return None
     return f"bubblewrap cannot start a sandbox here ({result.status}: {result.detail[:300]})"
@@ -670,7 +686,9 @@ def _run(
         compiled = [(src, compile(src, "<test>", "exec")) for src in ([setup] if setup else []) + list(tests)]
     except (SyntaxError, ValueError) as error:
         return SandboxResult(False, "error", f"a test does not compile: {type(error).__name__}: {error}")
-    deadline = time.monotonic() + timeout_s
+    if len(json.dumps(program)) > MAX_MESSAGE_BYTES - 4096:
+        return SandboxResult(False, "error", f"the program exceeds {MAX_MESSAGE_BYTES} bytes")
+    deadline = time.monotonic() + STARTUP_S  # until the runner reports "started"; then timeout_s (see _session)
     if bwrap is not None:
         read_end, write_end = os.pipe()
         try:
@@ -696,7 +714,14 @@ def _session(
 ) -> SandboxResult:
     """Hand the program to the child, then run the tests here against its answers."""
     try:
-        child.send({"program": program, "limits": _limits(timeout_s, memory_mb)})
+        try:
+            child.send({"program": program, "limits": _limits(timeout_s, memory_mb)})
+            started = child.receive()
+        except _Abort as abort:
+            raise SandboxStartError(f"the sandbox did not start ({abort.detail}){_stderr_note(child)}") from None
+        if not started.get("started"):
+            raise SandboxStartError(f"the sandbox did not start (got {str(started)[:200]})")
+        child.deadline = time.monotonic() + timeout_s
         first = child.receive()
         if "syntax_error" in first:
             error = first["syntax_error"] if isinstance(first["syntax_error"], dict) else {}

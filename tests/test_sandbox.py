@@ -151,3 +151,21 @@ def test_explicit_opt_out_runs_unisolated_with_a_warning(monkeypatch: pytest.Mon
         assert "WITHOUT OS isolation" in caplog.text
     finally:
         sandbox.allow_unsafe_execution(False)
+
+
+def test_a_huge_program_is_an_error() -> None:
+    assert run_program("x = 1\n" * 300000 + PROGRAM, TESTS).status == "error"
+
+
+def test_start_up_time_does_not_count_against_the_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loaded machine can take seconds to start the sandbox: the limit times the program (as code_eval's)."""
+    real = sandbox.bwrap_argv
+    monkeypatch.setattr(sandbox, "bwrap_argv", lambda *a: ["/bin/sh", "-c", 'sleep 1; exec "$@"', "sh", *real(*a)])
+    assert run_program(PROGRAM, TESTS, timeout_s=0.5).passed
+
+
+def test_a_sandbox_that_cannot_start_is_an_error_not_a_failed_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert sandbox.isolation() == sandbox.ISOLATED
+    monkeypatch.setattr(sandbox, "bwrap_argv", lambda bwrap, fd: [bwrap, "--no-such-option"])
+    with pytest.raises(sandbox.SandboxStartError, match="the sandbox did not start"):
+        run_program(PROGRAM, TESTS)
