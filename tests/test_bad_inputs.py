@@ -254,3 +254,26 @@ def test_table_unwritable_out_is_named(tmp_path) -> None:
     out.parent.parent.write_text("a file where a folder should be")
     code, err = _table(str(tmp_path / "run"), "--out", str(out / "t.md"))
     assert code == 2 and f"{out / 't.md'}: cannot write" in err
+
+
+def test_a_job_names_a_corrupt_reference_checkpoint_before_any_evaluation(compose, tmp_path) -> None:
+    """A trajectory folder whose converged checkpoint is truncated: the job stops naming that file, with
+    no merge and no evaluation started (no cache/evals, no cache/merged)."""
+    import shutil
+
+    from arm.errors import InputError
+    from arm.pipeline import run_job
+
+    folder = tmp_path / "sft-run"
+    made = make_trajectory(folder, n_checkpoints=3, hidden=16, layers=1)
+    last = made.checkpoints[-1]
+    weights = last / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    steps = sorted(int(p.name.split("-")[1]) for p in made.checkpoints)
+    cfg = compose("domain=math_synth", "logger=none", "merge=linear", f"paths.root={tmp_path / 'out'}",
+                  f"trajectory.path={folder}", f"trajectory.early_steps={steps[:2]}".replace(" ", ""))
+    with pytest.raises(InputError, match=rf"{weights}"):
+        run_job(cfg, run_dir=tmp_path / "run")
+    cache = tmp_path / "out" / "cache"
+    assert not (cache / "evals").exists() and not (cache / "merged").exists()
+    shutil.rmtree(folder)
