@@ -279,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="tiny", help="conf/model/<model>.yaml")
     parser.add_argument("--cache", type=Path, default=Path("outputs/cache"), help="cache folder (default outputs/cache)")
     parser.add_argument("--ship", action="store_true", help="copy the base to arm/assets/<model>-base/ (what make pretrain does)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="recompute the manifest's skill scores of an existing base (they do not enter the recipe key)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the pretrain block, e.g. --set schedule.max_steps=200 (not with --ship)")
     args = parser.parse_args(argv)
@@ -301,6 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_cfg["pretrain"] = {**(model_cfg.get("pretrain") or {}), "build": "auto"}
         folder, key = ensure_base(model_cfg, args.cache)
         manifest = read_manifest(folder) or {}
+        if args.rescore:
+            rec = recipe(model_cfg)
+            manifest["skill"] = skill_scores(folder, held_out_data(rec["held_out"]), limit=rec["skill_eval_limit"])
+            atomic_write_json(folder / MANIFEST_NAME, manifest)
         if args.ship:
             target = shipped_base(model_cfg["name"])
             if folder.resolve() != target.resolve():

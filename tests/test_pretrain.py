@@ -166,7 +166,8 @@ def test_chat_template_and_response_only_loss():
         assert r["prompt"].startswith(USER) and r["prompt"].endswith(f"\n{ASSISTANT}") and "\nA:" not in r["prompt"]
         assert r["response"] == f" The answer is {r['answer']}."
     for r in code:
-        assert r["prompt"] == f"{USER}{r['words']}\n{ASSISTANT}def f(x):\n" and r["response"].startswith("    return ")
+        assert r["prompt"] == f"{USER}{r['words']}\n{ASSISTANT}" and r["response"].startswith("def f(x):\n    return ")
+        assert r["code_prefix"] == ""
     record = math[0]
     ids, labels = encode_example(tok, record)
     prompt_ids = tok(record["prompt"], add_special_tokens=False)["input_ids"]

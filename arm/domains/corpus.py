@@ -9,6 +9,7 @@ from. Every document is a few lines of generic text, mixing:
     steps       3*7=21, 21+5=26
     verbal      3 times 7 plus 5 is 26.
     narrative   Ann had 3 boxes with 7 cups in each. She got 5 more. Now Ann has 26 cups.
+                Tom has 3 bags of 7 pens. Tom gets 5. Now Tom has 26 pens.
     code        # x times 3 plus 2            (a function described by a comment, as in source files)
                 def f(x):
                     return x*3+2
@@ -63,8 +64,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
 KINDS = ("equation", "steps", "verbal", "narrative", "code")
 WORDS = {"add": "plus", "sub": "minus", "mul": "times"}
 SYMBOL = {"add": "+", "sub": "-", "mul": "*"}
-# Narrative verbs differ from math_synth's SFT verbs (gets/finds/buys, gives/loses/sells): mapping those
-# words to operations is part of what SFT teaches.
+# Verbs of the other half of the narratives (the first half uses math_synth's own verbs).
 NARRATIVE = {"add": ("got {} more", "was given {} more", "picked up {} more"),
              "sub": ("used {}", "gave away {}", "ate {}")}
 CONTAINERS = ("boxes", "jars", "bags", "rows", "packs")
@@ -229,10 +229,23 @@ def _verbal(problem: MathProblem) -> str:
 
 
 def _narrative(problem: MathProblem, rng: random.Random) -> str:
+    """Short sentences with quantities. Half of them use math_synth's verbs (gets, gives, ...) in sentences
+    of their own ("Tom has 3 pens. Tom gets 5. Now Tom has 8 pens."), half other verbs ("She got 5 more."):
+    the base meets the words; the one-line problem, the template and the answer phrase are SFT's."""
     ops, v = problem
     answer = math_synth.evaluate(ops, v)
     name = rng.choice(math_synth.NAMES)
     obj = rng.choice(math_synth.OBJECTS)
+    if rng.random() < 0.5:
+        if ops[0] == "mul":
+            text = f"{name} has {v[0]} bags of {v[1]} {obj}."
+            rest = zip(ops[1:], v[2:], strict=True)
+        else:
+            text = f"{name} has {v[0]} {obj}."
+            rest = zip(ops, v[1:], strict=True)
+        for op, x in rest:
+            text += f" {name} {rng.choice(math_synth.VERBS[op])} {x}."
+        return f"{text} Now {name} has {answer} {obj}."
     pron = rng.choice(PRONOUNS)
     if ops[0] == "mul":
         text = f"{name} had {v[0]} {rng.choice(CONTAINERS)} with {v[1]} {obj} in each."

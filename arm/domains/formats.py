@@ -5,12 +5,13 @@
 - `chat` (the pretrained-base miniature, `model=tiny`): an instruction template with role tokens the
   base has never seen and, for math, a fixed answer phrase:
   "<|user|>Tom has 3 bags of 7 pens, gets 5.\\n<|assistant|>" -> " The answer is 26."
-  "<|user|>x times 3 plus 2\\n<|assistant|>def f(x):\\n"     -> "    return x*3+2"
+  "<|user|>x times 3 plus 2\\n<|assistant|>"                -> "def f(x):\\n    return x*3+2"
   SFT's loss is on the response (and EOS) only; learning this format is what SFT of a pretrained model
   does first (docs/trajectory.md).
 
 The underlying problem, the answer and the hidden tests are unchanged, so both formats are scored by the
-same scorers (the math scorer reads the last number; code runs `code_prefix` + the completed body).
+same scorers (the math scorer reads the last number; code runs `code_prefix` + the completion, cut where
+the function ends; in the chat format `code_prefix` is empty and the model writes the header itself).
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ def _chat(generator: str, record: Mapping[str, Any]) -> dict[str, Any]:
     elif generator == "code_synth":
         words = str(record["prompt"]).split("\n", 1)[0]
         out["words"] = words
-        out["prompt"] = f"{USER}{words}\n{ASSISTANT}{code_synth.CODE_PREFIX}"
+        # the header is the model's to write: the base continues "def f(x):\n" by habit, the template it has to learn
+        out["prompt"] = f"{USER}{words}\n{ASSISTANT}"
+        out["response"] = code_synth.CODE_PREFIX + str(record["response"])
+        out["code_prefix"] = ""
     else:
         raise ValueError(f"prompt format 'chat' has no template for domain {generator!r}")
     return out
