@@ -23,8 +23,9 @@ then the four fixes of ../shared/NOTES.md ("vLLM on CPU"), applied here rather t
 
 The venv is built once and reused: ``.venv-vllm/.arm-installed`` records what was installed (the specs
 and a digest of the project's dependency list); a different stamp reruns the installs in place. The
-project's code is not copied: the worker (evals/vllm_worker.py) imports it from the checkout. Creation takes about
-4-6 minutes on a 2-core machine (download dominated) and 3-4 GB of disk. Override the location with
+project's code is not copied: the worker (evals/vllm_worker.py) imports it from the checkout. Creation took
+159 s on a quiet 2-core machine (2026-12-01; downloads included) and 3.2 GB of disk; an up-to-date venv
+is found in well under a second. Override the location with
 ``ARM_VLLM_VENV``.
 
     python -m evals.vllm_env      # create it (when missing) and print its interpreter
