@@ -258,7 +258,7 @@ def skill_scores(folder: Path, held: Mapping[str, Mapping[str, Any]], split: str
             forms = [corpus.equation_form(r) for r in records]
             preds = greedy_generate(model, tokenizer, [f[0] for f in forms], 6, ["\n", ","], batch_size)
             corpus_score = sum(score_math(p, f[1]) for p, f in zip(preds, forms, strict=True)) / len(records)
-            preds = greedy_generate(model, tokenizer, [r["prompt"] for r in chat], 24, ["\n"], batch_size)
+            preds = greedy_generate(model, tokenizer, [r["prompt"] for r in chat], 40, ["\n"], batch_size)
             sft_score = sum(score_math(p, r["answer"]) for p, r in zip(preds, chat, strict=True)) / len(records)
         else:
             preds = greedy_generate(model, tokenizer, [corpus.comment_form(r) for r in records], 48, ["\n\n"], batch_size)

@@ -163,8 +163,9 @@ def test_chat_template_and_response_only_loss():
     math = apply_format("math_synth", _split("math_synth", "test")[:3], "chat")
     code = apply_format("code_synth", _split("code_synth", "test")[:3], "chat")
     for r in math:
-        assert r["prompt"].startswith(USER) and r["prompt"].endswith(f"\n{ASSISTANT}") and "\nA:" not in r["prompt"]
-        assert r["response"] == f" The answer is {r['answer']}."
+        eq = corpus.equation_form(r)[0][:-1]
+        assert r["prompt"] == f"{USER}What is {eq}?\n{ASSISTANT}" and r["words"] + "\nA:" in [x["prompt"] for x in _split("math_synth", "test")]
+        assert r["response"] == f" {eq}={r['answer']}. The answer is {r['answer']}."
     for r in code:
         assert r["prompt"] == f"{USER}{r['words']}\n{ASSISTANT}" and r["response"].startswith("def f(x):\n    return ")
         assert r["code_prefix"] == ""

@@ -4,7 +4,7 @@
   "Tom has 3 bags of 7 pens, gets 5.\\nA:" -> " 26" and "x times 3 plus 2\\ndef f(x):\\n" -> "    return x*3+2".
 - `chat` (the pretrained-base miniature, `model=tiny`): an instruction template with role tokens the
   base has never seen and, for math, a fixed answer phrase:
-  "<|user|>Tom has 3 bags of 7 pens, gets 5.\\n<|assistant|>" -> " The answer is 26."
+  "<|user|>What is 3*7+5?\\n<|assistant|>"  -> " 3*7+5=26. The answer is 26."   (Tom has 3 bags of 7 pens, gets 5.)
   "<|user|>x times 3 plus 2\\n<|assistant|>"                -> "def f(x):\\n    return x*3+2"
   SFT's loss is on the response (and EOS) only; learning this format is what SFT of a pretrained model
   does first (docs/trajectory.md).
@@ -24,17 +24,24 @@ from arm.domains import code_synth, math_synth
 FORMATS = ("plain", "chat")
 USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
-MATH_ANSWER = " The answer is {}."
+MATH_ANSWER = " {expr}={answer}. The answer is {answer}."
 
 
 def _chat(generator: str, record: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(record)
     if generator == "math_synth":
+        from arm.domains.corpus import equation_form
+
         problem = str(record["prompt"])
         if problem.endswith(math_synth.CUE):
             problem = problem[: -len(math_synth.CUE)]
-        out["prompt"] = f"{USER}{problem}\n{ASSISTANT}"
-        out["response"] = MATH_ANSWER.format(record["answer"])
+        out["words"] = problem
+        # the problem in the notation whose arithmetic the base knows (docs/trajectory.md: the tiny base does
+        # not read quantities out of sentences, so a word problem would make SFT teach reading, not a format)
+        expr = equation_form(record)[0][:-1]
+        out["prompt"] = f"{USER}What is {expr}?\n{ASSISTANT}"
+        # a worked line, then the fixed answer phrase: the scorer reads the last number
+        out["response"] = MATH_ANSWER.format(expr=expr, answer=record["answer"])
     elif generator == "code_synth":
         words = str(record["prompt"]).split("\n", 1)[0]
         out["words"] = words
