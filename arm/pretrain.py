@@ -270,6 +270,32 @@ def skill_scores(folder: Path, held: Mapping[str, Mapping[str, Any]], split: str
     return out
 
 
+def plot_curve(manifest: Mapping[str, Any], out: Path) -> None:
+    """Training and validation loss (per token, every token of a document) against the pretraining step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = manifest["history"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    ax.plot([h["step"] for h in hist], [h["val_loss"] for h in hist], "o-", label="validation loss")
+    tr = [h for h in hist if h.get("train_loss") is not None]
+    ax.plot([h["step"] for h in tr], [h["train_loss"] for h in tr], alpha=0.7, label="train loss (window)")
+    ax.set_yscale("log")
+    ax.set_xlabel("pretraining step")
+    ax.set_ylabel("loss per token")
+    skill = manifest.get("skill", {})
+    text = "; ".join(f"{d}: {100 * v['corpus_form']:.1f}% corpus form, {100 * v['sft_format']:.1f}% chat format"
+                     for d, v in skill.items() if isinstance(v, dict))
+    ax.set_title(f"tiny base: {manifest['steps']} steps, {manifest['train_wall_s']:.0f} s\n{text}", fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
@@ -279,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="tiny", help="conf/model/<model>.yaml")
     parser.add_argument("--cache", type=Path, default=Path("outputs/cache"), help="cache folder (default outputs/cache)")
     parser.add_argument("--ship", action="store_true", help="copy the base to arm/assets/<model>-base/ (what make pretrain does)")
+    parser.add_argument("--plot", type=Path, default=None, help="also plot the base's pretraining loss curve (PNG)")
     parser.add_argument("--rescore", action="store_true",
                         help="recompute the manifest's skill scores of an existing base (they do not enter the recipe key)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -316,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 shutil.rmtree(target, ignore_errors=True)
                 tmp.rename(target)
             folder = target
+        if args.plot:
+            plot_curve(read_manifest(folder) or manifest, args.plot)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
