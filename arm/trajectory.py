@@ -242,25 +242,35 @@ def pretrained_base(cfg: Mapping, cache_dir: Path | None) -> tuple[Path | None, 
     rec = pretrain.recipe(model_cfg)
     if rec is None:
         return None, None
-    domain = cfg["domain"]
-    generator = domain.get("generator")
-    held = pretrain.held_out_data(rec["held_out"])
-    if generator in held:
-        given = dict(to_plain(domain.get("data") or {}))
-        if given != held[generator]:
-            from arm.domains import corpus
-
-            excluded = corpus.held_out_keys({generator: held[generator]})
-            current = corpus.held_out_keys({generator: given})
-            kind = "math" if generator == "math_synth" else "code"
-            outside = len(current[kind] - excluded[kind])
-            if outside:
-                log.warning("domain.data differs from the data block the pretrained base's corpus was built against "
-                            "(conf/domain/%s.yaml): %d of %d validation/test problems were not excluded from the corpus "
-                            "and may have been seen in pretraining", domain["name"], outside, len(current[kind]))
     if cache_dir is None:
         return None, pretrain.recipe_key(model_cfg, rec)
     return pretrain.ensure_base(model_cfg, cache_dir)
+
+
+def warn_if_not_held_out(cfg: Mapping) -> None:
+    """Log a warning when the domain's data block differs from the one the pretrained base's corpus held
+    out, counting the validation/test problems that the corpus did not exclude (they may be in it)."""
+    from arm import pretrain
+
+    rec = pretrain.recipe(to_plain(cfg["model"]))
+    if rec is None:
+        return
+    domain = cfg["domain"]
+    generator = domain.get("generator")
+    held = pretrain.held_out_data(rec["held_out"])
+    given = dict(to_plain(domain.get("data") or {}))
+    if generator not in held or given == held[generator]:
+        return
+    from arm.domains import corpus
+
+    excluded = corpus.held_out_keys({generator: held[generator]})
+    current = corpus.held_out_keys({generator: given})
+    kind = "math" if generator == "math_synth" else "code"
+    outside = len(current[kind] - excluded[kind])
+    if outside:
+        log.warning("domain.data differs from the data block the pretrained base's corpus was built against "
+                    "(conf/domain/%s.yaml): %d of %d validation/test problems were not excluded from the corpus "
+                    "and may have been seen in pretraining", domain["name"], outside, len(current[kind]))
 
 
 def trajectory_key(cfg: Mapping, data: DomainData) -> str:
@@ -307,11 +317,12 @@ def ensure_trajectory(cfg: Mapping, data: DomainData | None, cache_dir: Path) ->
     except ValueError as exc:
         raise ConfigError("model.sft", str(exc)) from exc
 
-    base_path, base_key = pretrained_base(cfg, cache_dir)
+    warn_if_not_held_out(cfg)
 
     def build(tmp: Path) -> None:
         from arm.sft import train_trajectory
 
+        base_path, base_key = pretrained_base(cfg, cache_dir)  # only when the trajectory is not cached
         log.info("training the %s trajectory on %s (%d examples) into %s", cfg["model"]["name"], data.name, len(splits["train"]), folder)
         manifest = train_trajectory(to_plain(cfg["model"]), sft, splits, tmp, seed=int(cfg.get("seed", 0)), init_from=base_path)
         manifest.update({"domain": data.name, "data_key": data.key, "key": key, "base_recipe_key": base_key})
