@@ -363,6 +363,7 @@ class _Child:
 
     def __init__(self, argv: list[str], cwd: str | None, deadline: float, pass_fds: tuple[int, ...] = ()):
         self.deadline = deadline
+        self.budget = max(0.0, deadline - time.monotonic())  # seconds of waiting for the child left
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
             env=dict(_ENV), start_new_session=True, close_fds=True, pass_fds=pass_fds,
@@ -383,6 +384,21 @@ class _Child:
         if left <= 0:
             raise _Abort("timeout", "killed at the wall-clock limit")
         return left
+
+    def _waiting(self) -> Any:
+        """Count the time spent waiting for the child against its budget; the parent's own work
+        between calls (running the tests) is not the program's time."""
+        parent = self
+
+        class _Wait:
+            def __enter__(self) -> None:
+                self.start = time.monotonic()
+                parent.deadline = self.start + parent.budget
+
+            def __exit__(self, *exc: object) -> None:
+                parent.budget = max(0.0, parent.budget - (time.monotonic() - self.start))
+
+        return _Wait()
 
     def _pump(self, timeout: float) -> None:
         """Read whatever the child wrote (replies; output up to the caps) within ``timeout``."""
@@ -447,8 +463,9 @@ class _Child:
         return reply
 
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        self.send(message)
-        return self.receive()
+        with self._waiting():
+            self.send(message)
+            return self.receive()
 
     # -- calls -----------------------------------------------------------------------------------
     def value(self, reply: dict[str, Any]) -> Any:
@@ -721,8 +738,9 @@ def _session(
             raise SandboxStartError(f"the sandbox did not start ({abort.detail}){_stderr_note(child)}") from None
         if not started.get("started"):
             raise SandboxStartError(f"the sandbox did not start (got {str(started)[:200]})")
-        child.deadline = time.monotonic() + timeout_s
-        first = child.receive()
+        child.deadline, child.budget = time.monotonic() + timeout_s, timeout_s
+        with child._waiting():  # the program's top level: its time counts like its calls'
+            first = child.receive()
         if "syntax_error" in first:
             error = first["syntax_error"] if isinstance(first["syntax_error"], dict) else {}
             return SandboxResult(False, "syntax_error", _cut(f"{error.get('raised')}: {error.get('message')}"),
