@@ -60,8 +60,7 @@ def build_spread(results: Sequence[Mapping[str, Any]]) -> Spread:
     seeds = sorted(by_seed)
     tables: dict[int, Table] = {s: build_table(by_seed[s]) for s in seeds}
     columns: list[Column] = []
-    rows: list[str] = []
-    spread = Spread(seeds=seeds, columns=columns, rows=rows)
+    spread = Spread(seeds=seeds, columns=columns, rows=[])
     for s in seeds:
         table = tables[s]
         for c in table.columns:
@@ -69,8 +68,6 @@ def build_spread(results: Sequence[Mapping[str, Any]]) -> Spread:
                 columns.append(c)
             spread.n.setdefault(c, table.n.get(c))
         for row in table.rows:
-            if row not in rows:
-                rows.append(row)
             for c in table.columns:
                 value = table.value(row, c)
                 if value is not None:
@@ -78,9 +75,16 @@ def build_spread(results: Sequence[Mapping[str, Any]]) -> Spread:
                 delta = table.delta(row, c)
                 if delta is not None:
                     spread.deltas.setdefault((row, c), {})[s] = delta
-    # rows in the order of the table built from all seeds' rows (base, early, converged, methods)
-    order = build_table([r for s in seeds for r in by_seed[s]]).rows
-    spread.rows[:] = [r for r in order if r in rows] + [r for r in rows if r not in order]
+    # rows in table order (base, early, converged, methods): each seed's table is ordered; a row that only
+    # a later seed has keeps its place after the rows it follows there
+    order: list[str] = []
+    for s in seeds:
+        for i, row in enumerate(tables[s].rows):
+            if row not in order:
+                before = tables[s].rows[:i]
+                at = max((order.index(r) + 1 for r in before if r in order), default=0)
+                order.insert(at, row)
+    spread.rows[:] = order
     return spread
 
 

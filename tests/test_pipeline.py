@@ -58,7 +58,7 @@ def test_math_job_end_to_end_and_cache_reuse(compose, tmp_path):
         assert result["primary"]["math_synth"]["n"] == 24
         assert 0.0 <= result["primary"]["math_synth"]["value"] <= 1.0
         assert result["config"]["domain"]["name"] == "math_synth"
-        assert result["eval"]["gen_kwargs"]["math_synth"]["max_gen_toks"] == 8
+        assert result["eval"]["gen_kwargs"]["math_synth"]["max_gen_toks"] == 40  # evals/tasks/math_synth.yaml
         assert result["wall_s"]["eval"] > 0
         assert result["git"]["revision"] is None or len(result["git"]["revision"]) == 40
         assert (run_dir / "results" / name / "samples.jsonl").is_file()
