@@ -1,4 +1,4 @@
-from arm.cli import main
+from arm.run.cli import main
 
 if __name__ == "__main__":
     main()

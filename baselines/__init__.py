@@ -1,35 +1,5 @@
-"""The one registry of merge methods: name -> rule class, imported lazily.
+"""The merge rules compared with ARM: linear, task arithmetic, TIES, ExPO, DARE.
 
-Every method of ``conf/merge/<name>.yaml`` is listed here exactly once; ``arm.merge_engine``
-looks methods up by ``merge.name``. A per-tensor rule subclasses ``baselines.base.TensorRule``.
+Each module implements one per-tensor rule of the contract in ``arm/merge/contract.py``
+(``TensorRule``) and is registered by name in ``arm/merge/registry.py``. Nothing else lives here.
 """
-
-from __future__ import annotations
-
-from importlib import import_module
-from typing import Any
-
-METHODS: dict[str, str] = {
-    "linear": "baselines.linear:Linear",
-    "task_arithmetic": "baselines.task_arithmetic:TaskArithmetic",
-    "ties": "baselines.ties:Ties",
-    "expo": "baselines.expo:Expo",
-    "dare": "baselines.dare:Dare",
-    "arm": "arm.streaming:ARM",
-}
-
-
-def method_names() -> list[str]:
-    return sorted(METHODS)
-
-
-def get_method(name: str) -> Any:
-    """The class registered under ``name``; a clear error naming the known ones otherwise."""
-    from baselines.base import MergeConfigError
-
-    if name not in METHODS:
-        raise MergeConfigError(
-            f"merge.name: unknown merge method {name!r} (known: {', '.join(method_names())})"
-        )
-    module, attr = METHODS[name].split(":")
-    return getattr(import_module(module), attr)

@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from baselines.base import (
+from arm.merge.contract import (
     MergeConfigError,
     TensorInputs,
     TensorRule,

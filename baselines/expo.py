@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from baselines.base import ElementwiseRule, check_number
+from arm.merge.contract import ElementwiseRule, check_number
 
 if TYPE_CHECKING:
     import torch

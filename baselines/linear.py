@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from baselines.base import ElementwiseRule, MergeConfigError, check_bool, check_number, check_weights
+from arm.merge.contract import ElementwiseRule, MergeConfigError, check_bool, check_number, check_weights
 
 if TYPE_CHECKING:
     import numpy as np

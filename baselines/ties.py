@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from baselines.base import (
+from arm.merge.contract import (
     TensorInputs,
     TensorRule,
     check_bool,

@@ -57,8 +57,8 @@ start = time.perf_counter()
 from pathlib import Path
 import torch, transformers  # what ARM imports lazily, timed apart from the merge itself
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from arm.merge_engine import MergeContext, merge_from_config
-from arm.trajectory import DomainData
+from arm.merge.engine import MergeContext, merge_from_config
+from arm.trajectory.build import DomainData
 imported = time.perf_counter()
 spec = json.loads(sys.argv[1])
 data = DomainData(**{k: (Path(v) if k == "folder" else v) for k, v in spec["data"].items()})
@@ -76,8 +76,8 @@ from pathlib import Path
 spec = json.loads(sys.argv[1])
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from arm.sft import _epoch_batches, _loss_sums, _save_model, collate, encode_example, evaluate_loss, lr_at
-from arm.trajectory import DomainData
+from arm.trajectory.sft import _epoch_batches, _loss_sums, _save_model, collate, encode_example, evaluate_loss, lr_at
+from arm.trajectory.build import DomainData
 cfg = spec["sft"]
 if cfg.get("num_threads"):
     torch.set_num_threads(int(cfg["num_threads"]))
@@ -132,7 +132,7 @@ print(json.dumps({"steps": timed, "train_s": train_s, "eval_s": eval_s, "save_s"
 
 
 def sft_remaining_events(sft: dict[str, Any], last_early: int, converged: int) -> dict[str, int]:
-    """The SFT work after c_m: optimizer steps, validation evaluations and checkpoint saves (arm.sft's schedule)."""
+    """The SFT work after c_m: optimizer steps, validation evaluations and checkpoint saves (arm.trajectory.sft's schedule)."""
     total = int(sft.get("total_steps") or converged)
     save = set(int(s) for s in sft.get("save_steps") or []) | {total}
     every = int(sft["eval_every"])
@@ -172,10 +172,10 @@ def run_child(spec: dict[str, Any]) -> tuple[float, float, float, dict[str, floa
 
 
 def bench_domain(domain: str, runs: int, overrides: list[str], formulations: list[str], slice_steps: int) -> dict[str, Any]:
-    from arm.cache import to_plain
-    from arm.pipeline import Paths
-    from arm.sft import resolve_sft_config
-    from arm.trajectory import ensure_data, ensure_trajectory, sft_config
+    from arm.core.cache import to_plain
+    from arm.run.job import Paths
+    from arm.trajectory.build import ensure_data, ensure_trajectory, sft_config
+    from arm.trajectory.sft import resolve_sft_config
 
     cfg = _compose(domain, overrides)
     paths = Paths.from_cfg(cfg, REPO / "outputs" / "runs" / "bench-arm")

@@ -13,7 +13,7 @@ bf16 base and two perturbed "early checkpoints" in the hub layout, sharded safet
    the relative difference is within TOLERANCE (set before any run; float-order differences only).
 3. `vllm_vs_hf`: lm-eval on 24 math_synth documents of the base, vLLM (CUDA, float32) against hf (CUDA,
    float32): scores, and the share of identical greedy generations.
-4. `sft_bf16_resume`: arm/sft_hf.py's Trainer SFT for 4 steps with bf16 autocast on the GPU, checkpoints
+4. `sft_bf16_resume`: arm/trajectory/trainer_sft.py's Trainer SFT for 4 steps with bf16 autocast on the GPU, checkpoints
    at steps 2 and 4; then checkpoint-4 and the manifest removed and the run resumed from checkpoint-2.
 
 Each check records its wall time; a check that would start after --budget-s is skipped. Without a CUDA
@@ -52,8 +52,8 @@ def build_inputs(work: Path, seed: int = 0, arch: dict[str, Any] | None = None) 
     """A bf16 base and two early checkpoints (the base + seeded noise of growing size), math_synth data."""
     import torch
 
-    from arm.domains import generate_splits, write_splits
-    from arm.tiny import build_char_tokenizer, build_model
+    from arm.data.domains import generate_splits, write_splits
+    from arm.trajectory.tiny import build_char_tokenizer, build_model
 
     tokenizer = build_char_tokenizer()
     model = build_model(arch or ARCH, tokenizer, seed)
@@ -121,7 +121,7 @@ def compare(a: Path, b: Path, base: Path) -> dict[str, float]:
 
 def check_merge(inputs: dict[str, Any], work: Path, name: str, method: str, ref_device: str, test_device: str,
                 ref_extra: dict[str, Any] | None = None, test_extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    from arm.merge_engine import MergeContext, merge_from_config
+    from arm.merge.engine import MergeContext, merge_from_config
 
     context = MergeContext(calibration=inputs["train"]) if method == "arm" else None
     times = {}
@@ -167,7 +167,7 @@ def check_vllm(inputs: dict[str, Any], work: Path, device: str) -> dict[str, Any
 def check_sft(inputs: dict[str, Any], work: Path, device: str) -> dict[str, Any]:
     import shutil
 
-    from arm.sft_hf import train
+    from arm.trajectory.trainer_sft import train
 
     records = [{"prompt": r["prompt"], "response": r["response"]} for r in inputs["train"]]
     sft = {"max_steps": 4, "per_device_batch_size": 4, "grad_accum": 1, "save_steps": [2], "early_steps": [2],

@@ -4,7 +4,7 @@
    of about 0.5B parameters (hidden 1024, intermediate 3072, 28 layers, 16/8 heads, head_dim 64,
    vocab 151936, tied embeddings, bf16, 3 shards) and three perturbed variants c1..c3.
 2. Merges them (base θ0 + c1..c3) with linear, task_arithmetic and ties, each as a whole command
-   — ours: ``python -m arm.merge_cli`` (imports included, like mergekit's), mergekit:
+   — ours: ``python -m arm.merge.cli`` (imports included, like mergekit's), mergekit:
    ``mergekit-yaml config.yml out --no-copy-tokenizer`` from its own venv — interleaved
    (for each round: every method, ours then mergekit), ``--runs`` rounds (default 3); the reported
    wall time is the median per command.
@@ -78,7 +78,7 @@ def build_models(spec: dict[str, Any], root: Path) -> tuple[Path, list[Path]]:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from arm.tensor_io import OutTensor, ShardedWriter, plan_shards
+    from arm.merge.tensor_io import OutTensor, ShardedWriter, plan_shards
 
     shutil.rmtree(root, ignore_errors=True)
     config = Qwen3Config(**{k: v for k, v in spec.items() if k not in ("shards", "seed")}, dtype="bfloat16")
@@ -133,7 +133,7 @@ def _seed(*parts: object) -> int:
 
 
 def ours_cmd(method: str, base: Path, cks: list[Path], out: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "arm.merge_cli", "--method", method, "--base", str(base), "--checkpoints"]
+    cmd = [sys.executable, "-m", "arm.merge.cli", "--method", method, "--base", str(base), "--checkpoints"]
     cmd += [str(c) for c in cks] + ["--out", str(out), "--device", "cpu", "--no-progress"]
     cmd += ["--set", "weights=[1.0, 1.0, 1.0]"]
     if method == "ties":
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         "linear_over_floor_paired": "median over rounds of ours-linear wall / the I/O floor of the same round "
         "(what the ≤ 2.5x target is checked on)",
         "mergekit": "mergekit 0.1.5, dtype bfloat16, --no-copy-tokenizer --device cpu",
-        "ours": "python -m arm.merge_cli --device cpu (float32 math, bfloat16 output)",
+        "ours": "python -m arm.merge.cli --device cpu (float32 math, bfloat16 output)",
         "raw": raw,
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -29,9 +29,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from arm.cache import atomic_write_json, read_json
-from arm.errors import InputError
-from arm.provenance import git_revision, now_iso, versions
+from arm.core.cache import atomic_write_json, read_json
+from arm.core.errors import InputError
+from arm.core.provenance import git_revision, now_iso, versions
 
 SCHEMA_VERSION = 1
 RESULTS_NAME = "results.json"

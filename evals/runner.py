@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from arm.errors import ConfigError, InputError
-from arm.provenance import versions
+from arm.core.errors import ConfigError, InputError
+from arm.core.provenance import versions
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def effective_eval_cfg(eval_cfg: Mapping, domain_cfg: Mapping) -> dict[str, Any]
     gen_kwargs: the domain's, updated with eval.gen_kwargs; apply_chat_template: eval's unless null.
     Without a `generation:` block (the synthetic domains) the eval config is returned unchanged.
     """
-    from arm.cache import to_plain
+    from arm.core.cache import to_plain
 
     out = dict(to_plain(eval_cfg))
     generation = to_plain(domain_cfg.get("generation") or {})
@@ -261,7 +261,7 @@ def check_model_folder(model_path: Path) -> None:
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise InputError(f"{path}: no weights (*.safetensors) in the model folder")
     if any(path.glob("*.safetensors")):
-        from arm.tensor_io import ModelFolder, TensorIOError
+        from arm.merge.tensor_io import ModelFolder, TensorIOError
 
         try:
             ModelFolder(path)  # every safetensors header against its file size: names a corrupt or truncated file

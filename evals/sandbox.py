@@ -53,7 +53,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from arm.errors import ArmError
+from arm.core.errors import ArmError
 
 log = logging.getLogger(__name__)
 

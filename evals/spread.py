@@ -142,7 +142,7 @@ def to_json(spread: Spread) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from arm.errors import ArmError
+    from arm.core.errors import ArmError
     from evals.table import load
 
     parser = argparse.ArgumentParser(prog="python -m evals.spread", description=__doc__.split("\n\n")[0])

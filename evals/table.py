@@ -166,7 +166,7 @@ def build_table(results: Sequence[Mapping[str, Any]]) -> Table:
                 columns.append(column)
             value = 100.0 * float(cell["value"])
             if (label, column) in table.cells and table.cells[(label, column)] != value:
-                from arm.errors import InputError
+                from arm.core.errors import InputError
 
                 first = sources.get((label, column), "<a result>")
                 raise InputError(f"{first} and {r.get('_file', '<a result>')}: two different results for the same cell "
@@ -294,7 +294,7 @@ SUFFIXES = {"md": "md", "csv": "csv", "latex": "tex"}
 
 
 def load(paths: Sequence[Path], from_wandb: str | None = None, group: str | None = None) -> list[dict[str, Any]]:
-    from arm.errors import InputError
+    from arm.core.errors import InputError
 
     if from_wandb:
         results = load_wandb_results(from_wandb, group)
@@ -314,7 +314,7 @@ def render(paths: Iterable[Path], fmt: str = "md") -> str:
 
 
 def results_from_summary(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The results a run's W&B summary holds (`results/<name>`, written by arm.tracking)."""
+    """The results a run's W&B summary holds (`results/<name>`, written by arm.run.tracking)."""
     out = []
     for key, value in summary.items():
         if key.startswith("results/") and isinstance(_plain(value), dict):
@@ -355,7 +355,7 @@ def load_wandb_results(project: str, group: str | None = None) -> list[dict[str,
 
 def write_outputs(table: Table, results: Sequence[Mapping[str, Any]], out_dir: Path, plots: bool = True) -> list[Path]:
     """table.md, table.csv, table.tex (and the PNG plots) in `out_dir`."""
-    from arm.cache import atomic_write_text
+    from arm.core.cache import atomic_write_text
 
     written = []
     for fmt, render_fn in FORMATS.items():
@@ -381,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--group", help="W&B group (sweep) to read with --from-wandb, or to log into with --wandb "
                                         "(default: the name of the single folder given)")
     args = parser.parse_args(argv)
-    from arm.errors import ArmError
+    from arm.core.errors import ArmError
 
     if not args.paths and not args.from_wandb:
         parser.error("give results.json files or folders, or --from-wandb ENTITY/PROJECT")
@@ -392,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ArmError as exc:
         print(f"arm-table: error: {exc}", file=sys.stderr)
         return 2
-    from arm.cache import atomic_write_text
+    from arm.core.cache import atomic_write_text
 
     images: dict[str, Path] = {}
     if args.out_dir:
@@ -407,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {path}", file=sys.stderr)
             images[path.stem] = path
     if args.wandb:
-        from arm.tracking import log_sweep_table
+        from arm.run.tracking import log_sweep_table
 
         group = args.group or (args.paths[0].resolve().name if len(args.paths) == 1 else None)
         run_dir = args.out_dir or args.plots or Path.cwd()

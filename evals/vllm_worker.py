@@ -68,7 +68,7 @@ class VllmWorker:
                     if "error" in answer:
                         err = answer["error"]
                         if err["type"] in ("ArmError", "ConfigError", "InputError"):  # the user's input: no traceback
-                            from arm.errors import ArmError
+                            from arm.core.errors import ArmError
 
                             raise ArmError(err["message"])
                         raise VllmWorkerError(f"vLLM evaluation in {self.python} failed: {err['type']}: {err['message']}\n"
@@ -124,8 +124,8 @@ def evaluate_in_vllm_venv(
     seed: int,
 ) -> dict[str, Any]:
     """evals.runner.evaluate(...) run by the vLLM CPU venv's interpreter."""
-    from arm.cache import to_plain
-    from arm.errors import ConfigError
+    from arm.core.cache import to_plain
+    from arm.core.errors import ConfigError
     from evals.vllm_env import is_ready, venv_dir, venv_python
 
     if not is_ready():

@@ -1,4 +1,4 @@
-"""ARM's statistics layer by layer (``merge.statistics: layerwise``, arm/layerwise.py) against the
+"""ARM's statistics layer by layer (``merge.statistics: layerwise``, arm/method/layerwise.py) against the
 whole-model mode on real tiny Qwen3 folders: the same group inputs on the same token positions
 (right-padded batches of unequal sequences), the same held-out loss, the same merged tensors, and a
 clear error, before anything is written, for a folder that cannot be built layer by layer."""
@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from arm.activations import collect_inputs, find_linear_groups, prepare_calibration
-from arm.layerwise import LayerwiseModel
-from arm.merge_engine import (
+from arm.merge.contract import MergeConfigError
+from arm.merge.engine import (
     MergeContext,
     MergeInputError,
     merge_from_config,
@@ -22,10 +21,11 @@ from arm.merge_engine import (
     plan_merge,
     validate_merge_config,
 )
-from arm.sft import _loss_sums
-from arm.streaming import ARMParams, _DiskInputs
-from arm.tensor_io import ModelFolder, TensorReader
-from baselines.base import MergeConfigError
+from arm.merge.tensor_io import ModelFolder, TensorReader
+from arm.method.activations import collect_inputs, find_linear_groups, prepare_calibration
+from arm.method.iteration import ARMParams, _DiskInputs
+from arm.method.layerwise import LayerwiseModel
+from arm.trajectory.sft import _loss_sums
 from tests.merge_fixtures import make_tokenizer, make_trajectory
 
 CALIB = {"n_sequences": 24, "max_length": 32, "holdout_fraction": 0.25, "seed": 0, "max_tokens": 256}
@@ -101,9 +101,9 @@ def test_layerwise_statistics_and_loss_equal_the_whole_model(traj) -> None:
     ids=["procrustes", "geodesic-best_loss-alignment"],
 )
 def test_layerwise_merge_equals_the_whole_model_merge(traj, tmp_path, params, monkeypatch) -> None:
-    import arm.streaming
+    import arm.method.iteration
 
-    monkeypatch.setattr(arm.streaming, "plot_diagnostics", lambda diagnostics, out: None)
+    monkeypatch.setattr(arm.method.iteration, "plot_diagnostics", lambda diagnostics, out: None)
     ctx = MergeContext(calibration=records(), converged=traj.base)
     out = {}
     for mode in ("model", "layerwise"):

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from arm.rotations import Rotation, geodesic, principal_directions, procrustes, rotation
-from arm.schedules import checkpoint_step, direction, lr_schedule
+from arm.method.rotations import Rotation, geodesic, principal_directions, procrustes, rotation
+from arm.method.schedules import checkpoint_step, direction, lr_schedule
 
 
 def _activations(n: int = 400, d: int = 24, r: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from arm.merge_engine import (
+from arm.merge.contract import MergeConfigError
+from arm.merge.engine import (
     ENGINE_KEYS,
     MergeContext,
     MergeInputError,
     merge_from_config,
     validate_merge_config,
 )
-from arm.schedules import lr_schedule
-from arm.streaming import ARM, parse_params
-from arm.tensor_io import ModelFolder, TensorReader
-from baselines.base import MergeConfigError
+from arm.merge.tensor_io import ModelFolder, TensorReader
+from arm.method.iteration import ARM, parse_params
+from arm.method.schedules import lr_schedule
 from tests.merge_fixtures import make_trajectory
 
 ROTATED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -38,9 +38,9 @@ def traj(tmp_path_factory):
 @pytest.fixture
 def no_plot(monkeypatch):
     """Skip the PNG (matplotlib is ~1 s per merge); test_rotation_none_is_exactly_expo checks it."""
-    import arm.streaming
+    import arm.method.iteration
 
-    monkeypatch.setattr(arm.streaming, "plot_diagnostics", lambda diagnostics, out: None)
+    monkeypatch.setattr(arm.method.iteration, "plot_diagnostics", lambda diagnostics, out: None)
 
 
 def records(n: int = 24) -> list[dict]:
@@ -183,7 +183,7 @@ def test_layer_scale_alignment_scales_each_group_by_its_subspace_alignment(traj,
 
 def test_merge_cli_takes_calibration_and_converged(traj, tmp_path, no_plot) -> None:
     """The light CLI runs ARM with rotations from a JSONL calibration file, as the pipeline does."""
-    from arm import merge_cli
+    from arm.merge import cli as merge_cli
 
     calib = tmp_path / "train.jsonl"
     calib.write_text("\n".join(json.dumps(r) for r in records()) + "\n")

@@ -1,10 +1,10 @@
-"""ARM's formulations that follow the trajectory (``merge.formulation``, arm/formulations.py):
+"""ARM's formulations that follow the trajectory (``merge.formulation``, arm/method/formulations.py):
 ``trajectory_rotation`` and ``proximal`` beside ``iterate_rotation``.
 
 - identities: with ``rotation: none`` (and ``prox_lambda: 0``) each is ExPO with α = Σ η_t bit for
   bit; ``proximal`` with ``prox_lambda: 0`` is ``iterate_rotation`` bit for bit; with no activation
   change between c_{m−1} and c_m the trajectory rotation is ExPO to float rounding;
-- planted trajectories run through ``arm.streaming.iterate`` on a real two-layer linear network
+- planted trajectories run through ``arm.method.iteration.iterate`` on a real two-layer linear network
   (the downstream layer's inputs come from the upstream weight): weights and inputs turning at a
   known constant rate inside a known subspace, where the trajectory rotation extrapolated j gaps
   lands on the true continuation and straight extrapolation does not; inputs confined to a subspace,
@@ -12,7 +12,7 @@
 - the rotations: log/exp, orthogonality, det +1, R(s)R(u) = R(s + u), (g R)(Rᵀ x) = g x;
 - the rotation-effect diagnostic ‖θ_ARM − θ_ExPO‖ / ‖θ_ExPO − c_m‖ recomputed from written tensors;
 - the formulations on real tiny Qwen3 folders, in memory and layer by layer, from the merge API,
-  the composed Hydra config and ``python -m arm.merge_cli``.
+  the composed Hydra config and ``python -m arm.merge.cli``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from arm.activations import LinearGroup
-from arm.formulations import (
+from arm.merge.contract import MergeConfigError
+from arm.merge.engine import ENGINE_KEYS, MergeContext, merge_from_config, validate_merge_config
+from arm.merge.tensor_io import ModelFolder, TensorReader
+from arm.method.activations import LinearGroup
+from arm.method.formulations import (
     input_covariance,
     proximal_correction,
     proximal_factor,
@@ -36,12 +39,9 @@ from arm.formulations import (
     span_ratio,
     trajectory_offset,
 )
-from arm.merge_engine import ENGINE_KEYS, MergeContext, merge_from_config, validate_merge_config
-from arm.rotations import RotationFlow, procrustes, rotation_log, trajectory_flow
-from arm.schedules import lr_schedule
-from arm.streaming import ARMParams, Inputs, iterate
-from arm.tensor_io import ModelFolder, TensorReader
-from baselines.base import MergeConfigError
+from arm.method.iteration import ARMParams, Inputs, iterate
+from arm.method.rotations import RotationFlow, procrustes, rotation_log, trajectory_flow
+from arm.method.schedules import lr_schedule
 from tests.merge_fixtures import make_trajectory
 
 ROTATED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -89,7 +89,7 @@ class _Calib:
 
 
 class _TwoLayerLinear:
-    """A real two-layer linear network x ↦ W (U z), run as ``arm.layerwise.LayerwiseModel`` is run:
+    """A real two-layer linear network x ↦ W (U z), run as ``arm.method.layerwise.LayerwiseModel`` is run:
     ``run(weights, calib, groups, loss)`` forwards the tokens Z (N × d) with the weights it is given
     and returns the recorded inputs of the downstream layer W, X = Z Uᵀ (no loss)."""
 
@@ -186,7 +186,7 @@ def test_trajectory_offset_and_span_ratio() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# planted trajectories, through arm.streaming.iterate
+# planted trajectories, through arm.method.iteration.iterate
 
 
 def _planted_trajectory(gap: float = 10.0, rates: tuple[float, float] = (0.025, -0.015)):
@@ -316,9 +316,9 @@ def traj(tmp_path_factory):
 
 @pytest.fixture
 def no_plot(monkeypatch):
-    import arm.streaming
+    import arm.method.iteration
 
-    monkeypatch.setattr(arm.streaming, "plot_diagnostics", lambda diagnostics, out: None)
+    monkeypatch.setattr(arm.method.iteration, "plot_diagnostics", lambda diagnostics, out: None)
 
 
 def arm(traj, out: Path, context: MergeContext | None = None, checkpoints=None, **params) -> dict:
@@ -453,7 +453,7 @@ def test_formulations_from_the_hydra_config_and_the_merge_cli(compose, traj, tmp
     light CLI takes the same keys."""
     from omegaconf import OmegaConf
 
-    from arm import merge_cli
+    from arm.merge import cli as merge_cli
 
     for overrides in (["merge.formulation=trajectory_rotation", "merge.rotation=geodesic"],
                       ["merge.formulation=proximal", "merge.rotation=none", "merge.prox_lambda=0.05"]):

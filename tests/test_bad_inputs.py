@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from arm import merge_cli
+from arm.merge import cli as merge_cli
 from tests.merge_fixtures import make_trajectory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def test_merge_out_overlapping_an_input_is_refused_even_with_overwrite(traj, whe
 
 
 def test_disk_full_while_writing_is_a_clean_error_and_removes_the_temp(traj, tmp_path, monkeypatch, capsys) -> None:
-    from arm import tensor_io
+    from arm.merge import tensor_io
 
     def full(self, chunk):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -109,8 +109,8 @@ def test_arm_diverging_is_a_clean_error(traj, tmp_path, capsys) -> None:
 
 
 def test_arm_folder_is_published_only_with_its_diagnostics(traj, tmp_path, monkeypatch) -> None:
-    import arm.streaming
-    from arm.merge_engine import merge_from_config
+    import arm.method.iteration
+    from arm.merge.engine import merge_from_config
 
     out = tmp_path / "arm"
     seen = []
@@ -120,7 +120,7 @@ def test_arm_folder_is_published_only_with_its_diagnostics(traj, tmp_path, monke
         path.write_bytes(b"png")
         return path
 
-    monkeypatch.setattr(arm.streaming, "plot_diagnostics", plot)
+    monkeypatch.setattr(arm.method.iteration, "plot_diagnostics", plot)
     cfg = {"name": "arm", "device": "cpu", "rotation": "none", "lr": 0.5, "iterations": 1}
     merge_from_config(cfg, traj.base, traj.checkpoints, out, progress=False)
     assert seen and seen[0][0] != "arm" and seen[0][1] is False  # written in the temporary folder, before the rename
@@ -129,7 +129,7 @@ def test_arm_folder_is_published_only_with_its_diagnostics(traj, tmp_path, monke
     def killed(diagnostics, path):
         raise KeyboardInterrupt  # killed between the weights and the plot
 
-    monkeypatch.setattr(arm.streaming, "plot_diagnostics", killed)
+    monkeypatch.setattr(arm.method.iteration, "plot_diagnostics", killed)
     with pytest.raises(KeyboardInterrupt):
         merge_from_config(cfg, traj.base, traj.checkpoints, tmp_path / "arm2", progress=False)
     assert not (tmp_path / "arm2").exists() and _debris(tmp_path) == []
@@ -138,7 +138,7 @@ def test_arm_folder_is_published_only_with_its_diagnostics(traj, tmp_path, monke
 def test_corrupt_reference_checkpoint_is_named_before_evaluation(traj, tmp_path) -> None:
     import shutil
 
-    from arm.errors import InputError
+    from arm.core.errors import InputError
     from evals.runner import check_model_folder
 
     bad = tmp_path / "checkpoint-20"
@@ -156,8 +156,8 @@ def test_corrupt_reference_checkpoint_is_named_before_evaluation(traj, tmp_path)
     ("eval.unsafe_code_without_sandbox=maybe", "eval.unsafe_code_without_sandbox"),
 ])
 def test_config_values_are_checked_before_any_work(compose, override, key) -> None:
-    from arm.errors import ConfigError
-    from arm.pipeline import validate
+    from arm.core.errors import ConfigError
+    from arm.run.job import validate
 
     extra = ["domain=code_synth"] if "sandbox" in override else []
     with pytest.raises(ConfigError, match=rf"config key '{key}'"):
@@ -165,7 +165,7 @@ def test_config_values_are_checked_before_any_work(compose, override, key) -> No
 
 
 def test_good_config_values_pass(compose) -> None:
-    from arm.pipeline import validate
+    from arm.run.job import validate
 
     validate(compose("eval.limit=5", "eval.batch_size=auto", "eval.device=cuda:1", "seed=3", "trajectory.early_steps=[10,20]"))
 
@@ -178,7 +178,7 @@ def test_a_bad_config_value_exits_non_zero_writing_no_cache(tmp_path) -> None:
 
 
 def test_code_domain_without_a_sandbox_is_refused_before_any_work(compose, monkeypatch) -> None:
-    from arm.pipeline import validate
+    from arm.run.job import validate
     from evals import sandbox
 
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
@@ -261,8 +261,8 @@ def test_a_job_names_a_corrupt_reference_checkpoint_before_any_evaluation(compos
     no merge and no evaluation started (no cache/evals, no cache/merged)."""
     import shutil
 
-    from arm.errors import InputError
-    from arm.pipeline import run_job
+    from arm.core.errors import InputError
+    from arm.run.job import run_job
 
     folder = tmp_path / "sft-run"
     made = make_trajectory(folder, n_checkpoints=3, hidden=16, layers=1)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from arm.cache import build_once, content_key, read_json
-from arm.errors import InputError
+from arm.core.cache import build_once, content_key, read_json
+from arm.core.errors import InputError
 
 
 def test_content_key_is_order_independent_and_sensitive():

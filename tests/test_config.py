@@ -69,7 +69,7 @@ def test_help_lists_groups_without_heavy_imports():
         assert f"{group}:" in proc.stdout
     # what keeps it fast: --help imports none of the heavy libraries
     probe = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['arm', '--help']\n"
-                            "import arm.cli\ntry:\n    arm.cli.main()\nexcept SystemExit:\n    pass\n"
+                            "import arm.run.cli\ntry:\n    arm.run.cli.main()\nexcept SystemExit:\n    pass\n"
                             "heavy = [m for m in ('torch', 'transformers', 'lm_eval', 'vllm', 'wandb', 'matplotlib') if m in sys.modules]\n"
                             "print('HEAVY', heavy)"], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert "HEAVY []" in probe.stdout, probe.stdout[-500:] + probe.stderr[-2000:]

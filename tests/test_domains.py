@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from arm.domains import DOMAINS, generate_splits, get_generator, read_split, write_splits
-from arm.domains.code_synth import reference_program
-from arm.domains.common import SPLITS
-from arm.domains.math_synth import evaluate
+from arm.data.domains import DOMAINS, generate_splits, get_generator, read_split, write_splits
+from arm.data.domains.code_synth import reference_program
+from arm.data.domains.common import SPLITS
+from arm.data.domains.math_synth import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"n_train": 300, "n_validation": 60, "n_test": 60}
@@ -50,7 +50,7 @@ def test_deterministic_in_process(domain_splits: tuple[str, dict]) -> None:
 def test_deterministic_across_processes(domain_splits: tuple[str, dict]) -> None:
     name, splits = domain_splits
     code = (
-        "import json, sys; from arm.domains import generate_splits; "
+        "import json, sys; from arm.data.domains import generate_splits; "
         f"sys.stdout.write(json.dumps(generate_splits({name!r}, {SMALL!r}, seed=7)))"
     )
     env = dict(os.environ, PYTHONHASHSEED="12345")

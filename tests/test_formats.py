@@ -1,6 +1,6 @@
 """The exact strings the real domains train on and are prompted with, per dataset and task.
 
-SFT side: arm/formatting.py on hand-written rows in the hub datasets' schemas (tests/fixtures/). Eval
+SFT side: arm/data/sft_data.py on hand-written rows in the hub datasets' schemas (tests/fixtures/). Eval
 side: the prompts lm-eval itself builds (ConfigurableTask.build_all_requests) from the task YAMLs the
 domains run, on fixture rows in the benchmarks' schemas: lm-eval's installed gsm8k-cot-zeroshot.yaml,
 and for HumanEval and MBPP the project's sandboxed copies of lm-eval's humaneval/mbpp tasks
@@ -56,7 +56,7 @@ def contexts(task) -> list[str]:
 
 
 def sft_records(compose, domain: str, rows: list[dict], fmt: str | None = None) -> list[dict]:
-    from arm.formatting import format_rows
+    from arm.data.sft_data import format_rows
 
     overrides = [f"domain={domain}"] + ([f"domain.sft_data.format={fmt}"] if fmt else [])
     return format_rows(rows, OmegaConf.to_container(compose(*overrides).domain))
@@ -98,7 +98,7 @@ def test_code_sft_keeps_the_python_program_and_skips_rows_without_one(compose):
 
 
 def test_instruction_templates_still_format_each_code_schema(compose):
-    from arm.formatting import format_rows
+    from arm.data.sft_data import format_rows
 
     domain = OmegaConf.to_container(compose("domain=code").domain)
     instruct = {**domain, "prompt_template": "### Instruction:\n{question}\n\n### Response:\n", "response_template": "{solution}"}

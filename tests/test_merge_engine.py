@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from arm.merge_engine import ENGINE_KEYS, MergeConfigError, MergeInputError, merge_from_config
-from baselines import get_method, method_names
+from arm.merge.engine import ENGINE_KEYS, MergeConfigError, MergeInputError, merge_from_config
+from arm.merge.registry import get_method, method_names
 from tests.merge_fixtures import Trajectory, make_trajectory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,14 +226,14 @@ def test_hydra_composes_every_method_one_to_one(tiny_trajectory: Trajectory, tmp
 
 def test_cli_is_light_and_works(tiny_trajectory: Trajectory, tmp_path: Path) -> None:
     code = (
-        "import sys, arm.merge_cli, arm.merge_engine, baselines.ties, baselines.dare, baselines.linear;"
+        "import sys, arm.merge.cli, arm.merge.engine, baselines.ties, baselines.dare, baselines.linear;"
         "heavy = [m for m in ('transformers', 'hydra', 'omegaconf', 'numpy.distutils') if m in sys.modules];"
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
     out = tmp_path / "cli"
     cmd = [
-        sys.executable, "-m", "arm.merge_cli", "--method", "ties", "--base", str(tiny_trajectory.base),
+        sys.executable, "-m", "arm.merge.cli", "--method", "ties", "--base", str(tiny_trajectory.base),
         "--checkpoints", *map(str, tiny_trajectory.checkpoints), "--out", str(out),
         "--set", "density=0.25", "--set", "weights=[1, 2, 3]", "--no-progress",
     ]  # fmt: skip
@@ -245,7 +245,7 @@ def test_cli_is_light_and_works(tiny_trajectory: Trajectory, tmp_path: Path) -> 
 
 
 def test_write_state_dict_round_trips(tiny_trajectory: Trajectory, tmp_path: Path) -> None:
-    from arm.merge_engine import EngineSettings, write_state_dict
+    from arm.merge.engine import EngineSettings, write_state_dict
 
     state = {k: v * 2 for k, v in _state(tiny_trajectory.checkpoints[-1]).items()}
     out = tmp_path / "w"
@@ -265,14 +265,14 @@ def test_write_state_dict_round_trips(tiny_trajectory: Trajectory, tmp_path: Pat
 def test_chunking_and_threads_do_not_change_the_result(
     method: str, tiny_trajectory: Trajectory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import arm.merge_engine
+    import arm.merge.engine
     import baselines.ties
 
     traj = tiny_trajectory
-    monkeypatch.setenv(arm.merge_engine.THREADS_ENV, "1")  # one tensor at a time, streamed to disk
+    monkeypatch.setenv(arm.merge.engine.THREADS_ENV, "1")  # one tensor at a time, streamed to disk
     merge_from_config({"name": method}, traj.base, traj.checkpoints, tmp_path / "one", progress=False)
-    monkeypatch.setenv(arm.merge_engine.THREADS_ENV, "3")  # three tensors at a time, in order on disk
-    monkeypatch.setattr(arm.merge_engine, "CPU_CHUNK", 97)  # many chunks per tensor, a ragged last one
+    monkeypatch.setenv(arm.merge.engine.THREADS_ENV, "3")  # three tensors at a time, in order on disk
+    monkeypatch.setattr(arm.merge.engine, "CPU_CHUNK", 97)  # many chunks per tensor, a ragged last one
     monkeypatch.setattr(baselines.ties, "_EXACT_BELOW", 500)  # and the sampled threshold selection
     monkeypatch.setattr(baselines.ties, "_IN_MEMORY", 2000)  # and TIES' streaming path for big tensors
     merge_from_config({"name": method}, traj.base, traj.checkpoints, tmp_path / "many", progress=False)
@@ -282,7 +282,7 @@ def test_chunking_and_threads_do_not_change_the_result(
 
 
 def test_validate_merge_config_and_identity() -> None:
-    from arm.merge_engine import merge_identity, validate_merge_config
+    from arm.merge.engine import merge_identity, validate_merge_config
 
     validate_merge_config({"name": "ties", "density": 0.3, "weights": [1, 2]})
     for bad, key in [

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-import arm.merge_engine as engine
-from arm.merge_engine import merge_from_config
-from arm.tensor_io import OutTensor, ShardedWriter
+import arm.merge.engine as engine
+from arm.merge.engine import merge_from_config
+from arm.merge.tensor_io import OutTensor, ShardedWriter
 from baselines import numpy_ops as nops
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def test_numpy_path_does_not_import_torch(tmp_path):
 
     folders = _build(tmp_path / "in", {"*": "BF16"})
     code = (
-        "import sys; from pathlib import Path; from arm.merge_engine import merge_from_config; "
+        "import sys; from pathlib import Path; from arm.merge.engine import merge_from_config; "
         f"merge_from_config({{'name': 'linear', 'device': 'cpu'}}, Path({str(folders[0])!r}), "
         f"[Path(p) for p in {[str(f) for f in folders[1:]]!r}], Path({str(tmp_path / 'out')!r}), progress=False); "
         "print('torch' in sys.modules)"

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import baselines.ties
-from baselines import get_method, method_names
-from baselines.base import MergeConfigError
+from arm.merge.contract import MergeConfigError
+from arm.merge.registry import get_method, method_names
 from baselines.dare import keep_mask, mask_seed
 from baselines.ties import trim_threshold
 

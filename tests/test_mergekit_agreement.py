@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from arm.merge_engine import merge_from_config
+from arm.merge.engine import merge_from_config
 from benchmarks.mergekit_env import ensure_mergekit
 from tests.merge_fixtures import Trajectory, make_trajectory
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from arm.errors import ArmError, ConfigError, InputError
+from arm.core.errors import ArmError, ConfigError, InputError
 from evals.results import load_result
 from tests.conftest import REPO
 
@@ -34,7 +34,7 @@ REFERENCES = ["base", "sft@6", "sft@12", "sft_converged"]
 
 
 def run(compose, tmp_path: Path, *overrides: str, run_name: str = "run") -> dict:
-    from arm.pipeline import run_job
+    from arm.run.job import run_job
 
     cfg = compose(*SMALL, f"paths.root={tmp_path}", *overrides)
     return run_job(cfg, run_dir=tmp_path / "runs" / run_name)
@@ -108,7 +108,7 @@ def test_code_job_end_to_end(compose, tmp_path):
 
 def test_existing_trajectory_folder_is_read_as_is(compose, tmp_path):
     """A Trainer-style SFT output folder is used without training; bad ones fail naming the folder."""
-    from arm.trajectory import ensure_trajectory
+    from arm.trajectory.build import ensure_trajectory
 
     folder = tmp_path / "sft-run"
     for step in (10, 20, 30):
@@ -142,7 +142,7 @@ def test_existing_trajectory_folder_is_read_as_is(compose, tmp_path):
     ],
 )
 def test_bad_input_fails_cleanly_before_work(compose, tmp_path, overrides, message):
-    from arm.pipeline import run_job
+    from arm.run.job import run_job
 
     cfg = compose(*SMALL, f"paths.root={tmp_path}", "logger=none", *overrides)
     with pytest.raises(ArmError, match=message.replace("[", r"\[")):
@@ -153,7 +153,7 @@ def test_bad_input_fails_cleanly_before_work(compose, tmp_path, overrides, messa
 
 def test_real_domains_refuse_the_validation_split(compose, tmp_path):
     """Real domains' lm-eval tasks are the benchmarks' test sets: selecting on them is tuning on test."""
-    from arm.pipeline import run_job
+    from arm.run.job import run_job
 
     for domain in ("math", "code"):
         cfg = compose("model=qwen3-1.7b", f"domain={domain}", "trajectory.path=/nonexistent", "eval.split=validation",

@@ -1,8 +1,8 @@
-"""`arm ... plan=true` (arm/plan.py) and the out-of-memory guard, without a GPU.
+"""`arm ... plan=true` (arm/run/plan.py) and the out-of-memory guard, without a GPU.
 
 The plan's cache status is checked against a real job: before it every stage is to run, after it every
 stage is cached and every folder the plan names is one the job wrote. The GPU figures are the ones of
-arm/memory.py for the same config. The guard is driven with faked visible devices
+arm/method/memory.py for the same config. The guard is driven with faked visible devices
 (memory_guard.device_gb), and must stop a job before it loads anything.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from arm.errors import ArmError
+from arm.core.errors import ArmError
 from tests.conftest import REPO
 
 # The tiny model trained from scratch (`tiny_scratch` once the pretrained tiny base is the default `tiny`):
@@ -27,7 +27,7 @@ SMOKE = ["experiment=smoke", f"model={SCRATCH}", "logger=none", "merge=ties"]
 
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """`arm <args>` in a fresh interpreter that reports afterwards whether torch was imported."""
-    code = ("import sys\nsys.argv = ['arm', *sys.argv[1:]]\nfrom arm.cli import main\ntry:\n    main()\nfinally:\n"
+    code = ("import sys\nsys.argv = ['arm', *sys.argv[1:]]\nfrom arm.run.cli import main\ntry:\n    main()\nfinally:\n"
             "    print('TORCH_IMPORTED=' + str('torch' in sys.modules))\n")
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
@@ -45,13 +45,13 @@ def fake_trajectory(folder: Path, steps=(200, 400, 600)) -> Path:
 
 @pytest.mark.slow
 def test_plan_of_the_tiny_job_before_and_after_running_it(compose, tmp_path):
-    from arm.pipeline import run_job
-    from arm.plan import job_plan
+    from arm.run.job import run_job
+    from arm.run.plan import job_plan
 
     cfg = compose(*SMOKE, f"paths.root={tmp_path}")
     before = job_plan(cfg)
     names = [s.name for s in before.stages]
-    assert names == ["data math_synth", "sft (tiny, arm/sft.py)", "eval base", "eval sft@6", "eval sft@12",
+    assert names == ["data math_synth", "sft (tiny, arm/trajectory/sft.py)", "eval base", "eval sft@6", "eval sft@12",
                      "eval sft_converged", "merge ties", "eval ties"]
     assert not any(s.cached for s in before.stages)
     assert all(s.device in ("cpu", "auto") and s.gpu_gb is None for s in before.stages)  # no shapes: not estimated
@@ -77,7 +77,7 @@ def test_plan_prints_every_stage_without_importing_torch(tmp_path):
     assert "TORCH_IMPORTED=False" in out
     lines = out.splitlines()
     assert "qwen3-14b / math / merge=arm" in lines
-    for stage in ("sft (Trainer, arm/sft_hf.py)", "eval base", "eval sft@200", "eval sft@400", "eval sft_converged",
+    for stage in ("sft (Trainer, arm/trajectory/trainer_sft.py)", "eval base", "eval sft@200", "eval sft@400", "eval sft_converged",
                   "calibration records", "merge arm (layerwise)", "eval arm"):
         assert any(line.strip().startswith(stage + " ") for line in lines), stage
     sft = next(line for line in lines if line.strip().startswith("sft (Trainer"))
@@ -91,8 +91,8 @@ def test_plan_prints_every_stage_without_importing_torch(tmp_path):
 
 
 def test_plan_figures_are_those_of_arm_memory(compose, tmp_path):
-    from arm.memory import table
-    from arm.plan import job_plan
+    from arm.method.memory import table
+    from arm.run.plan import job_plan
 
     rows = {r["model"]: r for r in table(80.0)}
     for model in ("qwen3-1.7b", "qwen3-4b", "qwen3-8b", "qwen3-14b"):
@@ -110,7 +110,7 @@ def test_plan_figures_are_those_of_arm_memory(compose, tmp_path):
 
 
 def test_plan_of_a_given_trajectory_names_its_folder(compose, tmp_path):
-    from arm.plan import job_plan
+    from arm.run.plan import job_plan
 
     traj = fake_trajectory(tmp_path / "sft-run")
     plan = job_plan(compose("model=qwen3-8b", "domain=math", "merge=ties", f"trajectory.path={traj}", f"paths.root={tmp_path}"))
@@ -153,8 +153,8 @@ def test_slurm_plan_lists_one_job_array_per_size_and_submits_nothing(tmp_path):
 
 
 def test_job_resources_precedence(compose):
-    from arm.errors import ConfigError
-    from arm.slurm_launcher import explicit_launcher_keys, group_by_resources, job_resources
+    from arm.core.errors import ConfigError
+    from arm.run.slurm_launcher import explicit_launcher_keys, group_by_resources, job_resources
 
     preset = {"partition": "gpu", "gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64, "timeout_min": 240, "nodes": 1}
     small, big = compose("model=qwen3-1.7b").model, compose("model=qwen3-14b").model
@@ -173,7 +173,7 @@ def test_job_resources_precedence(compose):
 
 
 def test_guard_stops_an_sft_that_cannot_fit_before_loading(compose, tmp_path, monkeypatch):
-    from arm.pipeline import run_job
+    from arm.run.job import run_job
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -184,7 +184,7 @@ def test_guard_stops_an_sft_that_cannot_fit_before_loading(compose, tmp_path, mo
         run_job(cfg, run_dir=tmp_path / "run")
     message = str(err.value)
     assert "does not fit the visible devices ([24.0] GB, from memory_guard.device_gb); stopped before loading" in message
-    assert "sft (Trainer, arm/sft_hf.py) needs ~" in message and "ESTIMATE" in message
+    assert "sft (Trainer, arm/trajectory/trainer_sft.py) needs ~" in message and "ESTIMATE" in message
     assert "model.sft.per_device_batch_size=4 model.sft.grad_accum=32" in message and "sbatch slurm/sft.sbatch qwen3-1.7b math" in message
     assert "/nonexistent" not in message  # stopped before resolving (let alone loading) the model
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
@@ -204,7 +204,7 @@ def test_guard_stops_an_sft_that_cannot_fit_before_loading(compose, tmp_path, mo
                                                                                  "or lower model.vllm.tensor_parallel_size"]),
 ])
 def test_guard_names_the_estimate_and_the_fix(compose, tmp_path, overrides, expect):
-    from arm.plan import check_devices
+    from arm.run.plan import check_devices
 
     traj = fake_trajectory(tmp_path / "sft-run")
     cfg = compose(*overrides, "domain=math", f"trajectory.path={traj}", f"paths.root={tmp_path}", "memory_guard.device_gb=[24]")
@@ -219,7 +219,7 @@ def test_guard_names_the_estimate_and_the_fix(compose, tmp_path, overrides, expe
 
 
 def test_guard_leaves_cpu_stages_and_the_tiny_model_alone(compose, tmp_path):
-    from arm.plan import check_devices, job_plan
+    from arm.run.plan import check_devices, job_plan
 
     traj = fake_trajectory(tmp_path / "sft-run")
     check_devices(compose("model=qwen3-14b", "domain=math", "merge=ties", "merge.device=cpu", "eval.device=cpu",

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from arm import pretrain
-from arm.domains import corpus, generate_splits
-from arm.domains.formats import ASSISTANT, USER, apply_format
-from arm.errors import ConfigError
+from arm.core.errors import ConfigError
+from arm.data.domains import corpus, generate_splits
+from arm.data.domains.formats import ASSISTANT, USER, apply_format
+from arm.trajectory import pretrain
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = yaml.safe_load((REPO / "conf" / "model" / "tiny.yaml").read_text())
@@ -132,9 +132,13 @@ def test_recipe_key_covers_corpus_architecture_and_code_not_merge_or_sft():
 
 def test_recipe_key_covers_the_corpus_code(monkeypatch, tmp_path):
     base = pretrain.code_digest()
+    source = Path(corpus.__file__).read_text()
     copy = tmp_path / "corpus.py"
-    copy.write_text(Path(corpus.__file__).read_text() + "\n# an edit\n")
     monkeypatch.setattr(corpus, "__file__", str(copy))
+    # a comment, a blank line or a moved import (the modules it names are keyed on their own) keep the key
+    copy.write_text(source.replace("from arm.data.domains", "from arm.domains") + "\n\n# an edit\n")
+    assert pretrain.code_digest() == base
+    copy.write_text(source + "\nEDITED = 1\n")  # code does not
     assert pretrain.code_digest() != base
 
 
@@ -156,8 +160,8 @@ def test_shipped_base_matches_its_recipe():
 
 
 def test_chat_template_and_response_only_loss():
-    from arm.sft import IGNORE_INDEX, encode_example
-    from arm.tiny import build_tokenizer
+    from arm.trajectory.sft import IGNORE_INDEX, encode_example
+    from arm.trajectory.tiny import build_tokenizer
 
     tok = build_tokenizer("char_chat")
     math = apply_format("math_synth", _split("math_synth", "test")[:3], "chat")
@@ -197,7 +201,7 @@ def test_small_pretraining_end_to_end(tmp_path):
     losses = [h["val_loss"] for h in manifest["history"]]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert manifest["skill"]["math_synth"]["n"] == 12 and manifest["skill"]["code_synth"]["n"] == 12
-    from arm.sft import load_model
+    from arm.trajectory.sft import load_model
 
     model, tok = load_model(folder)
     assert len(tok) == 105 and model.config.num_hidden_layers == TINY["arch"]["num_hidden_layers"]

@@ -2,7 +2,7 @@
 offline messages, and a small model in the real models' layout through Trainer SFT, a merge and an
 hf evaluation.
 
-The small model is a Qwen3 with the character tokenizer of arm/tiny.py, saved like the hub's models
+The small model is a Qwen3 with the character tokenizer of arm/trajectory/tiny.py, saved like the hub's models
 (bf16, sharded safetensors + index, tied or untied lm_head), and given to the real SFT stage as
 `model.path`; its SFT data are the hand-written fixture rows in tests/fixtures/ (the hub datasets'
 schema).
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from arm.errors import ConfigError, InputError
+from arm.core.errors import ConfigError, InputError
 from tests.conftest import REPO, group_options
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -52,7 +52,7 @@ def test_model_configs_carry_the_published_shapes(compose, model):
     s = cfg.shapes
     assert (s.hidden_size, s.intermediate_size, s.num_hidden_layers, s.num_attention_heads, s.num_key_value_heads,
             s.head_dim, s.vocab_size, s.tie_word_embeddings) == (hidden, inter, layers, q, kv, 128, 151936, tied)
-    from arm.sft_hf import resolve_sft_config
+    from arm.trajectory.trainer_sft import resolve_sft_config
 
     sft = resolve_sft_config(cfg.sft)  # every key known and valid
     assert sft["per_device_batch_size"] * sft["grad_accum"] * sft["num_gpus"] == 128
@@ -63,7 +63,7 @@ def test_model_configs_carry_the_published_shapes(compose, model):
 
 def test_every_real_model_and_domain_composes_and_validates(compose):
     """Every real model × domain passes the pipeline's checks (test_config.py composes the full product)."""
-    from arm.pipeline import validate
+    from arm.run.job import validate
 
     for model in REAL_MODELS:
         for domain in REAL_DOMAINS:
@@ -160,7 +160,7 @@ def _rows(name: str) -> list[dict]:
 
 
 def test_gsm8k_rows_format_exactly(compose):
-    from arm.formatting import format_rows
+    from arm.data.sft_data import format_rows
 
     domain = OmegaConf.to_container(compose("domain=math", "domain.sft_data.format=gsm8k").domain)
     records = format_rows(_rows("gsm8k"), domain)
@@ -174,7 +174,7 @@ def test_gsm8k_rows_format_exactly(compose):
 
 
 def test_metamathqa_rows_format_exactly(compose):
-    from arm.formatting import format_rows
+    from arm.data.sft_data import format_rows
 
     records = format_rows(_rows("metamathqa"), OmegaConf.to_container(compose("domain=math").domain))
     assert records[1] == {
@@ -190,7 +190,7 @@ def test_metamathqa_rows_format_exactly(compose):
     ("evol_instruct_code", "Create a function that returns the square of a number.", "def square(x):\n    return x * x"),
 ])
 def test_code_rows_format_exactly(compose, fmt, question, solution):
-    from arm.formatting import format_rows
+    from arm.data.sft_data import format_rows
 
     domain = OmegaConf.to_container(compose("domain=code", f"domain.sft_data.format={fmt}").domain)
     # The instruction templates (the domain trains completion-style: tests/test_formats.py).
@@ -200,7 +200,7 @@ def test_code_rows_format_exactly(compose, fmt, question, solution):
 
 
 def test_local_copy_loads_through_datasets_and_a_wrong_schema_names_its_columns(compose):
-    from arm.formatting import format_rows, load_sft_records
+    from arm.data.sft_data import format_rows, load_sft_records
 
     domain = OmegaConf.to_container(compose("domain=math", f"domain.sft_data.path={FIXTURES / 'metamathqa.jsonl'}").domain)
     records = load_sft_records(domain)
@@ -213,7 +213,7 @@ def test_local_copy_loads_through_datasets_and_a_wrong_schema_names_its_columns(
 
 
 def test_calibration_records_of_a_real_domain(compose, tmp_path):
-    from arm.formatting import ensure_calibration_data, format_rows
+    from arm.data.sft_data import ensure_calibration_data, format_rows
 
     domain = OmegaConf.to_container(compose("domain=math", f"domain.sft_data.path={FIXTURES / 'metamathqa.jsonl'}").domain)
     data = ensure_calibration_data(domain, tmp_path / "cache", 3, seed=0)
@@ -228,7 +228,7 @@ def test_calibration_records_of_a_real_domain(compose, tmp_path):
 
 
 def test_unreachable_model_says_how_to_point_at_a_local_copy(monkeypatch, tmp_path):
-    from arm.sft_hf import resolve_model_source
+    from arm.trajectory.trainer_sft import resolve_model_source
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(InputError) as err:
@@ -239,7 +239,7 @@ def test_unreachable_model_says_how_to_point_at_a_local_copy(monkeypatch, tmp_pa
 
 
 def test_unreachable_dataset_says_how_to_point_at_a_local_copy(monkeypatch):
-    from arm.formatting import load_raw_rows
+    from arm.data.sft_data import load_raw_rows
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -248,7 +248,7 @@ def test_unreachable_dataset_says_how_to_point_at_a_local_copy(monkeypatch):
 
 
 def test_pipeline_job_on_an_unreachable_model_fails_before_work(compose, tmp_path, monkeypatch):
-    from arm.trajectory import ensure_trajectory
+    from arm.trajectory.build import ensure_trajectory
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -261,7 +261,7 @@ def test_pipeline_job_on_an_unreachable_model_fails_before_work(compose, tmp_pat
 @pytest.mark.parametrize("world", [None, "4"])
 def test_sft_refuses_another_process_count_than_num_gpus(compose, tmp_path, monkeypatch, world):
     """An `arm` job (one process) must not start qwen3-14b's 8-GPU SFT; nor may a 4-process launch."""
-    from arm.trajectory import ensure_trajectory
+    from arm.trajectory.build import ensure_trajectory
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     if world is None:
@@ -282,7 +282,7 @@ def test_sft_refuses_another_process_count_than_num_gpus(compose, tmp_path, monk
 
 
 def test_memory_estimate_arm_on_qwen3_14b_fits_80gb():
-    from arm.memory import Shapes, load_models, table
+    from arm.method.memory import Shapes, load_models, table
 
     rows = {r["model"]: r for r in table(80.0)}
     assert list(rows) == REAL_MODELS
@@ -293,7 +293,7 @@ def test_memory_estimate_arm_on_qwen3_14b_fits_80gb():
     assert r14["arm_mode"] == "layerwise" and r14["arm_fits"] and r14["arm_gb"] < 80
     assert r14["stages"]["arm_in_memory"]["total"] > 80  # why the layer-by-layer mode is needed
     assert all(r["stages"]["sft"]["total"] < 80 and r["stages"]["eval_vllm"]["total"] < 80 for r in rows.values())
-    proc = subprocess.run([sys.executable, "-m", "arm.memory"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "arm.method.memory"], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 0 and "| qwen3-14b |" in proc.stdout and "layerwise" in proc.stdout
 
 
@@ -304,7 +304,7 @@ def save_real_layout(folder: Path, *, tied: bool, seed: int = 0) -> Path:
     """A small Qwen3 saved as the hub's models are: bf16, sharded safetensors + index, tokenizer."""
     import torch
 
-    from arm.tiny import build_char_tokenizer, build_model
+    from arm.trajectory.tiny import build_char_tokenizer, build_model
 
     tokenizer = build_char_tokenizer()
     arch = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -337,8 +337,8 @@ SFT_SMALL = ["model.sft.max_steps=4", "model.sft.per_device_batch_size=2", "mode
 def test_real_layout_model_through_trainer_sft_merge_and_hf_eval(compose, tmp_path, tied):
     import torch
 
-    from arm.merge_engine import merge_from_config
-    from arm.trajectory import ensure_trajectory
+    from arm.merge.engine import merge_from_config
+    from arm.trajectory.build import ensure_trajectory
 
     base = save_real_layout(tmp_path / "base", tied=tied)
     assert (base / "model.safetensors.index.json").is_file() and len(list(base.glob("*.safetensors"))) > 1
@@ -381,8 +381,8 @@ def test_real_layout_model_through_trainer_sft_merge_and_hf_eval(compose, tmp_pa
     assert ("lm_head.weight" in weights) is (not tied)
 
     # ARM on the same layout, with calibration records of the real domain (the SFT data's format).
-    from arm.formatting import ensure_calibration_data
-    from arm.merge_engine import MergeContext
+    from arm.data.sft_data import ensure_calibration_data
+    from arm.merge.engine import MergeContext
 
     calib = ensure_calibration_data(OmegaConf.to_container(cfg.domain), cache, 4, seed=0).split("train")
     arm_cfg = OmegaConf.to_container(compose("merge=arm", "merge.iterations=2", "merge.rank=4", "merge.calibration.n_sequences=4",
@@ -396,7 +396,7 @@ def test_real_layout_model_through_trainer_sft_merge_and_hf_eval(compose, tmp_pa
 
     if tied:
         return  # one hf evaluation is enough: the untied case runs it
-    from arm.domains import generate_splits, write_splits
+    from arm.data.domains import generate_splits, write_splits
     from evals.runner import TaskSpec, evaluate, write_synthetic_tasks
 
     data = tmp_path / "data"

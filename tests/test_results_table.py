@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from arm.errors import InputError
+from arm.core.errors import InputError
 from evals.results import build_result, load_result, load_results, write_result
 from evals.table import CONVERGED, build_table, main, to_csv, to_markdown
 
@@ -188,7 +188,7 @@ def test_out_dir_writes_md_csv_latex_and_plots(tmp_path, capsys):
 def test_wandb_run_summary_rebuilds_the_table_and_the_table_is_logged(tmp_path):
     """A real (offline) W&B run: the results it reports rebuild the same table (what --from-wandb
     reads online), and the aggregated table is logged as a W&B Table."""
-    from arm.tracking import WandbTracker, log_sweep_table
+    from arm.run.tracking import WandbTracker, log_sweep_table
     from evals.table import results_from_summary
 
     results = reference_set() + [make_result("ties", 0.75, role="merge", params={"density": 0.5})]
@@ -210,7 +210,7 @@ def test_wandb_run_summary_rebuilds_the_table_and_the_table_is_logged(tmp_path):
 def test_wandb_group_is_the_sweep_folder_under_multirun(compose, tmp_path):
     from hydra.core.hydra_config import HydraConfig
 
-    from arm.tracking import sweep_group
+    from arm.run.tracking import sweep_group
 
     for sweep_dir, group in ((tmp_path / "runs" / "sweeps" / "paper_table", "paper_table"),
                              (tmp_path / "runs" / "multirun" / "2026-11-22" / "12-00-00", "2026-11-22_12-00-00")):

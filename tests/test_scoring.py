@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from arm.domains import generate_splits
+from arm.data.domains import generate_splits
 from evals.scoring import extract_final_number, function_body, score_code, score_code_batch, score_math
 
 DOC = {

@@ -1,4 +1,4 @@
-"""The SFT loop of the tiny model (arm/sft.py): trajectory layout, loss masking, checks, determinism."""
+"""The SFT loop of the tiny model (arm/trajectory/sft.py): trajectory layout, loss masking, checks, determinism."""
 
 from __future__ import annotations
 
@@ -6,8 +6,15 @@ import json
 
 import pytest
 
-from arm.sft import IGNORE_INDEX, collate, encode_example, lr_at, resolve_sft_config, train_trajectory
-from arm.tiny import build_char_tokenizer
+from arm.trajectory.sft import (
+    IGNORE_INDEX,
+    collate,
+    encode_example,
+    lr_at,
+    resolve_sft_config,
+    train_trajectory,
+)
+from arm.trajectory.tiny import build_char_tokenizer
 
 MODEL_CFG = {
     "name": "tiny-test",
@@ -37,7 +44,7 @@ SFT_CFG = {
 
 @pytest.fixture(scope="module")
 def splits():
-    from arm.domains import generate_splits
+    from arm.data.domains import generate_splits
 
     return generate_splits("math_synth", {"n_train": 160, "n_validation": 32, "n_test": 32}, 7)
 
@@ -140,7 +147,7 @@ def test_schedule():
 
 
 def test_quick_scores_and_plot(trajectory, splits, tmp_path):
-    from arm.trajectory_report import format_table, plot_trajectory, quick_scores
+    from evals.trajectory_report import format_table, plot_trajectory, quick_scores
 
     out, manifest, _ = trajectory
     result = quick_scores(out, "math_synth", "test", records=splits["test"][:8], batch_size=4)
@@ -153,8 +160,8 @@ def test_quick_scores_and_plot(trajectory, splits, tmp_path):
 
 
 def test_greedy_generate_stops_at_eos():
-    from arm.tiny import build_char_tokenizer, build_model
-    from arm.trajectory_report import greedy_generate
+    from arm.trajectory.tiny import build_char_tokenizer, build_model
+    from evals.trajectory_report import greedy_generate
 
     tok = build_char_tokenizer()
     model = build_model(MODEL_CFG["arch"], tok, seed=0)

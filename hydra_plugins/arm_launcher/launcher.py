@@ -1,6 +1,6 @@
 """Hydra launcher `PerModelSlurmLauncher` (hydra/launcher=slurm, slurm_local): hydra-submitit-launcher's
 SlurmLauncher, submitting one job array per distinct `model.slurm.job` resource spec. What it computes
-(per-job resources, grouping, the sbatch flags) is in arm/slurm_launcher.py; docs there."""
+(per-job resources, grouping, the sbatch flags) is in arm/run/slurm_launcher.py; docs there."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class PerModelSlurmLauncher(SlurmLauncher):
     """hydra-submitit-launcher's SlurmLauncher, one job array per distinct `model.slurm.job` spec."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from arm.slurm_launcher import (
+        from arm.run.slurm_launcher import (
             explicit_launcher_keys,
             group_by_resources,
             job_resources,
@@ -69,8 +69,8 @@ class PerModelSlurmLauncher(SlurmLauncher):
         return [jobs[i].results()[0] for i in range(len(job_overrides))]
 
     def _plan(self, job_overrides, initial_job_idx, configs, groups) -> list[JobReturn]:
-        from arm.errors import ArmError
-        from arm.plan import JobPlan, format_arrays, job_plan, print_plans
+        from arm.core.errors import ArmError
+        from arm.run.plan import JobPlan, format_arrays, job_plan, print_plans
 
         plans = []
         for cfg in configs:

@@ -1,0 +1,247 @@
+"""The per-tensor merge rule interface shared by every baseline (and the engine that runs them).
+
+A rule sees one tensor at a time through a :class:`TensorInputs`: the base model's tensor θ0 and
+the early checkpoints' tensors c1..cm, always as float32 on the merge device, flattened to 1-D.
+It yields the merged float32 values as consecutive 1-D chunks; the engine casts them to the
+output dtype and streams them to disk. Element-wise rules work chunk by chunk (memory bounded by a
+few chunks); rules that need whole-tensor statistics (TIES thresholds, DARE norms) ask for the
+full tensors.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+
+class MergeConfigError(ValueError):
+    """A merge configuration that cannot run (names the offending ``merge.<key>``)."""
+
+
+class Workspace:
+    """Scratch buffers reused from tensor to tensor: fresh multi-MB allocations page-fault on
+    first touch, which cost more than the merge arithmetic itself."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(
+        self, key: str, numel: int, device: torch.device, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """A 1-D buffer of ``numel`` entries (contents undefined), valid until ``key`` is asked for again."""
+        import torch
+
+        dtype = dtype or torch.float32
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            self._buffers.pop(key, None)
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[key] = buf
+        return buf[:numel]
+
+
+class TensorInputs(ABC):
+    """One tensor of every input model, as float32 1-D tensors on ``device``."""
+
+    numel: int
+    device: torch.device
+    chunk_elems: int  # the chunk length rules should use when they loop over full tensors
+    workspace: Workspace
+
+    def scratch(self, key: str, numel: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A reusable scratch buffer on the merge device (see :class:`Workspace`)."""
+        return self.workspace.get(key, numel, self.device, dtype)
+
+    @abstractmethod
+    def chunks(self) -> Iterator[tuple[torch.Tensor | None, list[torch.Tensor]]]:
+        """Consecutive slices ``(base, checkpoints)`` covering the tensor; buffers are reused
+        between iterations, so a rule must not keep references to them."""
+
+    @abstractmethod
+    def full(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Whole tensors, which the rule may modify in place; they may be reused buffers, valid
+        until the next tensor's inputs are read."""
+
+    @abstractmethod
+    def window(self, start: int, length: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Entries [start, start + length) as fresh tensors (for samples)."""
+
+
+class InMemoryInputs(TensorInputs):
+    """TensorInputs over tensors already in memory (unit tests, ARM, small models)."""
+
+    def __init__(
+        self,
+        base: torch.Tensor | None,
+        checkpoints: Sequence[torch.Tensor],
+        chunk_elems: int = 1 << 20,
+    ):
+        ref = base if base is not None else checkpoints[0]
+        self.device = ref.device
+        self.numel = ref.numel()
+        self.chunk_elems = chunk_elems
+        self.workspace = Workspace()
+        self._base = base.detach().reshape(-1) if base is not None else None
+        self._ckpts = [c.detach().reshape(-1) for c in checkpoints]
+
+    def chunks(self) -> Iterator[tuple[torch.Tensor | None, list[torch.Tensor]]]:
+        import torch
+
+        # copies, as rules may overwrite the chunks they are given
+        for s in range(0, self.numel, self.chunk_elems):
+            e = min(s + self.chunk_elems, self.numel)
+            base = self._base[s:e].to(torch.float32, copy=True) if self._base is not None else None
+            yield base, [c[s:e].to(torch.float32, copy=True) for c in self._ckpts]
+
+    def full(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        return self.window(0, self.numel)
+
+    def window(self, start: int, length: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        import torch
+
+        end = start + length
+        base = self._base[start:end].to(torch.float32, copy=True) if self._base is not None else None
+        return base, [c[start:end].to(torch.float32, copy=True) for c in self._ckpts]
+
+
+class TensorRule(ABC):
+    """A merge method that computes each output tensor from the same tensor of its inputs.
+
+    Subclasses declare ``name``, which inputs they read (``uses_base``; ``uses_checkpoints`` =
+    ``"all"`` or ``"last"``) and take their parameters as keyword arguments of ``__init__`` after
+    ``n_checkpoints`` — exactly the keys of their ``conf/merge/<name>.yaml``.
+    """
+
+    name: ClassVar[str]
+    uses_base: ClassVar[bool] = True
+    uses_checkpoints: ClassVar[str] = "all"
+    elementwise: ClassVar[bool] = False
+
+    def __init__(self, n_checkpoints: int):
+        if n_checkpoints < 1:
+            raise MergeConfigError(f"{self.name} needs at least one checkpoint, got {n_checkpoints}")
+        self.n_checkpoints = n_checkpoints
+
+    @classmethod
+    def accepted_params(cls) -> list[str]:
+        """The config keys this rule takes (its keyword parameters)."""
+        sig = inspect.signature(cls.__init__).parameters.values()
+        return [
+            p.name
+            for p in sig
+            if p.name not in ("self", "n_checkpoints") and p.kind is not inspect.Parameter.VAR_KEYWORD
+        ]
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], n_checkpoints: int) -> TensorRule:
+        """Build the rule from config keys, naming any key it does not take."""
+        accepted = cls.accepted_params()
+        unknown = sorted(set(params) - set(accepted))
+        if unknown:
+            raise MergeConfigError(
+                f"merge.{unknown[0]}: not a parameter of method {cls.name!r} (it takes: {', '.join(accepted)})"
+            )
+        return cls(n_checkpoints, **dict(params))
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """The resolved parameters (for the run summary)."""
+
+    @abstractmethod
+    def merge(self, name: str, inputs: TensorInputs) -> Iterator[torch.Tensor]:
+        """Yield the merged tensor as consecutive float32 1-D chunks."""
+
+    def apply(
+        self, name: str, base: torch.Tensor | None, checkpoints: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """Merge in-memory tensors (float32 result with the input's shape)."""
+        import torch
+
+        ref = base if base is not None else checkpoints[-1]
+        if not self.uses_base:
+            base = None
+        if self.uses_checkpoints == "last":
+            checkpoints = checkpoints[-1:]
+        parts = [c.clone() for c in self.merge(name, InMemoryInputs(base, checkpoints))]
+        return torch.cat(parts).reshape(ref.shape) if parts else torch.empty(ref.shape)
+
+
+class ElementwiseRule(TensorRule):
+    """A rule whose output element i depends only on the input elements i."""
+
+    elementwise = True
+
+    @abstractmethod
+    def combine(
+        self, base: torch.Tensor | None, checkpoints: list[torch.Tensor], out: torch.Tensor
+    ) -> torch.Tensor:
+        """Compute one chunk into ``out`` (same length) and return it; inputs may be overwritten."""
+
+    # Optional: ``combine_numpy(base, checkpoints, out, ws)``, the same computation on float32
+    # numpy arrays (``ws``: a ``baselines.numpy_ops.NumpyWorkspace``), bit-identical to
+    # ``combine`` on CPU. A CPU merge of a rule that has one runs without torch (see
+    # ``arm.merge.engine``); a subclass that overrides ``combine`` only does not inherit it.
+    combine_numpy: ClassVar[Any] = None
+
+    def merge(self, name: str, inputs: TensorInputs) -> Iterator[torch.Tensor]:
+        out = inputs.scratch("rule.out", min(inputs.chunk_elems, inputs.numel))
+        for base, ckpts in inputs.chunks():
+            yield self.combine(base, ckpts, out[: ckpts[0].numel()])
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter validation helpers
+
+
+def check_weights(weights: Sequence[float] | None, n: int, key: str = "weights") -> list[float]:
+    """Per-checkpoint weights; ``None`` means 1.0 each."""
+    if weights is None:
+        return [1.0] * n
+    if isinstance(weights, (int, float)) or isinstance(weights, str):
+        raise MergeConfigError(
+            f"merge.{key}: expected a list of {n} numbers (one per checkpoint), got {weights!r}"
+        )
+    out = [check_number(w, f"{key}[{i}]") for i, w in enumerate(weights)]
+    if len(out) != n:
+        raise MergeConfigError(f"merge.{key}: {len(out)} weights given for {n} checkpoints")
+    return out
+
+
+def check_number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MergeConfigError(f"merge.{key}: expected a number, got {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise MergeConfigError(f"merge.{key}: must be finite, got {value!r}")
+    return float(value)
+
+
+def check_bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise MergeConfigError(f"merge.{key}: expected true or false, got {value!r}")
+    return value
+
+
+def check_fraction(value: Any, key: str, *, low_open: bool = True, high_open: bool = False) -> float:
+    """A number in (0, 1] by default."""
+    x = check_number(value, key)
+    lo_ok = x > 0 if low_open else x >= 0
+    hi_ok = x < 1 if high_open else x <= 1
+    if not (lo_ok and hi_ok):
+        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
+        raise MergeConfigError(f"merge.{key}: must be in {interval}, got {value!r}")
+    return x
+
+
+def per_checkpoint(value: Any, n: int, key: str, check: Any) -> list[float]:
+    """A scalar applied to every checkpoint, or a list with one value per checkpoint."""
+    if isinstance(value, (list, tuple)) or (hasattr(value, "__len__") and not isinstance(value, str)):
+        values = list(value)
+        if len(values) != n:
+            raise MergeConfigError(f"merge.{key}: {len(values)} values given for {n} checkpoints")
+        return [check(v, f"{key}[{i}]") for i, v in enumerate(values)]
+    return [check(value, key)] * n

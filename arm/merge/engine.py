@@ -1,0 +1,811 @@
+"""The streaming merge engine: validates the inputs, runs a per-tensor rule, writes a model folder.
+
+``merge_from_config(cfg.merge, base, checkpoints, out_dir)`` is the entry the pipeline uses. One
+merge, in order:
+1. config: the method (``merge.name``, looked up in ``baselines.METHODS``) and its parameters are
+   validated, then the engine settings (``device``, ``dtype``, ``overwrite``, ``shard_size``);
+2. inputs: every model folder's safetensors headers are parsed (no tensor data): architectures,
+   tensor names, shapes and dtype kinds must agree; a truncated or corrupt file, a missing or
+   extra tensor is reported with the file and tensor it concerns — before anything is written;
+3. merge: tensor by tensor, in the base's storage order, the rule gets float32 chunks (or whole
+   tensors) on the merge device, read with positioned reads (one shard open per model), and yields
+   float32 chunks that are checked for NaN/Inf, cast to the output dtype and streamed into
+   pre-planned safetensors shards in a temporary sibling folder;
+4. config, generation config and tokenizer files are copied from the base (tokenizer from the last
+   checkpoint if the base has none) and the folder is renamed into place.
+
+A merge that fails or is killed leaves nothing at ``out_dir``; leftovers of killed runs are
+removed by the next run. Only torch is imported (lazily): no transformers, no Hydra — and a CPU
+merge of linear or task arithmetic runs on numpy alone, bit-identically (``baselines.numpy_ops``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from arm.merge.contract import MergeConfigError, TensorInputs, TensorRule, Workspace
+from arm.merge.tensor_io import (
+    OUTPUT_DTYPES,
+    ModelFolder,
+    OutTensor,
+    ShardedWriter,
+    TensorInfo,
+    TensorIOError,
+    TensorReader,
+    copy_model_files,
+    dtype_name,
+    itemsize,
+    parse_size,
+    publish,
+    temp_sibling,
+    torch_dtype,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+ENGINE_KEYS = ("name", "device", "dtype", "overwrite", "shard_size")
+DEFAULT_SHARD_SIZE = "5GB"
+TIED_PAIR = ("lm_head.weight", "model.embed_tokens.weight")  # (output, input) embedding names
+CPU_CHUNK = 1 << 20
+GPU_CHUNK = 1 << 24
+NUMPY_CHUNK = 1 << 18  # the numpy path makes more passes per chunk: a smaller one stays in cache
+# ARM_MERGE_BACKEND=torch: CPU merges of element-wise rules through torch even where the
+# torch-free numpy path applies (for comparisons; the outputs are bit-identical)
+BACKEND_ENV = "ARM_MERGE_BACKEND"
+# A CPU merge runs torch single-threaded (its per-chunk passes are short and memory-bound; on a
+# busy machine OpenMP barriers made 2 intra-op threads ~50x slower than 1) and merges up to
+# ARM_MERGE_THREADS tensors at once in Python threads (default: the CPU count, at most 4).
+THREADS_ENV = "ARM_MERGE_THREADS"
+
+__all__ = [
+    "EngineSettings",
+    "MergeConfigError",
+    "MergeContext",
+    "MergeInputError",
+    "build_rule",
+    "merge",
+    "merge_from_config",
+    "merge_identity",
+    "split_config",
+    "validate_merge_config",
+    "write_state_dict",
+]
+
+
+class MergeInputError(ValueError):
+    """Input models that cannot be merged (names the folder, file or tensor)."""
+
+
+class MergeOutputError(ValueError):
+    """The output folder cannot be written where asked (names the path; nothing is left behind)."""
+
+
+def check_output_path(out_dir: Path, inputs: Sequence[Path], overwrite: bool) -> None:
+    """Refuse an output folder that would destroy or mix with the inputs, or cannot be a folder:
+    equal to, inside or containing an input (even with overwrite), '.', '/', a file, or a place
+    where its temporary sibling cannot be created (e.g. /proc). Called before any work."""
+    out = Path(out_dir)
+    resolved = out.resolve()
+    if out.name in ("", ".", "..") or resolved == Path(resolved.anchor) or resolved == Path.cwd().resolve():
+        raise MergeOutputError(f"{out}: not an output folder of its own (give the path of a new folder)")
+    for inp in inputs:
+        other = Path(inp).resolve()
+        if resolved == other or other in resolved.parents or resolved in other.parents:
+            relation = "is" if resolved == other else "lies inside" if other in resolved.parents else "contains"
+            raise MergeOutputError(f"{out}: the output folder {relation} the input {inp}; the merge would replace or mix "
+                                   "with its inputs (refused even with overwrite): choose another folder")
+    if out.exists() and not out.is_dir():
+        raise MergeOutputError(f"{out}: exists and is not a folder")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: output folder exists (set merge.overwrite=true to replace it)")
+    parent = resolved.parent
+    if parent.exists() and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+        raise MergeOutputError(f"{out}: cannot create a folder in {parent} (not a writable folder)")
+    if str(resolved).startswith(("/proc/", "/sys/", "/dev/")):
+        raise MergeOutputError(f"{out}: not a place for a model folder (a kernel file system)")
+
+
+def _write_error(err: OSError, out_dir: Path, tmp: Path) -> MergeOutputError:
+    """An OSError while writing (disk full, quota, I/O) as a clean error naming the output and the removed temp."""
+    what = err.strerror or str(err)
+    if err.errno == errno.ENOSPC:
+        what = "no space left on the device"
+    return MergeOutputError(f"{out_dir}: cannot write the merged model ({what}); its temporary folder {tmp} was removed")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    device: str = "auto"  # auto | cpu | cuda (or cuda:N)
+    dtype: str | None = None  # None: each tensor keeps the base's dtype
+    overwrite: bool = False
+    shard_size: int = 5 * 10**9
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> EngineSettings:
+        device = cfg.get("device", "auto") or "auto"
+        if not isinstance(device, str) or not (
+            device in ("auto", "cpu", "cuda") or device.startswith("cuda:")
+        ):
+            raise MergeConfigError(f"merge.device: must be auto, cpu or cuda, got {device!r}")
+        dtype = cfg.get("dtype")
+        if dtype is not None and dtype not in OUTPUT_DTYPES:
+            raise MergeConfigError(
+                f"merge.dtype: must be null or one of {sorted(OUTPUT_DTYPES)}, got {dtype!r}"
+            )
+        overwrite = cfg.get("overwrite", False)
+        if not isinstance(overwrite, bool):
+            raise MergeConfigError(f"merge.overwrite: expected true or false, got {overwrite!r}")
+        try:
+            size = cfg.get("shard_size")
+            shard_size = parse_size(DEFAULT_SHARD_SIZE if size is None else size)  # 0 is an error, not the default
+        except ValueError as err:
+            raise MergeConfigError(f"merge.shard_size: {err}") from None
+        return cls(device, dtype, overwrite, shard_size)
+
+    def resolve_device(self) -> torch.device:
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise MergeConfigError(f"merge.device: {self.device} requested but no CUDA device is available")
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True)
+class MergeContext:
+    """Data a whole-model method may use beyond the weights (per-tensor rules ignore it):
+    ``calibration`` records (e.g. the domain's train split, {"prompt", "response"}), the converged
+    checkpoint (diagnostics only, never an input of the update) and a per-iteration metrics sink."""
+
+    calibration: list[dict] | None = None
+    converged: Path | None = None
+    log: Callable[[dict], None] | None = None
+
+
+def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain dict from a dict or an OmegaConf DictConfig (without importing omegaconf otherwise)."""
+    if type(cfg).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def split_config(merge_cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any], EngineSettings]:
+    """``merge.*`` -> (method name, method parameters, engine settings)."""
+    cfg = _plain(merge_cfg)
+    name = cfg.get("name")
+    if not isinstance(name, str) or not name:
+        raise MergeConfigError("merge.name: missing (the merge method, e.g. merge=ties)")
+    if name == "none":
+        raise MergeConfigError("merge.name: 'none' means no merge; pick a method, e.g. merge=ties")
+    params = {k: v for k, v in cfg.items() if k not in ENGINE_KEYS}
+    return name, params, EngineSettings.from_mapping(cfg)
+
+
+# Bump when a change to the engine or a rule changes merged values: it is part of merge_identity.
+MERGE_FORMAT = 1
+# Keys that do not change the merged values (left out of merge_identity): engine layout, and ARM's
+# `statistics` (whole model or layer by layer: the same statistics within float tolerance, like the
+# device; tests/test_arm_layerwise.py).
+_LAYOUT_KEYS = ("device", "overwrite", "shard_size", "statistics")
+
+
+def validate_merge_config(merge_cfg: Mapping[str, Any]) -> None:
+    """Cheap checks of ``merge.*`` before any work (the number of checkpoints is not known yet:
+    per-checkpoint lists are checked against each other here, against the checkpoints later)."""
+    from arm.merge.registry import get_method
+
+    name, params, _ = split_config(merge_cfg)
+    cls = get_method(name)
+    if not (isinstance(cls, type) and issubclass(cls, TensorRule)):
+        validate = getattr(cls, "validate_params", None)
+        if validate is not None:
+            validate(params)
+        return
+    lengths = {len(v) for v in params.values() if isinstance(v, (list, tuple))}
+    if len(lengths) > 1:
+        raise MergeConfigError(f"merge: per-checkpoint lists of different lengths {sorted(lengths)}")
+    cls.from_params(params, lengths.pop() if lengths else 1)
+
+
+def merge_identity(merge_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What determines a merge's values (method, parameters, output dtype, engine format), for
+    content keys: device, shard size and overwrite are left out."""
+    cfg = _plain(merge_cfg)
+    return {
+        "format": MERGE_FORMAT,
+        **{k: v for k, v in sorted(cfg.items()) if k not in _LAYOUT_KEYS},
+    }
+
+
+def build_rule(name: str, params: Mapping[str, Any], n_checkpoints: int) -> TensorRule:
+    from arm.merge.registry import get_method
+
+    cls = get_method(name)
+    if not (isinstance(cls, type) and issubclass(cls, TensorRule)):
+        raise MergeConfigError(f"merge.name: {name!r} is not a per-tensor rule")
+    return cls.from_params(params, n_checkpoints)
+
+
+def merge_from_config(
+    merge_cfg: Mapping[str, Any],
+    base: Path,
+    checkpoints: list[Path],
+    out_dir: Path,
+    *,
+    progress: bool = True,
+    context: MergeContext | None = None,
+) -> dict[str, Any]:
+    """Validate, merge and write a complete HF model folder at ``out_dir``; return a summary.
+
+    ``context`` is handed to whole-model methods (ARM); per-tensor rules ignore it."""
+    name, params, settings = split_config(merge_cfg)
+    if not checkpoints:
+        raise MergeInputError("no early checkpoints given: every method needs at least one")
+    base, checkpoints, out_dir = Path(base), [Path(c) for c in checkpoints], Path(out_dir)
+    converged = getattr(context, "converged", None)
+    check_output_path(out_dir, [base, *checkpoints, *([Path(converged)] if converged else [])], settings.overwrite)
+    from arm.merge.registry import get_method
+
+    cls = get_method(name)
+    if not (isinstance(cls, type) and issubclass(cls, TensorRule)):
+        # a whole-model (iterative) method, e.g. ARM: it validates its own parameters and writes
+        # out_dir, typically through write_state_dict below
+        if out_dir.exists() and not settings.overwrite:
+            raise FileExistsError(f"{out_dir}: output folder exists (set merge.overwrite=true to replace it)")
+        try:
+            return cls.merge_folder(params, base, checkpoints, out_dir, settings, progress=progress, context=context)
+        except FloatingPointError as err:  # a diverging iteration (overflow to Inf/NaN): a clean error, not a traceback
+            raise MergeInputError(f"merge '{name}' diverged: {err}") from None
+    rule = cls.from_params(params, len(checkpoints))
+    return merge(rule, base, checkpoints, out_dir, settings, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+@dataclass
+class _Plan:
+    names: list[str]  # output tensors, in write order
+    inputs: dict[str, list[TensorInfo]]  # name -> [base, c1..cm]
+    out: list[OutTensor]
+
+
+def _check_configs(base: ModelFolder, checkpoints: Sequence[ModelFolder]) -> None:
+    ref = base.config
+    for ck in checkpoints:
+        cfg = ck.config
+        for key in ("model_type", "architectures"):
+            if key in ref and key in cfg and ref[key] != cfg[key]:
+                raise MergeInputError(
+                    f"{ck.path / 'config.json'}: {key} {cfg[key]!r} differs from the base's {ref[key]!r} "
+                    f"({base.path}): models of different architectures cannot be merged"
+                )
+
+
+def _alias_tied(folders: Sequence[ModelFolder], tied: bool) -> list[dict[str, TensorInfo]]:
+    """Per-folder tensor maps; with tied embeddings a missing lm_head reads the embedding."""
+    maps = [dict(f.tensors) for f in folders]
+    out_name, in_name = TIED_PAIR
+    if tied and any(out_name in m for m in maps):
+        for m in maps:
+            if out_name not in m and in_name in m:
+                src = m[in_name]
+                m[out_name] = TensorInfo(out_name, src.file, src.dtype, src.shape, src.offset, src.nbytes)
+    return maps
+
+
+def open_folders(base: Path, checkpoints: Sequence[Path]) -> tuple[ModelFolder, list[ModelFolder]]:
+    """The base and checkpoint folders, headers read; a bad folder or file is a MergeInputError."""
+    try:
+        return ModelFolder(base), [ModelFolder(c) for c in checkpoints]
+    except TensorIOError as err:
+        raise MergeInputError(str(err)) from None
+
+
+def plan_merge(base: ModelFolder, checkpoints: Sequence[ModelFolder], dtype: str | None) -> _Plan:
+    """Check that all inputs hold the same tensors (names, shapes, dtype kinds); plan the output."""
+    _check_configs(base, checkpoints)
+    tied = bool(base.config.get("tie_word_embeddings", False))
+    maps = _alias_tied([base, *checkpoints], tied)
+    ref = maps[0]
+    for folder, m in zip(checkpoints, maps[1:], strict=True):
+        missing = [n for n in ref if n not in m]
+        if missing:
+            raise MergeInputError(
+                f"{folder.path}: tensor {missing[0]!r} of the base ({base.path}) is missing "
+                f"({len(missing)} missing)"
+            )
+        extra = [n for n in m if n not in ref]
+        if extra:
+            raise MergeInputError(
+                f"{m[extra[0]].file}: tensor {extra[0]!r} is not in the base ({base.path}) ({len(extra)} extra)"
+            )
+        for name, info in m.items():
+            r = ref[name]
+            if info.shape != r.shape:
+                raise MergeInputError(
+                    f"{info.file}: tensor {name!r} has shape {list(info.shape)}, the base's "
+                    f"({r.file}) is {list(r.shape)}"
+                )
+            if info.is_float != r.is_float:
+                raise MergeInputError(
+                    f"{info.file}: tensor {name!r} is {info.dtype}, the base's ({r.file}) is {r.dtype}"
+                )
+    order = [n for n in base.storage_order() if n in ref]
+    order += [n for n in ref if n not in base.tensors]  # an aliased lm_head
+    out_dtype = OUTPUT_DTYPES[dtype] if dtype else None
+    out = [
+        OutTensor(n, out_dtype if (out_dtype and ref[n].is_float) else ref[n].dtype, ref[n].shape)
+        for n in order
+    ]
+    return _Plan(order, {n: [m[n] for m in maps] for n in order}, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading inputs for a rule
+
+
+class _Buffers:
+    """Reusable staging (raw bytes, CPU) and float32 (device) buffers, and the rules' workspace."""
+
+    def __init__(self, n_inputs: int, chunk: int, device: torch.device):
+        import torch
+
+        pin = device.type == "cuda"
+        self.raw = torch.empty(chunk * 8, dtype=torch.uint8, pin_memory=pin)
+        self.f32 = [torch.empty(chunk, dtype=torch.float32, device=device) for _ in range(n_inputs)]
+        self.out = torch.empty(chunk * 8, dtype=torch.uint8)
+        self.workspace = Workspace()
+
+
+class DiskInputs(TensorInputs):
+    """One tensor of each input model, read from safetensors files chunk by chunk."""
+
+    def __init__(
+        self,
+        infos: Sequence[TensorInfo | None],
+        readers: Sequence[TensorReader],
+        buffers: _Buffers,
+        device: torch.device,
+        chunk: int,
+    ):
+        present = [i for i in infos if i is not None]
+        self.numel = present[0].numel
+        self.device = device
+        self.chunk_elems = chunk
+        self.workspace = buffers.workspace
+        self._infos = infos
+        self._readers = readers
+        self._buf = buffers
+
+    def _load(self, slot: int, start: int, n: int, out: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        info = self._infos[slot]
+        assert info is not None
+        if info.dtype == "F32" and out.device.type == "cpu":
+            self._readers[slot].read_into(info, start, n, out)
+            return out
+        raw = self._buf.raw[: n * itemsize(info.dtype)]
+        self._readers[slot].read_into(info, start, n, raw)
+        src = raw.view(torch_dtype(info.dtype))
+        out.copy_(src, non_blocking=True)
+        if out.device.type == "cuda":
+            torch.cuda.current_stream(out.device).synchronize()  # the staging buffer is reused next
+        return out
+
+    def chunks(self) -> Iterator[tuple[torch.Tensor | None, list[torch.Tensor]]]:
+        for s in range(0, self.numel, self.chunk_elems):
+            n = min(self.chunk_elems, self.numel - s)
+            loaded = [
+                self._load(j, s, n, self._buf.f32[j][:n]) if info is not None else None
+                for j, info in enumerate(self._infos)
+            ]
+            yield loaded[0], [t for t in loaded[1:] if t is not None]
+
+    def window(self, start: int, length: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        import torch
+
+        loaded = [
+            self._load(j, start, length, torch.empty(length, dtype=torch.float32, device=self.device))
+            if info is not None
+            else None
+            for j, info in enumerate(self._infos)
+        ]
+        return loaded[0], [t for t in loaded[1:] if t is not None]
+
+    def full(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        loaded: list[torch.Tensor | None] = []
+        for j, info in enumerate(self._infos):
+            if info is None:
+                loaded.append(None)
+                continue
+            t = self.scratch(f"inputs.full.{j}", self.numel)
+            for s in range(0, self.numel, self.chunk_elems):
+                n = min(self.chunk_elems, self.numel - s)
+                self._load(j, s, n, t[s : s + n])
+            loaded.append(t)
+        return loaded[0], [t for t in loaded[1:] if t is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# the merge
+
+
+def _used_slots(rule: TensorRule, n_checkpoints: int) -> list[bool]:
+    """Which of [base, c1..cm] the rule reads."""
+    last_only = rule.uses_checkpoints == "last"
+    return [rule.uses_base] + [(not last_only) or i == n_checkpoints - 1 for i in range(n_checkpoints)]
+
+
+def _find_nonfinite(name: str, infos: Sequence[TensorInfo | None]) -> str:
+    import torch
+
+    for info in infos:
+        if info is None:
+            continue
+        with TensorReader() as reader:
+            t = reader.read(info)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"{info.file}: tensor {name!r} contains NaN or Inf"
+    return f"merged tensor {name!r} is not finite although its inputs are (check the method's parameters)"
+
+
+def merge(
+    rule: TensorRule,
+    base: Path,
+    checkpoints: list[Path],
+    out_dir: Path,
+    settings: EngineSettings,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run ``rule`` over every tensor of ``base`` and ``checkpoints``; write ``out_dir``.
+
+    A CPU merge of an element-wise rule with a numpy twin (``combine_numpy``) runs on numpy alone
+    and never imports torch (see :func:`_numpy_path`); its output is bit-identical."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not settings.overwrite:
+        raise FileExistsError(f"{out_dir}: output folder exists (set merge.overwrite=true to replace it)")
+    device = "cpu" if settings.device == "cpu" else settings.resolve_device()
+    base_f, ck_f = open_folders(base, checkpoints)
+    plan = plan_merge(base_f, ck_f, settings.dtype)
+    used = _used_slots(rule, len(ck_f))
+
+    pool: _WorkerPool | _NumpyPool
+    threads = None
+    workers = 1
+    if device == "cpu" and _numpy_path(rule, plan, used):
+        pool = _NumpyPool(rule, used, NUMPY_CHUNK)
+        workers = _cpu_workers()
+    else:
+        import torch
+
+        device = torch.device(device) if isinstance(device, str) else device
+        chunk = GPU_CHUNK if device.type == "cuda" else CPU_CHUNK
+        threads = torch.get_num_threads()
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+            workers = _cpu_workers()
+        pool = _WorkerPool(rule, used, device, chunk)
+    try:
+        tmp = temp_sibling(out_dir)
+    except OSError as err:
+        raise MergeOutputError(f"{out_dir}: cannot create its temporary sibling folder ({err.strerror or err})") from None
+    writer = ShardedWriter(tmp, plan.out, settings.shard_size)
+    published = False
+    try:
+        bar = _progress(len(plan.names), progress, rule.name)
+        jobs = [(name, target, plan.inputs[name]) for name, target in zip(plan.names, plan.out, strict=True)]
+        if workers == 1:  # stream each chunk to disk as it is produced
+            for name, target, infos in jobs:
+                writer.begin(name)
+                for piece in pool.merge_tensor(name, target, infos):
+                    writer.write(piece)
+                bar.update()
+        else:  # tensors merged in parallel threads (torch releases the GIL), written in order
+            from collections import deque
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers, thread_name_prefix="merge") as executor:
+                pending: deque = deque()
+                for job in jobs:
+                    pending.append(
+                        (job[0], executor.submit(lambda j: list(pool.merge_tensor(*j, copy=True)), job))
+                    )
+                    while len(pending) > workers:
+                        _write_done(writer, bar, *pending.popleft())
+                while pending:
+                    _write_done(writer, bar, *pending.popleft())
+        bar.close()
+        writer.close()
+        copy_model_files(base_f, ck_f, tmp, settings.dtype)
+        publish(tmp, out_dir, settings.overwrite)
+        published = True
+    except OSError as err:  # disk full, quota, I/O error: nothing at out_dir, the temporary folder removed below
+        raise _write_error(err, out_dir, tmp) from None
+    finally:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        writer.abort()
+        pool.close()
+        if not published:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "method": rule.name,
+        "params": rule.params(),
+        "wall_s": round(time.perf_counter() - t0, 3),
+        "n_tensors": len(plan.names),
+        "device": str(device),
+        "dtype": settings.dtype or ",".join(sorted({dtype_name(t.dtype) for t in plan.out})),
+        "out_dir": str(out_dir),
+        "shards": len(writer.shards),
+        "bytes": sum(t.nbytes for t in plan.out),
+    }
+
+
+def _cpu_workers() -> int:
+    return max(1, int(os.environ.get(THREADS_ENV, "0")) or min(4, os.cpu_count() or 1))
+
+
+def _write_done(writer: ShardedWriter, bar: Any, name: str, future: Any) -> None:
+    pieces = future.result()  # re-raises a worker's error
+    writer.begin(name)
+    for piece in pieces:
+        writer.write(piece)
+    bar.update()
+
+
+class _WorkerPool:
+    """Per-thread readers (one open shard per model) and buffers, and the per-tensor merge."""
+
+    def __init__(self, rule: TensorRule, used: list[bool], device: torch.device, chunk: int):
+        import threading
+
+        self.rule, self.used, self.device, self.chunk = rule, used, device, chunk
+        self._local = threading.local()
+        self._all: list[tuple[list[TensorReader], _Buffers]] = []
+        self._lock = threading.Lock()
+
+    def _resources(self) -> tuple[list[TensorReader], _Buffers]:
+        res = getattr(self._local, "res", None)
+        if res is None:
+            res = ([TensorReader() for _ in self.used], _Buffers(len(self.used), self.chunk, self.device))
+            self._local.res = res
+            with self._lock:
+                self._all.append(res)
+        return res
+
+    def merge_tensor(
+        self, name: str, target: OutTensor, infos: list[TensorInfo], copy: bool = False
+    ) -> Iterator[torch.Tensor]:
+        """The merged tensor as consecutive CPU chunks in the output dtype (reused buffers unless
+        ``copy``)."""
+        import torch
+
+        readers, buffers = self._resources()
+        if not infos[0].is_float:  # integer/bool buffers: the base's values
+            yield readers[0].read(infos[0]).reshape(-1)
+            return
+        used_infos = [info if u else None for info, u in zip(infos, self.used, strict=True)]
+        inputs = DiskInputs(used_infos, readers, buffers, self.device, self.chunk)
+        out_dtype = torch_dtype(target.dtype)
+        written = 0
+        for part in self.rule.merge(name, inputs):
+            if not bool(torch.isfinite(part.sum())) and not bool(torch.isfinite(part).all()):
+                raise MergeInputError(_find_nonfinite(name, used_infos))
+            for s in range(0, part.numel(), self.chunk):
+                piece = part[s : s + self.chunk]
+                n = piece.numel()
+                if copy:
+                    staged = piece.to(device="cpu", dtype=out_dtype, copy=True)
+                else:
+                    staged = buffers.out[: n * itemsize(target.dtype)].view(out_dtype)
+                    staged.copy_(piece if piece.device.type == "cpu" else piece.to(out_dtype))
+                yield staged
+                written += n
+        if written != inputs.numel:
+            raise RuntimeError(
+                f"method {self.rule.name} produced {written} of {inputs.numel} values for {name!r}"
+            )
+
+    def close(self) -> None:
+        for readers, _ in self._all:
+            for r in readers:
+                r.close()
+
+
+def _numpy_path(rule: TensorRule, plan: _Plan, used: list[bool]) -> bool:
+    """Whether a CPU merge can run on numpy alone (no torch import): an element-wise rule whose
+    ``combine`` comes with a ``combine_numpy`` from the same class, float tensors read and written
+    as float32, float16 or bfloat16. ``ARM_MERGE_BACKEND=torch`` turns it off."""
+    if os.environ.get(BACKEND_ENV, "auto") == "torch" or not rule.elementwise:
+        return False
+    mro = type(rule).__mro__
+    owner = {key: next((c for c in mro if key in vars(c)), None) for key in ("combine", "combine_numpy")}
+    if owner["combine_numpy"] is None or owner["combine_numpy"] is not owner["combine"]:
+        return False
+    if getattr(rule, "combine_numpy", None) is None:
+        return False
+    try:
+        from baselines.numpy_ops import FLOAT_DTYPES
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        return False
+    for name, target in zip(plan.names, plan.out, strict=True):
+        infos = plan.inputs[name]
+        if not infos[0].is_float:
+            continue
+        if target.dtype not in FLOAT_DTYPES:
+            return False
+        if any(u and info.dtype not in FLOAT_DTYPES for info, u in zip(infos, used, strict=True)):
+            return False
+    return True
+
+
+class _NumpyPool:
+    """:class:`_WorkerPool` for the torch-free CPU path: per-thread readers, numpy buffers and
+    workspace; the rule's ``combine_numpy`` chunk by chunk (see ``baselines.numpy_ops``)."""
+
+    def __init__(self, rule: TensorRule, used: list[bool], chunk: int):
+        import threading
+
+        self.rule, self.used, self.chunk = rule, used, chunk
+        self._local = threading.local()
+        self._all: list[list[TensorReader]] = []
+        self._lock = threading.Lock()
+
+    def _resources(self) -> tuple[list[TensorReader], Any]:
+        res = getattr(self._local, "res", None)
+        if res is None:
+            from baselines.numpy_ops import NumpyWorkspace
+
+            res = ([TensorReader() for _ in self.used], NumpyWorkspace())
+            self._local.res = res
+            with self._lock:
+                self._all.append(res[0])
+        return res
+
+    def merge_tensor(
+        self, name: str, target: OutTensor, infos: list[TensorInfo], copy: bool = False
+    ) -> Iterator[Any]:
+        """The merged tensor as consecutive numpy chunks in the output dtype (reused buffers
+        unless ``copy``)."""
+        import numpy as np
+
+        from baselines import numpy_ops as nops
+
+        readers, ws = self._resources()
+        if not infos[0].is_float:  # integer/bool buffers: the base's values
+            raw = np.empty(infos[0].nbytes, dtype=np.uint8)
+            readers[0].read_into_buffer(infos[0], 0, infos[0].numel, raw)
+            yield raw
+            return
+        used_infos = [info if u else None for info, u in zip(infos, self.used, strict=True)]
+        numel = infos[0].numel
+        chunk = min(self.chunk, numel)
+        for s in range(0, numel, self.chunk):
+            n = min(self.chunk, numel - s)
+            loaded: list[Any] = []
+            for j, info in enumerate(used_infos):
+                if info is None:
+                    loaded.append(None)
+                    continue
+                f32 = ws.get(f"in.{j}", chunk)[:n]
+                if info.dtype == "F32":
+                    readers[j].read_into_buffer(info, s, n, f32)
+                else:
+                    raw = ws.get("in.raw", chunk * 4, np.uint8)
+                    readers[j].read_into_buffer(info, s, n, raw)
+                    nops.load_float32(raw[: n * itemsize(info.dtype)], info.dtype, f32)
+                loaded.append(f32)
+            with np.errstate(all="ignore"):
+                part = self.rule.combine_numpy(
+                    loaded[0], [t for t in loaded[1:] if t is not None], ws.get("rule.out", chunk)[:n], ws
+                )
+                if part.size != n:
+                    raise RuntimeError(
+                        f"method {self.rule.name} produced {part.size} of {n} values for {name!r}"
+                    )
+                if not nops.all_finite(part):
+                    raise MergeInputError(_find_nonfinite(name, used_infos))
+                stage = ws.get("out.stage", chunk * 4, np.uint8)
+                staged = nops.store(part, target.dtype, stage, ws.get("out.tmp", chunk, np.uint32)[:n])
+            yield staged.copy() if copy else staged
+
+    def close(self) -> None:
+        for readers in self._all:
+            for r in readers:
+                r.close()
+
+
+def write_state_dict(
+    state: Mapping[str, torch.Tensor],
+    base: Path,
+    checkpoints: Sequence[Path],
+    out_dir: Path,
+    settings: EngineSettings,
+    before_publish: Callable[[Path], None] | None = None,
+) -> dict[str, Any]:
+    """Write in-memory tensors as a model folder like a merge does (for whole-model methods).
+
+    ``before_publish(tmp)`` writes the method's own files (e.g. ARM's diagnostics) into the temporary
+    folder, so the folder appears at ``out_dir`` only when complete.
+
+    Tensors must be exactly the base's (names and shapes, as ``plan_merge`` checks); they are
+    written in the base's storage order, cast to ``settings.dtype`` (floats; default the base's
+    dtype per tensor), sharded, with config and tokenizer files, atomically at ``out_dir``.
+    """
+    import torch
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not settings.overwrite:
+        raise FileExistsError(f"{out_dir}: output folder exists (set merge.overwrite=true to replace it)")
+    base_f = ModelFolder(base)
+    ck_f = [ModelFolder(c) for c in checkpoints]
+    plan = plan_merge(base_f, ck_f, settings.dtype)
+    missing = [n for n in plan.names if n not in state]
+    extra = [n for n in state if n not in plan.inputs]
+    if missing or extra:
+        raise MergeInputError(f"state dict vs base {base}: missing {missing[:3]}, extra {extra[:3]}")
+    try:
+        tmp = temp_sibling(out_dir)
+    except OSError as err:
+        raise MergeOutputError(f"{out_dir}: cannot create its temporary sibling folder ({err.strerror or err})") from None
+    writer = ShardedWriter(tmp, plan.out, settings.shard_size)
+    published = False
+    try:
+        for name, target in zip(plan.names, plan.out, strict=True):
+            t = state[name].detach()
+            if tuple(t.shape) != target.shape:
+                raise MergeInputError(
+                    f"tensor {name!r} has shape {list(t.shape)}, the base's is {list(target.shape)}"
+                )
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise MergeInputError(f"tensor {name!r} to write contains NaN or Inf")
+            writer.write_tensor(name, t.to(device="cpu", dtype=torch_dtype(target.dtype)))
+        writer.close()
+        copy_model_files(base_f, ck_f, tmp, settings.dtype)
+        if before_publish is not None:
+            before_publish(tmp)
+        publish(tmp, out_dir, settings.overwrite)
+        published = True
+    except OSError as err:  # disk full, quota, I/O error: nothing at out_dir, the temporary folder removed below
+        raise _write_error(err, out_dir, tmp) from None
+    finally:
+        writer.abort()
+        if not published:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"out_dir": str(out_dir), "n_tensors": len(plan.names), "shards": len(writer.shards)}
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool, method: str) -> Any:
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return _NoBar()
+    return tqdm(total=total, unit="tensor", desc=f"merge {method}", leave=False)

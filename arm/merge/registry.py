@@ -1,0 +1,35 @@
+"""The one registry of merge methods: name -> rule class, imported lazily.
+
+Every method of ``conf/merge/<name>.yaml`` is listed here exactly once; ``arm.merge.engine``
+looks methods up by ``merge.name``. A per-tensor rule subclasses ``arm.merge.contract.TensorRule``.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+METHODS: dict[str, str] = {
+    "linear": "baselines.linear:Linear",
+    "task_arithmetic": "baselines.task_arithmetic:TaskArithmetic",
+    "ties": "baselines.ties:Ties",
+    "expo": "baselines.expo:Expo",
+    "dare": "baselines.dare:Dare",
+    "arm": "arm.method.iteration:ARM",
+}
+
+
+def method_names() -> list[str]:
+    return sorted(METHODS)
+
+
+def get_method(name: str) -> Any:
+    """The class registered under ``name``; a clear error naming the known ones otherwise."""
+    from arm.merge.contract import MergeConfigError
+
+    if name not in METHODS:
+        raise MergeConfigError(
+            f"merge.name: unknown merge method {name!r} (known: {', '.join(method_names())})"
+        )
+    module, attr = METHODS[name].split(":")
+    return getattr(import_module(module), attr)

@@ -1,0 +1,228 @@
+"""The trajectory: the inputs of every merge method (base + early SFT checkpoints) and the
+converged SFT checkpoint they are compared with.
+
+Either read from an SFT output folder (`checkpoint-<step>/` folders as transformers' Trainer writes
+them, optionally a `base/` folder and a `manifest.json`), or trained by the SFT stage and cached
+under a content key (the embedded default trains its own tiny trajectory).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from arm.core.cache import atomic_write_json, build_once, content_key, read_json, source_digest, to_plain
+from arm.core.errors import ConfigError, InputError
+from arm.core.refs import ModelRef, Trajectory
+from arm.data.splits import DomainData
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading an SFT output folder
+
+
+def find_checkpoints(folder: Path) -> dict[int, Path]:
+    """`checkpoint-<step>/` folders below `folder`, by step."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: trajectory folder not found")
+    found = {}
+    for child in folder.iterdir():
+        match = CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir():
+            found[int(match.group(1))] = child
+    if not found:
+        raise InputError(f"{folder}: no checkpoint-<step>/ folders (expected the output folder of an SFT run)")
+    return dict(sorted(found.items()))
+
+
+def folder_key(path: Path) -> str:
+    """A content key for a model folder we did not build: its weight files' names, sizes and mtimes."""
+    path = Path(path)
+    stats = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in path.glob("*.safetensors"))
+    return content_key("folder", str(path.resolve()), stats)
+
+
+def check_early_steps(early_steps: Sequence[int], available: Sequence[int], key: str) -> list[int]:
+    steps = [int(s) for s in early_steps]
+    if not steps:
+        raise ConfigError(key, "the list of early checkpoints is empty")
+    if steps != sorted(set(steps)):
+        raise ConfigError(key, f"early checkpoint steps must be distinct and ordered by step, got {steps}")
+    missing = [s for s in steps if s not in available]
+    if missing:
+        raise ConfigError(key, f"no checkpoint for step(s) {missing}; available: {list(available)}")
+    return steps
+
+
+def from_folder(
+    folder: Path,
+    *,
+    base: str | Path | None,
+    early_steps: Sequence[int] | None,
+    converged_step: int | None = None,
+    key: str | None = None,
+) -> Trajectory:
+    """A trajectory from an SFT output folder (Trainer layout, or the one the SFT stage writes)."""
+    folder = Path(folder)
+    checkpoints = find_checkpoints(folder)
+    manifest_path = folder / "manifest.json"
+    manifest = read_json(manifest_path) if manifest_path.is_file() else {}
+    steps = list(checkpoints)
+    if early_steps is None:
+        early_steps = manifest.get("early_steps")
+        if not early_steps:
+            raise ConfigError("trajectory.early_steps", f"{folder} has no manifest naming them; set them (available steps: {steps})")
+    early = check_early_steps(early_steps, steps, "trajectory.early_steps")
+    converged = int(converged_step) if converged_step is not None else int(manifest.get("converged_step", steps[-1]))
+    if converged not in checkpoints:
+        raise ConfigError("trajectory.converged_step", f"no checkpoint for step {converged}; available: {steps}")
+    if converged <= early[-1]:
+        raise ConfigError("trajectory.early_steps", f"early steps {early} must come before the converged step {converged}")
+
+    if base is None:
+        base_path = folder / manifest.get("base", "base")
+        if not base_path.is_dir():
+            raise ConfigError("trajectory.base", f"{folder} has no base/ folder; set trajectory.base to the base model")
+    else:
+        base_path = Path(base)
+        if not base_path.is_dir():
+            raise InputError(
+                f"{base_path}: base model folder not found (trajectory.base). Models cannot be downloaded "
+                "here: point trajectory.base at a local copy"
+            )
+
+    def ref(name: str, path: Path, step: int | None) -> ModelRef:
+        return ModelRef(name, path, content_key(key, path.name) if key else folder_key(path), step)
+
+    return Trajectory(
+        base=ref("base", base_path, None),
+        early=[ref(f"sft@{s}", checkpoints[s], s) for s in early],
+        converged=ref("sft_converged", checkpoints[converged], converged),
+        folder=folder,
+        manifest=manifest,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training the trajectory (embedded default)
+
+
+def sft_config(cfg: Mapping) -> dict:
+    """model.sft merged with domain.sft (domain wins)."""
+    from omegaconf import OmegaConf
+
+    model_sft = cfg["model"].get("sft") or {}
+    domain_sft = cfg["domain"].get("sft") or {}
+    return to_plain(OmegaConf.merge(OmegaConf.create(to_plain(model_sft)), OmegaConf.create(to_plain(domain_sft))))
+
+
+def pretrained_base(cfg: Mapping, cache_dir: Path | None) -> tuple[Path | None, str | None]:
+    """(folder, recipe key) of the model's pretrained base (model.pretrain), or (None, None) for a model
+    that SFT trains from a random initialisation. With cache_dir None only the key is computed."""
+    from arm.trajectory import pretrain
+
+    model_cfg = to_plain(cfg["model"])
+    rec = pretrain.recipe(model_cfg)
+    if rec is None:
+        return None, None
+    if cache_dir is None:
+        return None, pretrain.recipe_key(model_cfg, rec)
+    return pretrain.ensure_base(model_cfg, cache_dir)
+
+
+def warn_if_not_held_out(cfg: Mapping) -> None:
+    """Log a warning when the domain's data block differs from the one the pretrained base's corpus held
+    out, counting the validation/test problems that the corpus did not exclude (they may be in it)."""
+    from arm.trajectory import pretrain
+
+    rec = pretrain.recipe(to_plain(cfg["model"]))
+    if rec is None:
+        return
+    domain = cfg["domain"]
+    generator = domain.get("generator")
+    held = pretrain.held_out_data(rec["held_out"])
+    given = dict(to_plain(domain.get("data") or {}))
+    if generator not in held or given == held[generator]:
+        return
+    from arm.data.domains import corpus
+
+    excluded = corpus.held_out_keys({generator: held[generator]})
+    current = corpus.held_out_keys({generator: given})
+    kind = "math" if generator == "math_synth" else "code"
+    outside = len(current[kind] - excluded[kind])
+    if outside:
+        log.warning("domain.data differs from the data block the pretrained base's corpus was built against "
+                    "(conf/domain/%s.yaml): %d of %d validation/test problems were not excluded from the corpus "
+                    "and may have been seen in pretraining", domain["name"], outside, len(current[kind]))
+
+
+def trajectory_key(cfg: Mapping, data: DomainData) -> str:
+    sft = sft_config(cfg)
+    sft.pop("early_steps", None)  # which checkpoints feed the merge does not change the training run
+    model = to_plain(cfg["model"])
+    model.pop("sft", None)
+    from arm.trajectory import sft, tiny
+
+    code = source_digest(sft, tiny)
+    _, base_key = pretrained_base(cfg, None)
+    parts: list[Any] = ["trajectory", model, sft, data.key, int(cfg.get("seed", 0)), code]
+    if base_key is not None:  # a from-scratch model keeps the keys it always had
+        parts.append({"base": base_key})
+    return content_key(*parts)
+
+
+def ensure_trajectory(cfg: Mapping, data: DomainData | None, cache_dir: Path) -> Trajectory:
+    traj_cfg = cfg.get("trajectory") or {}
+    early_override = traj_cfg.get("early_steps")
+    if traj_cfg.get("path"):
+        return from_folder(
+            Path(traj_cfg["path"]),
+            base=traj_cfg.get("base"),
+            early_steps=to_plain(early_override) if early_override is not None else to_plain(cfg["model"].get("sft", {}).get("early_steps")),
+            converged_step=traj_cfg.get("converged_step"),
+        )
+    if cfg["model"].get("arch") is None:
+        # A pretrained model (the Qwen3 sizes): transformers' Trainer SFT on the domain's SFT data (arm/trajectory/trainer_sft.py).
+        from arm.trajectory import trainer_sft as sft_hf
+
+        folder = sft_hf.ensure_hf_trajectory(cfg, cache_dir)
+        early = to_plain(early_override) if early_override is not None else sft_hf.resolve_sft_config(sft_config(cfg))["early_steps"]
+        return from_folder(folder, base=None, early_steps=early or None, converged_step=traj_cfg.get("converged_step"),
+                           key=sft_hf.trajectory_key(cfg))
+    if data is None:
+        raise ConfigError("trajectory.path", f"domain '{cfg['domain']['name']}' has no synthetic data: set trajectory.path to an SFT output folder")
+    key = trajectory_key(cfg, data)
+    folder = Path(cache_dir) / "trajectories" / f"{cfg['model']['name']}-{cfg['domain']['name']}-{key}"
+    sft = sft_config(cfg)
+    splits = {name: data.split(name) for name in ("train", "validation")}
+    from arm.trajectory.sft import resolve_sft_config
+
+    try:  # every SFT key is checked before any training starts
+        resolve_sft_config(sft, len(splits["train"]))
+    except ValueError as exc:
+        raise ConfigError("model.sft", str(exc)) from exc
+
+    warn_if_not_held_out(cfg)
+
+    def build(tmp: Path) -> None:
+        from arm.trajectory.sft import train_trajectory
+
+        base_path, base_key = pretrained_base(cfg, cache_dir)  # only when the trajectory is not cached
+        log.info("training the %s trajectory on %s (%d examples) into %s", cfg["model"]["name"], data.name, len(splits["train"]), folder)
+        manifest = train_trajectory(to_plain(cfg["model"]), sft, splits, tmp, seed=int(cfg.get("seed", 0)), init_from=base_path)
+        manifest.update({"domain": data.name, "data_key": data.key, "key": key, "base_recipe_key": base_key})
+        atomic_write_json(tmp / "manifest.json", manifest)
+
+    built = build_once(folder, build, is_complete=lambda p: (p / "manifest.json").is_file())
+    if not built:
+        log.info("reusing trajectory %s", folder)
+    early = to_plain(early_override) if early_override is not None else sft.get("early_steps")
+    return from_folder(folder, base=None, early_steps=early, converged_step=traj_cfg.get("converged_step"), key=key)
