@@ -67,7 +67,7 @@ lint: $(STAMP)
 # and copied to arm/assets/tiny-base/ (commit it). `make run` uses the shipped base while its recipe key
 # matches; otherwise it pretrains one into outputs/cache/bases/ (docs/trajectory.md).
 pretrain: $(STAMP)
-	$(BIN)/python -m arm.trajectory.pretrain --model tiny --ship
+	$(BIN)/python -m arm.run.pretrain --model tiny --ship
 
 # `make run`'s references and methods over 3 SFT seeds (the pretrained base is shared): every cell as
 # mean [min, max] (evals/spread.py).

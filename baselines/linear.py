@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from baselines.numpy_ops import NumpyWorkspace
+    from arm.merge.numpy_ops import NumpyWorkspace
 
 
 class Linear(ElementwiseRule):
@@ -62,7 +62,7 @@ class Linear(ElementwiseRule):
         self, base: np.ndarray | None, checkpoints: list[np.ndarray], out: np.ndarray, ws: NumpyWorkspace
     ) -> np.ndarray:
         """:meth:`combine` on numpy float32 arrays, op for op (bit-identical)."""
-        from baselines import numpy_ops as nops
+        from arm.merge import numpy_ops as nops
 
         nops.mul(checkpoints[0], self.weights[0], out)
         for c, w in zip(checkpoints[1:], self.weights[1:], strict=True):

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from baselines.numpy_ops import NumpyWorkspace
+    from arm.merge.numpy_ops import NumpyWorkspace
 
 
 class TaskArithmetic(ElementwiseRule):
@@ -66,7 +66,7 @@ class TaskArithmetic(ElementwiseRule):
         """:meth:`combine` on numpy float32 arrays, op for op (bit-identical)."""
         import numpy as np
 
-        from baselines import numpy_ops as nops
+        from arm.merge import numpy_ops as nops
 
         assert base is not None
         out.fill(0)

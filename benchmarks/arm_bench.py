@@ -58,7 +58,7 @@ from pathlib import Path
 import torch, transformers  # what ARM imports lazily, timed apart from the merge itself
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from arm.merge.engine import MergeContext, merge_from_config
-from arm.trajectory.build import DomainData
+from arm.data.splits import DomainData
 imported = time.perf_counter()
 spec = json.loads(sys.argv[1])
 data = DomainData(**{k: (Path(v) if k == "folder" else v) for k, v in spec["data"].items()})
@@ -77,7 +77,7 @@ spec = json.loads(sys.argv[1])
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from arm.trajectory.sft import _epoch_batches, _loss_sums, _save_model, collate, encode_example, evaluate_loss, lr_at
-from arm.trajectory.build import DomainData
+from arm.data.splits import DomainData
 cfg = spec["sft"]
 if cfg.get("num_threads"):
     torch.set_num_threads(int(cfg["num_threads"]))
@@ -174,7 +174,9 @@ def run_child(spec: dict[str, Any]) -> tuple[float, float, float, dict[str, floa
 def bench_domain(domain: str, runs: int, overrides: list[str], formulations: list[str], slice_steps: int) -> dict[str, Any]:
     from arm.core.cache import to_plain
     from arm.run.job import Paths
-    from arm.trajectory.build import ensure_data, ensure_trajectory, sft_config
+    from arm.data.splits import ensure_data
+    from arm.trajectory.build import ensure_trajectory
+    from arm.trajectory.sft import sft_config
     from arm.trajectory.sft import resolve_sft_config
 
     cfg = _compose(domain, overrides)

@@ -75,7 +75,8 @@ def _compose(domain: str, overrides: list[str]) -> Any:
 
 def _default_trajectory_cached(domain: str, model: list[str]) -> bool:
     from arm.run.job import Paths
-    from arm.trajectory.build import ensure_data, trajectory_key
+    from arm.data.splits import ensure_data
+    from arm.trajectory.build import trajectory_key
 
     cfg = _compose(domain, [*model, *OVERRIDES["hf"]])
     paths = Paths.from_cfg(cfg, REPO / "outputs" / "runs" / "bench-eval")
@@ -88,7 +89,8 @@ def jobs_for(backend: str, domains: list[str], extra: list[str], work: Path) -> 
     """One evaluation request per reference model and domain (the trajectory is trained if missing)."""
     from arm.core.cache import to_plain
     from arm.run.job import Paths
-    from arm.trajectory.build import ensure_data, ensure_trajectory
+    from arm.data.splits import ensure_data
+    from arm.trajectory.build import ensure_trajectory
     from evals import runner
 
     jobs = []

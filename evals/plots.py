@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from evals.table import CONVERGED, Column, Table, _flatten
+from evals.table import CONVERGED, Column, Table, flatten
 
 ARM = "arm"
 
@@ -66,7 +66,7 @@ def plot_scores(table: Table, out: Path) -> Path:
 def arm_iteration_series(results: Sequence[Mapping[str, Any]]) -> dict[tuple, dict[str, list[tuple[int, float]]]]:
     """{(model, domain, split, task): {variant label: [(iterations, score %), ...]}} for ARM rows."""
     arm = [r for r in results if r.get("role") == "merge" and r.get("name") == ARM and (r.get("params") or {}).get("iterations")]
-    flat = [_flatten(r["params"]) for r in arm]
+    flat = [flatten(r["params"]) for r in arm]
     keys = set().union(*flat) if flat else set()
     differing = sorted(k for k in keys if k != "iterations" and len({repr(f.get(k)) for f in flat}) > 1)
     series: dict[tuple, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))

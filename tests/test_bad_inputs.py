@@ -201,7 +201,7 @@ def _result(name: str, value: float, cache_key: str, role: str = "reference") ->
 
 
 def _table(*args: str) -> tuple[int, str]:
-    from evals.table import main
+    from evals.report import main
 
     proc_err = []
     import contextlib

@@ -1,5 +1,5 @@
 """The real code domain through the project's sandbox: HumanEval and MBPP as lm-eval defines them,
-scored by evals.sandbox with pass@1 equal to lm-eval's code_eval on reference and wrong solutions.
+scored by arm.core.sandbox with pass@1 equal to lm-eval's code_eval on reference and wrong solutions.
 
 No hub download is possible in the tests: tests/fixtures/code_tasks/ holds rows in the hub datasets'
 schemas (openai/openai_humaneval; google-research-datasets/mbpp, config `full`) and completions for

@@ -21,7 +21,7 @@ import torch
 import arm.merge.engine as engine
 from arm.merge.engine import merge_from_config
 from arm.merge.tensor_io import OutTensor, ShardedWriter
-from baselines import numpy_ops as nops
+from arm.merge import numpy_ops as nops
 
 # ---------------------------------------------------------------------------------------------
 # kernels

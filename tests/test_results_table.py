@@ -8,7 +8,8 @@ import pytest
 
 from arm.core.errors import InputError
 from evals.results import build_result, load_result, load_results, write_result
-from evals.table import CONVERGED, build_table, main, to_csv, to_markdown
+from evals.report import main
+from evals.table import CONVERGED, build_table, to_csv, to_markdown
 
 
 def make_result(name, value, *, domain="math_synth", role="reference", step=None, params=None, key=None, n=300):

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from evals import sandbox
-from evals.sandbox import SandboxUnavailable, run_program
+from arm.core.sandbox import SandboxUnavailable, run_program
 from evals.scoring import score_code
 from tests.sandbox_setup import ensure_bwrap
 
@@ -144,7 +144,7 @@ def test_explicit_opt_out_runs_unisolated_with_a_warning(monkeypatch: pytest.Mon
     monkeypatch.setattr(sandbox, "_warned", False)
     sandbox.allow_unsafe_execution(True)
     try:
-        with caplog.at_level(logging.WARNING, logger="evals.sandbox"):
+        with caplog.at_level(logging.WARNING, logger="arm.core.sandbox"):
             assert sandbox.isolation() == sandbox.UNISOLATED
             assert run_program(PROGRAM, TESTS).passed
             assert run_program("def f(x):\n    return 0\n", TESTS).status == "failed"

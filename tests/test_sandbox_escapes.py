@@ -1,4 +1,4 @@
-"""The escape catalogue: hostile programs against the code sandbox (evals/sandbox.py, issue 14).
+"""The escape catalogue: hostile programs against the code sandbox (arm/core/sandbox.py, issue 14).
 
 Each program attacks, and either scores 0 or is contained: the harness survives, nothing outside the
 sandbox's own temp folder changes (canary files here, the project's files, the host's /tmp), no secret
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from evals import sandbox
-from evals.sandbox import run_program
+from arm.core.sandbox import run_program
 from tests.sandbox_setup import ensure_bwrap
 
 ensure_bwrap()

@@ -116,7 +116,7 @@ def test_smoke_sweep_on_slurm_reports_failures_and_resumes(cluster, tmp_path):
     assert sorted(methods.values(), key=str) == [None, "ties"]
 
     # 3. The table of the sweep folder matches the per-run results.
-    from evals.table import main as table_main
+    from evals.report import main as table_main
 
     out_dir = tmp_path / "table"
     assert table_main([str(sweep), "--out-dir", str(out_dir)]) == 0

@@ -183,7 +183,7 @@ class ElementwiseRule(TensorRule):
         """Compute one chunk into ``out`` (same length) and return it; inputs may be overwritten."""
 
     # Optional: ``combine_numpy(base, checkpoints, out, ws)``, the same computation on float32
-    # numpy arrays (``ws``: a ``baselines.numpy_ops.NumpyWorkspace``), bit-identical to
+    # numpy arrays (``ws``: a ``arm.merge.numpy_ops.NumpyWorkspace``), bit-identical to
     # ``combine`` on CPU. A CPU merge of a rule that has one runs without torch (see
     # ``arm.merge.engine``); a subclass that overrides ``combine`` only does not inherit it.
     combine_numpy: ClassVar[Any] = None

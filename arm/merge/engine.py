@@ -16,7 +16,7 @@ merge, in order:
 
 A merge that fails or is killed leaves nothing at ``out_dir``; leftovers of killed runs are
 removed by the next run. Only torch is imported (lazily): no transformers, no Hydra — and a CPU
-merge of linear or task arithmetic runs on numpy alone, bit-identically (``baselines.numpy_ops``).
+merge of linear or task arithmetic runs on numpy alone, bit-identically (``arm.merge.numpy_ops``).
 """
 
 from __future__ import annotations
@@ -643,7 +643,7 @@ def _numpy_path(rule: TensorRule, plan: _Plan, used: list[bool]) -> bool:
     if getattr(rule, "combine_numpy", None) is None:
         return False
     try:
-        from baselines.numpy_ops import FLOAT_DTYPES
+        from arm.merge.numpy_ops import FLOAT_DTYPES
     except ImportError:  # pragma: no cover - numpy is a dependency
         return False
     for name, target in zip(plan.names, plan.out, strict=True):
@@ -659,7 +659,7 @@ def _numpy_path(rule: TensorRule, plan: _Plan, used: list[bool]) -> bool:
 
 class _NumpyPool:
     """:class:`_WorkerPool` for the torch-free CPU path: per-thread readers, numpy buffers and
-    workspace; the rule's ``combine_numpy`` chunk by chunk (see ``baselines.numpy_ops``)."""
+    workspace; the rule's ``combine_numpy`` chunk by chunk (see ``arm.merge.numpy_ops``)."""
 
     def __init__(self, rule: TensorRule, used: list[bool], chunk: int):
         import threading
@@ -672,7 +672,7 @@ class _NumpyPool:
     def _resources(self) -> tuple[list[TensorReader], Any]:
         res = getattr(self._local, "res", None)
         if res is None:
-            from baselines.numpy_ops import NumpyWorkspace
+            from arm.merge.numpy_ops import NumpyWorkspace
 
             res = ([TensorReader() for _ in self.used], NumpyWorkspace())
             self._local.res = res
@@ -687,7 +687,7 @@ class _NumpyPool:
         unless ``copy``)."""
         import numpy as np
 
-        from baselines import numpy_ops as nops
+        from arm.merge import numpy_ops as nops
 
         readers, ws = self._resources()
         if not infos[0].is_float:  # integer/bool buffers: the base's values

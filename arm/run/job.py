@@ -14,99 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import evals
 from arm.core.cache import build_once, content_key, source_digest, to_plain
 from arm.core.errors import ConfigError, InputError
 from arm.core.refs import ModelRef, Trajectory
 from arm.data.splits import DomainData, ensure_data
+from arm.run.stages import Paths, _takes_calibration, calibration_size, eval_folder, merge_folder, validate
 from arm.trajectory.build import ensure_trajectory
 
 log = logging.getLogger(__name__)
 
-EVALS_DIR = Path(evals.__file__).resolve().parent
-EVAL_CODE = [EVALS_DIR / f for f in ("runner.py", "scoring.py", "sandbox.py", "tasks/utils.py")]
-EVAL_SETTINGS = ("backend", "dtype", "batch_size", "limit", "num_fewshot", "gen_kwargs", "apply_chat_template", "vllm")
-
-
-@dataclass(frozen=True)
-class Paths:
-    root: Path
-    cache: Path
-    run_dir: Path
-
-    @classmethod
-    def from_cfg(cls, cfg: Mapping[str, Any], run_dir: Path | None = None) -> Paths:
-        base = Path.cwd()
-        try:
-            from hydra.core.hydra_config import HydraConfig
-
-            hydra_cfg = HydraConfig.get()
-            base = Path(hydra_cfg.runtime.cwd)
-            run_dir = run_dir or Path(hydra_cfg.runtime.output_dir)
-        except (ImportError, ValueError):
-            pass
-
-        def absolute(p: str | Path) -> Path:
-            p = Path(p).expanduser()
-            return p if p.is_absolute() else base / p
-
-        root = absolute(cfg["paths"]["root"])
-        run_dir = absolute(run_dir) if run_dir else root / "runs" / "adhoc"
-        return cls(root=root, cache=absolute(cfg["paths"]["cache"]), run_dir=run_dir)
-
-
-def validate(cfg: Mapping[str, Any]) -> None:
-    """Cheap checks of the composed config, before any work."""
-    from arm.run.checks import check_values
-    from evals.runner import synthetic_templates, task_specs
-
-    check_values(cfg)  # value types and ranges (eval.limit, seed, ...), and the code sandbox where tasks run code
-
-    domain = cfg["domain"]
-    specs = task_specs(domain)
-    if domain.get("synthetic"):
-        known = synthetic_templates()
-        for spec in specs:
-            if spec.name not in known:
-                raise ConfigError("domain.tasks", f"unknown synthetic task '{spec.name}' (known: {', '.join(known)})")
-    elif not (cfg.get("trajectory") or {}).get("path") and cfg["model"].get("arch") is not None:
-        raise ConfigError("trajectory.path", f"the tiny model trains only on synthetic domains; '{domain['name']}' needs trajectory.path")
-    split = cfg["eval"].get("split", "test")
-    if split not in ("test", "validation"):
-        raise ConfigError("eval.split", f"'{split}' is not one of: test, validation")
-    if split == "validation" and not domain.get("synthetic"):
-        # lm-eval's benchmark tasks (gsm8k, MATH-500, HumanEval, MBPP) are the test sets: selecting
-        # hyperparameters on them would be tuning on test.
-        raise ConfigError("eval.split", f"domain '{domain['name']}' has no validation split (its lm-eval tasks are the "
-                                        "benchmarks' test sets); select hyperparameters on a synthetic domain or on a "
-                                        "held-out task of your own")
-    if cfg["logger"]["name"] not in ("wandb", "none"):
-        raise ConfigError("logger.name", f"unknown logger '{cfg['logger']['name']}'")
-    if cfg["merge"]["name"] != "none":
-        from arm.merge.engine import validate_merge_config
-
-        try:
-            validate_merge_config(cfg["merge"])
-        except ValueError as exc:  # the engine's errors name the merge.* key
-            raise ConfigError("merge", str(exc)) from exc
-
-
-def eval_key(model: ModelRef, cfg: Mapping[str, Any], data: DomainData | None) -> str:
-    from evals.runner import effective_eval_cfg
-
-    eval_cfg = effective_eval_cfg(cfg["eval"], cfg["domain"])  # = eval.* for domains without `generation:`
-    settings = {k: eval_cfg.get(k) for k in EVAL_SETTINGS}
-    return content_key(
-        "eval", model.key, settings, eval_cfg.get("split", "test"), to_plain(cfg["domain"].get("tasks")),
-        data.key if data else None, source_digest(*[f for f in EVAL_CODE if f.exists()]),
-        *[source_digest(f) for f in sorted((EVALS_DIR / "tasks").glob("*.yaml"))],
-    )
-
-
-def eval_folder(model: ModelRef, cfg: Mapping[str, Any], data: DomainData | None, paths: Paths) -> Path:
-    """Where the evaluation of `model` under this job's settings is cached (complete: results.json)."""
-    key = eval_key(model, cfg, data)
-    return paths.cache / "evals" / f"{cfg['model']['name']}-{cfg['domain']['name']}-{model.name}-{key}"
 
 
 def evaluate_cached(
@@ -147,28 +63,6 @@ def evaluate_cached(
     if not build_once(folder, build, is_complete=lambda p: (p / RESULTS_NAME).is_file()):
         log.info("reusing evaluation of %s (%s)", model.name, folder.name)
     return load_result(folder / RESULTS_NAME), folder
-
-
-def merge_folder(trajectory: Trajectory, cfg: Mapping[str, Any], paths: Paths,
-                 data: DomainData | None = None) -> tuple[str, Path]:
-    """The merge's content key and cache folder (complete: merge_summary.json): the method's identity,
-    the inputs' keys, the calibration data's key when the method's weights depend on it, and the code
-    of whole-model methods."""
-    from arm.merge.engine import merge_identity, split_config
-    from arm.merge.registry import get_method
-
-    merge_cfg = to_plain(cfg["merge"])
-    name, params, _ = split_config(merge_cfg)
-    uses_calibration = getattr(get_method(name), "uses_calibration", None)
-    calibration_key = data.key if (data is not None and uses_calibration is not None and uses_calibration(params)) else None
-    key_parts: list[Any] = [merge_identity(merge_cfg), trajectory.base.key, [r.key for r in trajectory.early]]
-    if calibration_key is not None:
-        key_parts.append({"calibration": calibration_key})
-    code_files = getattr(get_method(name), "code_files", None)
-    if code_files is not None:  # whole-model methods: their code is part of the merged weights' identity
-        key_parts.append({"code": source_digest(*code_files())})
-    key = content_key("merge", *key_parts)
-    return key, paths.cache / "merged" / f"{cfg['model']['name']}-{cfg['domain']['name']}-{merge_cfg['name']}-{key}"
 
 
 def merge_cached(
@@ -233,17 +127,6 @@ def plot_job(trajectory: Trajectory, results: list[dict[str, Any]], cfg: Mapping
     plot_trajectory(trajectory.manifest, {"models": sorted(models, key=lambda m: m["step"]), "split": split,
                                           "domain": cfg["domain"]["name"]}, out)
     return out
-
-
-def calibration_size(cfg: Mapping[str, Any]) -> int:
-    """Records of a real domain's calibration set: 4 × merge.calibration.n_sequences (ARM samples from them)."""
-    return int((cfg["merge"].get("calibration") or {}).get("n_sequences") or 128) * 4
-
-
-def _takes_calibration(method: str) -> bool:
-    from arm.merge.registry import get_method
-
-    return getattr(get_method(method), "uses_calibration", None) is not None
 
 
 def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, Any]:

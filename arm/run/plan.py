@@ -110,7 +110,7 @@ def _shapes(model_cfg: Mapping[str, Any]):
 
 def _early_steps(cfg: Mapping[str, Any]) -> list[int]:
     from arm.core.cache import to_plain
-    from arm.trajectory.build import sft_config
+    from arm.trajectory.sft import sft_config
 
     override = (cfg.get("trajectory") or {}).get("early_steps")
     if override is not None:
@@ -194,7 +194,7 @@ def _eval_stage(cfg: Mapping[str, Any], name: str, folder: Path | None, shapes, 
 
 
 def _sft_stage(cfg: Mapping[str, Any], folder: Path | None, done: bool, shapes, memory: Mapping | None) -> Stage:
-    from arm.trajectory.build import sft_config
+    from arm.trajectory.sft import sft_config
 
     model, domain = cfg["model"]["name"], cfg["domain"]["name"]
     if cfg["model"].get("arch") is not None:
@@ -255,7 +255,7 @@ def _merge_stage(cfg: Mapping[str, Any], folder: Path | None, shapes, memory: Ma
 def job_plan(cfg: Mapping[str, Any], *, allow_torch: bool = False) -> JobPlan:
     """Every stage of one job, with its cache status and resources. Raises ArmError on a bad config."""
     from arm.method.memory import stage_memory
-    from arm.run.job import Paths, calibration_size, eval_folder, merge_folder, validate
+    from arm.run.stages import Paths, calibration_size, eval_folder, merge_folder, validate
     from arm.trajectory.build import ModelRef
 
     plan = JobPlan(str(cfg["model"]["name"]), str(cfg["domain"]["name"]), str(cfg["merge"]["name"]), "")
@@ -268,7 +268,7 @@ def job_plan(cfg: Mapping[str, Any], *, allow_torch: bool = False) -> JobPlan:
     memory = None
     if shapes is not None:
         from arm.core.cache import to_plain
-        from arm.trajectory.build import sft_config
+        from arm.trajectory.sft import sft_config
         from arm.trajectory.trainer_sft import resolve_sft_config
 
         model_cfg = {"sft": resolve_sft_config(sft_config(cfg)), "vllm": to_plain(cfg["model"].get("vllm") or {})}
@@ -297,7 +297,7 @@ def job_plan(cfg: Mapping[str, Any], *, allow_torch: bool = False) -> JobPlan:
             + (["sft_converged"] if ref_cfg.get("converged", True) else [])
         stages.extend(_eval_stage(cfg, name, None, shapes, memory) for name in names)
     if cfg["merge"]["name"] != "none":
-        from arm.run.job import _takes_calibration
+        from arm.run.stages import _takes_calibration
 
         calibration = data
         if data is None and cfg["domain"].get("sft_data") and _takes_calibration(cfg["merge"]["name"]):

@@ -243,7 +243,8 @@ def stage_test(spec: Mapping[str, Any], selected: Mapping[str, Any], runner: Run
     import shutil
 
     from evals.results import load_results
-    from evals.table import build_table, write_outputs
+    from evals.report import write_outputs
+    from evals.table import build_table
 
     shutil.rmtree(runner.out / "test", ignore_errors=True)  # rows of an earlier spec must not reach the table
     fidelity: dict[str, Any] = {}

@@ -18,6 +18,7 @@ from arm.core.cache import atomic_write_json, build_once, content_key, read_json
 from arm.core.errors import ConfigError, InputError
 from arm.core.refs import ModelRef, Trajectory
 from arm.data.splits import DomainData
+from arm.trajectory.sft import sft_config
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +114,6 @@ def from_folder(
 
 # ---------------------------------------------------------------------------------------------
 # Training the trajectory (embedded default)
-
-
-def sft_config(cfg: Mapping) -> dict:
-    """model.sft merged with domain.sft (domain wins)."""
-    from omegaconf import OmegaConf
-
-    model_sft = cfg["model"].get("sft") or {}
-    domain_sft = cfg["domain"].get("sft") or {}
-    return to_plain(OmegaConf.merge(OmegaConf.create(to_plain(model_sft)), OmegaConf.create(to_plain(domain_sft))))
 
 
 def pretrained_base(cfg: Mapping, cache_dir: Path | None) -> tuple[Path | None, str | None]:

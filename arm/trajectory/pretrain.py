@@ -20,8 +20,8 @@ the schedule, the seed and the source of the code that produces the base (the co
 module, the tiny model, and the training functions of `arm.trajectory.sft` it calls); a merge method, an eval
 setting or the SFT schedule do not enter it.
 
-    python -m arm.trajectory.pretrain --model tiny            # pretrain (or reuse) the base of conf/model/tiny.yaml
-    python -m arm.trajectory.pretrain --model tiny --ship     # ... and copy it to arm/assets/tiny-base/ (make pretrain)
+    python -m arm.run.pretrain --model tiny            # pretrain (or reuse) the base of conf/model/tiny.yaml
+    python -m arm.run.pretrain --model tiny --ship     # ... and copy it to arm/assets/tiny-base/ (make pretrain)
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -167,7 +166,7 @@ def ensure_base(model_cfg: Mapping[str, Any], cache_dir: Path, conf_dir: Path = 
            if manifest is not None else f"no base ships at {shipped}")
     if rec["build"] == "never":
         raise ConfigError("model.pretrain", f"{why}, and model.pretrain.build=never; run `make pretrain` "
-                                            f"(python -m arm.trajectory.pretrain --model {name} --ship) for recipe key {key}")
+                                            f"(python -m arm.run.pretrain --model {name} --ship) for recipe key {key}")
     log.warning("%s: pretraining the %s base (recipe key %s) into %s; this takes minutes on a CPU", why, name, key, folder)
     build_once(folder, lambda tmp: pretrain(model_cfg, rec, key, tmp, conf_dir), is_complete=lambda p: (p / MANIFEST_NAME).is_file())
     return folder, key
@@ -233,11 +232,17 @@ def skill_scores(folder: Path, held: Mapping[str, Mapping[str, Any]], split: str
     `corpus_form` (the pretraining's notation: "3*7+5=", "# words\\ndef f(x):\\n") and `sft_format`
     (the chat template SFT teaches). The base should hold the skill (high corpus_form) and not the
     format (low sft_format)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from arm.data.domains import corpus, generate_splits
+    from arm.data.domains.code_synth import score_code
     from arm.data.domains.formats import apply_format
-    from arm.trajectory.sft import load_model
-    from evals.scoring import score_code_batch, score_math
-    from evals.trajectory_report import greedy_generate
+    from arm.data.domains.math_synth import score_math
+    from arm.trajectory.sft import greedy_generate, load_model
+
+    def score_code_batch(predictions, docs):  # programs run in sandbox processes: threads only wait on them
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            return list(pool.map(score_code, predictions, docs))
 
     model, tokenizer = load_model(folder)
     out: dict[str, Any] = {"split": split}
@@ -287,64 +292,3 @@ def plot_curve(manifest: Mapping[str, Any], out: Path) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    import yaml
-
-    parser = argparse.ArgumentParser(prog="python -m arm.trajectory.pretrain", description="Pretrain (or reuse) the tiny base of a model config.")
-    parser.add_argument("--model", default="tiny", help="conf/model/<model>.yaml")
-    parser.add_argument("--cache", type=Path, default=Path("outputs/cache"), help="cache folder (default outputs/cache)")
-    parser.add_argument("--ship", action="store_true", help="copy the base to arm/assets/<model>-base/ (what make pretrain does)")
-    parser.add_argument("--plot", type=Path, default=None, help="also plot the base's pretraining loss curve (PNG)")
-    parser.add_argument("--rescore", action="store_true",
-                        help="recompute the manifest's skill scores of an existing base (they do not enter the recipe key)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of the pretrain block, e.g. --set schedule.max_steps=200 (not with --ship)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    path = CONF_DIR / "model" / f"{args.model}.yaml"
-    try:
-        if not path.is_file():
-            raise ConfigError("--model", f"no model config {path}")
-        model_cfg = yaml.safe_load(path.read_text()) or {}
-        if args.set:
-            if args.ship:
-                raise ConfigError("--set", "a base pretrained with overrides is not the recipe of the config: do not ship it")
-            from omegaconf import OmegaConf
-
-            block = OmegaConf.create(model_cfg.get("pretrain") or {})
-            for item in args.set:
-                k, _, v = item.partition("=")
-                OmegaConf.update(block, k, yaml.safe_load(v), merge=True)
-            model_cfg["pretrain"] = OmegaConf.to_container(block)
-        model_cfg["pretrain"] = {**(model_cfg.get("pretrain") or {}), "build": "auto"}
-        folder, key = ensure_base(model_cfg, args.cache)
-        manifest = read_manifest(folder) or {}
-        if args.rescore:
-            rec = recipe(model_cfg)
-            manifest["skill"] = skill_scores(folder, held_out_data(rec["held_out"]), limit=rec["skill_eval_limit"])
-            atomic_write_json(folder / MANIFEST_NAME, manifest)
-        if args.ship:
-            target = shipped_base(model_cfg["name"])
-            if folder.resolve() != target.resolve():
-                tmp = target.with_name(target.name + ".tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(folder, tmp)
-                shutil.rmtree(target, ignore_errors=True)
-                tmp.rename(target)
-            folder = target
-        if args.plot:
-            plot_curve(read_manifest(folder) or manifest, args.plot)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps({"base": str(folder), "recipe_key": key, "steps": manifest.get("steps"),
-                      "train_wall_s": manifest.get("train_wall_s"), "skill": manifest.get("skill")}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,7 +14,7 @@ bf16 autocast and gradient checkpointing on GPU (`sft.bf16`, `sft.gradient_check
 compute is float32); several GPUs through `accelerate launch` with the FSDP config in the repo:
 
     accelerate launch --config_file slurm/accelerate_fsdp.yaml --num_processes 8 \
-        -m arm.trajectory.trainer_sft model=qwen3-14b domain=math paths.root=$ARM_OUTPUTS
+        -m arm.run.trainer_sft model=qwen3-14b domain=math paths.root=$ARM_OUTPUTS
 
 The same command run again resumes from the last checkpoint (or returns at once when manifest.json
 exists). `arm model=... domain=...` finds the finished trajectory in the cache under the same key, or
@@ -34,7 +34,6 @@ from typing import Any
 
 from arm.core.cache import content_key, to_plain
 from arm.core.errors import ConfigError, InputError
-from arm.core.paths import CONF_DIR
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +131,6 @@ def resolve_model_source(model_cfg: Mapping[str, Any]) -> Path:
 
 def trajectory_key(cfg: Mapping[str, Any]) -> str:
     """Content key of a real-model trajectory: model identity, SFT recipe, SFT data, seed, code."""
-    import sys
 
     from arm.core.cache import source_digest
     from arm.data import sft_data
@@ -146,12 +144,6 @@ def trajectory_key(cfg: Mapping[str, Any]) -> str:
     data = {k: domain.get(k) for k in ("name", "sft_data", "prompt_template", "response_template")}
     code = source_digest(sys.modules[__name__], sft_data)
     return content_key("trajectory-hf", identity, sft, data, int(cfg.get("seed", 0)), code)
-
-
-def sft_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    from arm.trajectory.build import sft_config as merged
-
-    return merged(cfg)
 
 
 def trajectory_folder(cfg: Mapping[str, Any], cache_dir: Path) -> Path:
@@ -394,7 +386,7 @@ def check_world_size(cfg: Mapping[str, Any], sft: Mapping[str, Any], folder: Pat
         f"the {model} trajectory on {domain} is not in the cache ({folder}) and its SFT is set up for "
         f"{want} process(es) (global batch {batch}), but this run has WORLD_SIZE={world}. Train it first with "
         f"`sbatch slurm/sft.sbatch {model} {domain}` (= accelerate launch --config_file slurm/accelerate_fsdp.yaml "
-        f"--num_processes {want} -m arm.trajectory.trainer_sft model={model} domain={domain}, plus this run's overrides), "
+        f"--num_processes {want} -m arm.run.trainer_sft model={model} domain={domain}, plus this run's overrides), "
         f"or set model.sft.num_gpus={world} with a grad_accum that keeps the global batch, "
         f"or point trajectory.path at an SFT run you already have")
 
@@ -420,30 +412,3 @@ def ensure_hf_trajectory(cfg: Mapping[str, Any], cache_dir: Path) -> Path:
             log.info("SFT of %s on %s (%d examples) into %s", cfg["model"]["name"], cfg["domain"]["name"], len(records), folder)
             train(cfg["model"], sft, records, folder, seed=int(cfg.get("seed", 0)))
     return folder
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m arm.trajectory.trainer_sft <hydra overrides>` (under `accelerate launch` for several GPUs)."""
-    from hydra import compose, initialize_config_dir
-
-    from arm.core.errors import ArmError
-    from arm.run.job import Paths
-
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    if cfg["model"].get("arch") is not None:
-        print("arm.trajectory.trainer_sft: error: this model has an `arch:` block (trained from scratch by arm/trajectory/sft.py, `arm ...`)", file=sys.stderr)
-        return 2
-    try:
-        folder = ensure_hf_trajectory(cfg, Paths.from_cfg(cfg).cache)
-    except ArmError as exc:
-        print(f"arm.trajectory.trainer_sft: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"trajectory: {folder}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,15 +1,20 @@
 """Per-document scorers of the synthetic tasks, as lm-eval's `process_results` hooks.
 
-The runner copies this file next to the instantiated task YAMLs; the scoring itself lives in
-evals.scoring so that lm-eval and the project's quick diagnostics score identically.
+A synthetic task's template says `process_results: !function __HOOKS__.process_results`; the runner
+writes `hooks_<task>.py` next to the instantiated YAML, which takes the hook of the domain's registry
+entry from here (its module's `score` under its `METRIC`), so lm-eval and the project's own diagnostics
+(evals.scoring.score_records) score identically and a new domain needs no edit here.
 """
 
-from evals.scoring import score_code, score_math
+from arm.data.domains import get_generator
 
 
-def process_math(doc, results):
-    return {"exact_match": score_math(results[0], doc["answer"])}
+def scorer_hook(domain):
+    """lm-eval's `process_results` for a synthetic domain: its registry entry's scorer under its metric."""
+    module = get_generator(domain)
 
+    def process_results(doc, results):
+        return {module.METRIC: module.score(results[0], doc)}
 
-def process_code(doc, results):
-    return {"pass@1": score_code(results[0], doc)}
+    return process_results
+

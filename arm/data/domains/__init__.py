@@ -1,12 +1,21 @@
 """Offline synthetic SFT domains (``math_synth``, ``code_synth``) and their JSONL split files.
 
-Each generator module exposes ``DEFAULT_PARAMS`` and ``generate_splits(params, seed)`` returning
-``{"train": [...], "validation": [...], "test": [...]}``; every record has ``id``, ``prompt`` (what
-the model sees) and ``response`` (the SFT target, without EOS) plus the fields its scorer needs.
+The registry of synthetic domains. A domain is one module ``arm/data/domains/<name>.py`` (found by
+name, ``conf/domain/<name>.yaml``'s ``generator:``), which is its registry entry and holds:
+
+- ``DEFAULT_PARAMS`` and ``generate_splits(params, seed)`` returning ``{"train": [...],
+  "validation": [...], "test": [...]}``; every record has ``id``, ``prompt`` (what the model sees) and
+  ``response`` (the SFT target, without EOS) plus the fields its scorer needs;
+- ``METRIC`` and ``score(prediction, record) -> float``: the scorer, used by the lm-eval task's hook
+  (evals/tasks/utils.py) and by the project's diagnostics alike;
+- optionally ``chat_format(record) -> record`` for ``prompt_format: chat`` (formats.py).
+
+Its lm-eval task template is ``evals/tasks/<name>.yaml``. The recipe: docs/extending.md.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
@@ -19,14 +28,30 @@ from arm.data.domains import code_synth, math_synth
 from arm.data.domains.common import SPLITS
 
 DOMAINS: dict[str, ModuleType] = {"math_synth": math_synth, "code_synth": code_synth}
+ENTRY = ("DEFAULT_PARAMS", "generate_splits", "METRIC", "score")
+"""What a domain module must define to be a registry entry."""
 
 
 def get_generator(name: str) -> ModuleType:
-    """Return the generator module of a synthetic domain; unknown names raise ``ValueError``."""
-    try:
-        return DOMAINS[name]
-    except KeyError:
-        raise ValueError(f"unknown synthetic domain {name!r}; known domains: {', '.join(DOMAINS)}") from None
+    """The registry entry (module) of a synthetic domain, ``arm/data/domains/<name>.py``; an unknown
+    name or an incomplete module raises ``ValueError`` naming what is missing."""
+    module = DOMAINS.get(name) if isinstance(name, str) else None
+    if module is None:
+        if not isinstance(name, str) or not name.isidentifier() or name in ("common", "corpus", "formats"):
+            raise ValueError(f"unknown synthetic domain {name!r}; known domains: {', '.join(DOMAINS)}")
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise ValueError(f"unknown synthetic domain {name!r}: no module arm/data/domains/{name}.py "
+                             f"(known domains: {', '.join(DOMAINS)})") from None
+        missing = [attr for attr in ENTRY if not hasattr(module, attr)]
+        if missing:
+            raise ValueError(f"synthetic domain module arm/data/domains/{name}.py lacks {', '.join(missing)} "
+                             "(docs/extending.md, 'A synthetic domain')")
+        DOMAINS[name] = module
+    return module
 
 
 def generate_splits(

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+from arm.core.sandbox import run_program
 from arm.data.domains.common import (
     allocate,
     check_printable,
@@ -310,3 +311,39 @@ def generate_splits(params: Mapping[str, Any] | None, seed: int) -> dict[str, li
 def reference_program(record: Mapping[str, Any]) -> str:
     """The runnable reference solution of a record: ``code_prefix + response``."""
     return str(record["code_prefix"]) + str(record["response"])
+
+
+# --------------------------------------------------------------------------- scoring (the registry entry's scorer)
+
+METRIC = "pass@1"
+"""The metric of this domain's lm-eval task (evals/tasks/code_synth.yaml) and of `score`."""
+
+def function_body(completion: str) -> str:
+    """Cut a body completion at the first non-empty line that is not indented.
+
+    The model completes the body of a function whose header ends the prompt; anything it writes
+    after the body (a new spec, another ``def``) is not part of the answer, as with HumanEval's
+    stop sequences.
+    """
+    lines = completion.split("\n")
+    for index, line in enumerate(lines):
+        if index > 0 and line.strip() and not line[0].isspace():
+            return "\n".join(lines[:index]).rstrip()
+    return completion.rstrip()
+
+
+def code_program(prediction: str, doc: Mapping[str, Any]) -> str:
+    """The program that is tested: the code part of the prompt followed by the completed body."""
+    return str(doc["code_prefix"]) + function_body(prediction)
+
+
+def score_code(prediction: str, doc: Mapping[str, Any]) -> float:
+
+    """1.0 when ``doc["code_prefix"] + prediction`` passes every test in ``doc["tests"]``, else 0.0."""
+    result = run_program(code_program(prediction, doc), [str(t) for t in doc["tests"]])
+    return 1.0 if result.passed else 0.0
+
+
+def score(prediction: str, record: Mapping[str, Any]) -> float:
+    """The domain's scorer: the program passes every hidden test (run in arm.core.sandbox)."""
+    return score_code(prediction, record)

@@ -50,7 +50,13 @@ def _chat(generator: str, record: Mapping[str, Any]) -> dict[str, Any]:
         out["response"] = code_synth.CODE_PREFIX + str(record["response"])
         out["code_prefix"] = ""
     else:
-        raise ValueError(f"prompt format 'chat' has no template for domain {generator!r}")
+        from arm.data.domains import get_generator
+
+        module = get_generator(generator)
+        if not hasattr(module, "chat_format"):
+            raise ValueError(f"prompt format 'chat' has no template for domain {generator!r} "
+                             f"(arm/data/domains/{generator}.py defines no chat_format)")
+        return dict(module.chat_format(dict(record)))
     return out
 
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any
 
@@ -204,3 +206,45 @@ def generate_splits(params: Mapping[str, Any] | None, seed: int) -> dict[str, li
             records.append(record)
         splits[split] = records
     return splits
+
+
+# --------------------------------------------------------------------------- scoring (the registry entry's scorer)
+
+METRIC = "exact_match"
+"""The metric of this domain's lm-eval task (evals/tasks/math_synth.yaml) and of `score`."""
+
+_NUMBER = re.compile(r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+(?![\d,])|\d+)(?:\.\d+)?")
+"""An integer or decimal, optionally negative, optionally with thousands separators ("1,234")."""
+
+
+def extract_final_number(text: str) -> str | None:
+    """Return the last number in ``text`` in canonical form, or None when there is none.
+
+    Commas between digit groups are dropped ("1,234" -> "1234"), a trailing period is not a
+    decimal point ("52." -> "52"), and a zero fraction is dropped ("52.0" -> "52"); other
+    decimals are kept ("2.5"). A minus sign directly before the digits makes it negative.
+    """
+    matches = _NUMBER.findall(text)
+    if not matches:
+        return None
+    value = Decimal(matches[-1].replace(",", ""))
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def score_math(prediction: str, answer: str) -> float:
+    """1.0 when the final number of ``prediction`` equals ``answer`` numerically, else 0.0."""
+    predicted = extract_final_number(prediction)
+    expected = extract_final_number(str(answer))
+    if predicted is None or expected is None:
+        return 0.0
+    try:
+        return 1.0 if Decimal(predicted) == Decimal(expected) else 0.0
+    except InvalidOperation:
+        return 0.0
+
+
+def score(prediction: str, record: Mapping[str, Any]) -> float:
+    """The domain's scorer: exact final number against ``record["answer"]``."""
+    return score_math(prediction, record["answer"])
