@@ -137,6 +137,10 @@ def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, An
     from evals.table import build_table, to_markdown
 
     validate(cfg)
+    if not cfg["domain"].get("synthetic"):  # real tasks against the installed lm-eval, before SFT or any model loading
+        from evals.runner import check_real_tasks, task_specs
+
+        check_real_tasks(task_specs(cfg["domain"]), unsafe_code=bool(cfg["domain"].get("unsafe_code", False)))
     if cfg.get("plan"):  # print every stage, cached or not, with its GPUs and memory; run nothing (arm/run/plan.py)
         from arm.run.plan import run_plan
 
