@@ -34,3 +34,12 @@ def compose():
             return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
     return _compose
+
+
+@pytest.fixture(scope="session")
+def lm_eval_index():
+    """lm-eval's task index (its built-in tasks and evals/tasks/code/), built once per test run: the same
+    object the job's real-task check uses (evals.runner.lm_eval_task_index caches it per process)."""
+    from evals.runner import lm_eval_task_index
+
+    return lm_eval_task_index()

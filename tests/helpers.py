@@ -1,0 +1,144 @@
+"""Helpers shared by the tests: a folder's tensors, scores recomputed from samples.jsonl, a model whose
+answers are known, the git revision a result must carry.
+
+Everything here drives the real components (safetensors files, the domains' scorers, transformers'
+``save_pretrained``); nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_BASE = REPO / "arm" / "assets" / "tiny-base"
+
+
+# --------------------------------------------------------------------------- tensors of a folder
+def load_tensors(folder: Path, dtype: Any = None) -> dict[str, Any]:
+    """Every tensor of a model folder's ``*.safetensors`` files (all shards), by name; cast to ``dtype``
+    when given."""
+    from safetensors.torch import load_file
+
+    out: dict[str, Any] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(f))
+    if not out:
+        raise AssertionError(f"{folder}: no *.safetensors")
+    return {k: v.to(dtype) for k, v in out.items()} if dtype is not None else out
+
+
+# --------------------------------------------------------------------------- scores from samples.jsonl
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def domain_records(result: Mapping[str, Any]) -> dict[Any, dict[str, Any]]:
+    """The records a synthetic domain's result was scored on (its split in the data cache), by id."""
+    from arm.data.splits import data_ref
+
+    config = result["config"]
+    data = data_ref(config["domain"], Path(config["paths"]["cache"]), config["model"].get("prompt_format") or "plain")
+    return {r["id"]: r for r in read_jsonl(data.folder / f"{result['split']}.jsonl")}
+
+
+def recomputed_scores(samples: Iterable[Mapping[str, Any]], records: Mapping[Any, Mapping[str, Any]],
+                      task: str) -> list[float]:
+    """Each sample of ``task`` scored again from its written prediction with the domain's own scorer
+    (arm.data.domains.<task>.score) against the record of the same id."""
+    from arm.data.domains import get_generator
+
+    scorer = get_generator(task).score
+    return [float(scorer(s["prediction"], records[s["id"]])) for s in samples if s["task"] == task]
+
+
+def check_result_against_samples(result_dir: Path, records: Mapping[Any, Mapping[str, Any]] | None = None,
+                                 expected_n: int | None = None) -> dict[str, float]:
+    """Recompute every task's headline metric of ``result_dir`` (results.json + samples.jsonl) from the
+    written predictions with the scorer, and assert it equals what results.json reports: the mean, the
+    number of documents, each sample's own score, and the metric under its key in ``metrics``. Returns
+    {task: recomputed value}."""
+    result = json.loads((Path(result_dir) / "results.json").read_text())
+    samples = read_jsonl(Path(result_dir) / "samples.jsonl")
+    records = records if records is not None else domain_records(result)
+    values = {}
+    for task, primary in result["primary"].items():
+        scores = recomputed_scores(samples, records, task)
+        written = [float(s["score"]) for s in samples if s["task"] == task]
+        assert scores == written, f"{result_dir}: {task}: the per-sample scores differ from the scorer's"
+        assert len(scores) == primary["n"] > 0, (result_dir, task, len(scores), primary["n"])
+        if expected_n is not None:
+            assert primary["n"] == expected_n, (result_dir, task, primary["n"])
+        value = sum(scores) / len(scores)
+        assert math.isclose(primary["value"], value, abs_tol=1e-9), (result_dir, task, primary["value"], value)
+        assert math.isclose(result["metrics"][task][primary["metric"]], value, abs_tol=1e-9), (result_dir, task)
+        metric = get_metric_name(task)
+        assert primary["metric"] == f"{metric},none", (task, primary["metric"])
+        values[task] = value
+    return values
+
+
+def get_metric_name(task: str) -> str:
+    from arm.data.domains import get_generator
+
+    return get_generator(task).METRIC
+
+
+def assert_git_revision(result: Mapping[str, Any]) -> None:
+    """In a git checkout a result must name the commit it ran from (40 hex digits), never None."""
+    revision = (result.get("git") or {}).get("revision")
+    if (REPO / ".git").exists():
+        assert isinstance(revision, str) and re.fullmatch(r"[0-9a-f]{40}", revision), result.get("git")
+
+
+# --------------------------------------------------------------------------- a model with known answers
+def write_answering_model(folder: Path, answer: str, after: str = ":", stop: str = "\n") -> Path:
+    """A Qwen3 model folder (the tiny base's tokenizer and shape) whose greedy continuation of any prompt
+    ending in ``after`` is exactly ``answer`` followed by ``stop``.
+
+    Built, not trained: the transformer blocks add nothing (zero output projections), so the hidden state
+    at a position is the embedding of its token; the embedding puts each token of the chain in its own
+    direction and the (untied) lm_head maps that direction to the next token of the chain. Tokens off the
+    chain continue with ``stop``. ``answer=""`` gives a model that answers nothing. The characters of
+    ``after + answer`` must be distinct (the next token is a function of the current one).
+    """
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    chain = after + answer
+    if len(set(chain)) != len(chain):
+        raise ValueError(f"write_answering_model: repeated character in {chain!r}")
+    tokenizer = AutoTokenizer.from_pretrained(TINY_BASE)
+    ids = [tokenizer.convert_tokens_to_ids(c) for c in chain] + [tokenizer.convert_tokens_to_ids(stop)]
+    if tokenizer.unk_token_id in ids:
+        raise ValueError(f"write_answering_model: a character of {chain + stop!r} is not in the tokenizer")
+    config = Qwen3Config.from_pretrained(TINY_BASE)
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).eval()
+    hidden = config.hidden_size
+    other = len(chain)  # the direction of every token off the chain
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed = torch.zeros(config.vocab_size, hidden)
+        embed[:, other] = 1.0
+        head = torch.zeros(config.vocab_size, hidden)
+        for position, token in enumerate(ids[:-1]):
+            embed[token] = 0.0
+            embed[token, position] = 1.0
+            head[ids[position + 1], position] = 10.0
+        head[ids[-1], other] = 10.0
+        model.model.embed_tokens.weight.copy_(embed)
+        model.lm_head.weight.copy_(head)
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY_BASE / name, folder / name)
+    return folder
