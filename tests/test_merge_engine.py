@@ -272,7 +272,8 @@ def test_chunking_and_threads_do_not_change_the_result(
     monkeypatch.setenv(arm.merge.engine.THREADS_ENV, "1")  # one tensor at a time, streamed to disk
     merge_from_config({"name": method}, traj.base, traj.checkpoints, tmp_path / "one", progress=False)
     monkeypatch.setenv(arm.merge.engine.THREADS_ENV, "3")  # three tensors at a time, in order on disk
-    monkeypatch.setattr(arm.merge.engine, "CPU_CHUNK", 97)  # many chunks per tensor, a ragged last one
+    monkeypatch.setattr(arm.merge.engine, "CPU_CHUNK", 97)  # many chunks per tensor, a ragged last one (torch path)
+    monkeypatch.setattr(arm.merge.engine, "NUMPY_CHUNK", 89)  # the same on the numpy path (linear, task arithmetic)
     monkeypatch.setattr(baselines.ties, "_EXACT_BELOW", 500)  # and the sampled threshold selection
     monkeypatch.setattr(baselines.ties, "_IN_MEMORY", 2000)  # and TIES' streaming path for big tensors
     merge_from_config({"name": method}, traj.base, traj.checkpoints, tmp_path / "many", progress=False)

@@ -14,6 +14,7 @@ import pytest
 
 from arm.merge.engine import merge_from_config
 from benchmarks.mergekit_env import ensure_mergekit
+from tests.helpers import load_tensors
 from tests.merge_fixtures import Trajectory, make_trajectory
 
 WEIGHTS = [1.0, 0.5, 2.0]
@@ -73,12 +74,7 @@ def _mergekit_yaml(traj: Trajectory, spec: dict[str, Any]) -> str:
 
 
 def _load(folder: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    tensors: dict[str, Any] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return tensors
+    return load_tensors(folder)
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +96,6 @@ def test_agrees_with_mergekit(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import torch
-
     import baselines.ties
 
     # exercise the sampled-bracket threshold selection (used for big tensors) on these small ones
@@ -109,8 +103,25 @@ def test_agrees_with_mergekit(
     monkeypatch.setattr(baselines.ties, "_SAMPLE", 512)
     if case == "ties":  # TIES' streaming path (used for tensors above _IN_MEMORY entries)
         monkeypatch.setattr(baselines.ties, "_IN_MEMORY", 1000)
+    _compare(case, mergekit_bin, untied_trajectory, tmp_path)
+
+
+@pytest.mark.parametrize("case", ["ties", "ties_unnormalized"])
+def test_agrees_with_mergekit_with_the_production_thresholds(
+    case: str, mergekit_bin: Path, untied_trajectory: Trajectory, tmp_path: Path
+) -> None:
+    """TIES as shipped (_EXACT_BELOW, _SAMPLE, _IN_MEMORY untouched: exact selection, in memory here)."""
+    import baselines.ties
+
+    small = max(t.numel() for t in _load(untied_trajectory.base).values())
+    assert small < baselines.ties._EXACT_BELOW and small < baselines.ties._IN_MEMORY
+    _compare(case, mergekit_bin, untied_trajectory, tmp_path)
+
+
+def _compare(case: str, mergekit_bin: Path, traj: Trajectory, tmp_path: Path) -> None:
+    import torch
+
     ours_cfg, mk_spec = CASES[case]
-    traj = untied_trajectory
     config = tmp_path / "mergekit.yml"
     config.write_text(_mergekit_yaml(traj, mk_spec))
     mk_out = tmp_path / "mergekit"
