@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from arm.data.domains import generate_splits
@@ -73,14 +71,11 @@ def test_score_code_right_wrong_and_forbidden() -> None:
     assert score_code("    return len(open('/etc/passwd').read()) * 0 + x*3+2", DOC) == 0.0
 
 
-def test_score_code_batch_is_fast_and_ordered() -> None:
+def test_score_code_batch_is_ordered() -> None:
     records = generate_splits("code_synth", {"n_train": 0, "n_validation": 0, "n_test": 50}, seed=5)["test"]
     predictions = [r["response"] if i % 2 == 0 else "    return 12345" for i, r in enumerate(records)]
-    start = time.monotonic()
     scores = score_code_batch(predictions, records, max_workers=2)
-    elapsed = time.monotonic() - start
     assert scores == [1.0 if i % 2 == 0 else 0.0 for i in range(50)]
-    assert elapsed < 15, f"50 items took {elapsed:.1f} s"
 
 
 def test_score_code_batch_checks_lengths() -> None:
