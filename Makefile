@@ -8,7 +8,7 @@ TESTS ?= tests
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-compat bench headline lint install clean-cache vllm-cpu pretrain spread sandbox
+.PHONY: run test test-fast test-compat bench headline lint install clean-cache vllm-cpu pretrain spread sandbox
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ run: $(STAMP) sandbox
 
 test: $(STAMP) sandbox
 	$(BIN)/python -m pytest -q $(TESTS)
+
+# The suite without the tests marked slow (they train a trajectory, evaluate it with lm-eval, build the
+# mergekit venv, start Slurm or vLLM): a few minutes, for the edit-test loop. CI runs `make test` (all).
+test-fast: $(STAMP) sandbox
+	$(BIN)/python -m pytest -q -m "not slow" $(TESTS)
 
 # GPU machines get another transformers: the vllm extra (0.32.x) needs transformers>=5.16.1,<5.20,
 # while this CPU install takes the newest 5.x. The tests that drive transformers (tiny and Trainer SFT,
