@@ -17,6 +17,8 @@ from benchmarks.mergekit_env import ensure_mergekit
 from tests.helpers import load_tensors
 from tests.merge_fixtures import Trajectory, make_trajectory
 
+pytestmark = pytest.mark.slow  # mergekit runs in its own venv (built once, minutes): not part of `make test-fast`
+
 WEIGHTS = [1.0, 0.5, 2.0]
 
 CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
