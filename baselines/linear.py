@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from arm.merge import numpy_ops as nops
 from arm.merge.contract import ElementwiseRule, MergeConfigError, check_bool, check_number, check_weights
 
 if TYPE_CHECKING:
@@ -62,7 +63,6 @@ class Linear(ElementwiseRule):
         self, base: np.ndarray | None, checkpoints: list[np.ndarray], out: np.ndarray, ws: NumpyWorkspace
     ) -> np.ndarray:
         """:meth:`combine` on numpy float32 arrays, op for op (bit-identical)."""
-        from arm.merge import numpy_ops as nops
 
         nops.mul(checkpoints[0], self.weights[0], out)
         for c, w in zip(checkpoints[1:], self.weights[1:], strict=True):

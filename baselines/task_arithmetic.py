@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from arm.merge import numpy_ops as nops
 from arm.merge.contract import ElementwiseRule, check_bool, check_number, check_weights
 
 if TYPE_CHECKING:
@@ -66,7 +67,6 @@ class TaskArithmetic(ElementwiseRule):
         """:meth:`combine` on numpy float32 arrays, op for op (bit-identical)."""
         import numpy as np
 
-        from arm.merge import numpy_ops as nops
 
         assert base is not None
         out.fill(0)

@@ -173,11 +173,10 @@ def run_child(spec: dict[str, Any]) -> tuple[float, float, float, dict[str, floa
 
 def bench_domain(domain: str, runs: int, overrides: list[str], formulations: list[str], slice_steps: int) -> dict[str, Any]:
     from arm.core.cache import to_plain
-    from arm.run.job import Paths
     from arm.data.splits import ensure_data
+    from arm.run.job import Paths
     from arm.trajectory.build import ensure_trajectory
-    from arm.trajectory.sft import sft_config
-    from arm.trajectory.sft import resolve_sft_config
+    from arm.trajectory.sft import resolve_sft_config, sft_config
 
     cfg = _compose(domain, overrides)
     paths = Paths.from_cfg(cfg, REPO / "outputs" / "runs" / "bench-arm")

@@ -74,8 +74,8 @@ def _compose(domain: str, overrides: list[str]) -> Any:
 
 
 def _default_trajectory_cached(domain: str, model: list[str]) -> bool:
-    from arm.run.job import Paths
     from arm.data.splits import ensure_data
+    from arm.run.job import Paths
     from arm.trajectory.build import trajectory_key
 
     cfg = _compose(domain, [*model, *OVERRIDES["hf"]])
@@ -88,8 +88,8 @@ def _default_trajectory_cached(domain: str, model: list[str]) -> bool:
 def jobs_for(backend: str, domains: list[str], extra: list[str], work: Path) -> list[dict[str, Any]]:
     """One evaluation request per reference model and domain (the trajectory is trained if missing)."""
     from arm.core.cache import to_plain
-    from arm.run.job import Paths
     from arm.data.splits import ensure_data
+    from arm.run.job import Paths
     from arm.trajectory.build import ensure_trajectory
     from evals import runner
 

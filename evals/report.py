@@ -16,12 +16,12 @@ from typing import Any
 from arm.core.cache import atomic_write_text
 from arm.core.errors import ArmError
 from evals.plots import write_plots
-from evals.table import Table, load, to_csv, to_latex, to_markdown, build_table
+from evals.table import FORMATS, SUFFIXES, Table, build_table, load
+from evals.wandb_table import log_sweep_table
 
 
 def write_outputs(table: Table, results: Sequence[Mapping[str, Any]], out_dir: Path, plots: bool = True) -> list[Path]:
     """table.md, table.csv, table.tex (and the PNG plots) in `out_dir`."""
-    from arm.core.cache import atomic_write_text
 
     written = []
     for fmt, render_fn in FORMATS.items():
@@ -29,7 +29,6 @@ def write_outputs(table: Table, results: Sequence[Mapping[str, Any]], out_dir: P
         atomic_write_text(path, render_fn(table))
         written.append(path)
     if plots:
-        from evals.plots import write_plots
 
         written += write_plots(table, results, out_dir)
     return written
@@ -47,7 +46,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--group", help="W&B group (sweep) to read with --from-wandb, or to log into with --wandb "
                                         "(default: the name of the single folder given)")
     args = parser.parse_args(argv)
-    from arm.core.errors import ArmError
 
     if not args.paths and not args.from_wandb:
         parser.error("give results.json files or folders, or --from-wandb ENTITY/PROJECT")
@@ -58,7 +56,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ArmError as exc:
         print(f"arm-table: error: {exc}", file=sys.stderr)
         return 2
-    from arm.core.cache import atomic_write_text
 
     images: dict[str, Path] = {}
     if args.out_dir:
@@ -67,13 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if path.suffix == ".png":
                 images[path.stem] = path
     if args.plots:
-        from evals.plots import write_plots
 
         for path in write_plots(table, results, args.plots):
             print(f"wrote {path}", file=sys.stderr)
             images[path.stem] = path
     if args.wandb:
-        from evals.wandb_table import log_sweep_table
 
         group = args.group or (args.paths[0].resolve().name if len(args.paths) == 1 else None)
         run_dir = args.out_dir or args.plots or Path.cwd()

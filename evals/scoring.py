@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from arm.core.sandbox import run_program
+from arm.data.domains import get_generator
 from arm.data.domains.code_synth import code_program, function_body, score_code
 from arm.data.domains.math_synth import extract_final_number, score_math
 
@@ -60,7 +61,6 @@ def score_records(domain: str, predictions: Sequence[str], records: Sequence[Map
                   max_workers: int = 2) -> list[float]:
     """Scores of a synthetic domain's predictions by the domain's own scorer (its registry entry),
     ``max_workers`` at a time (code runs in sandbox processes; threads only wait on them)."""
-    from arm.data.domains import get_generator
 
     if len(predictions) != len(records):
         raise ValueError(f"score_records: {len(predictions)} predictions for {len(records)} records")

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evals.table import CONVERGED, Column, Table, build_table
+from arm.core.errors import ArmError
+from evals.table import CONVERGED, Column, Table, build_table, load
 
 
 @dataclass
@@ -142,8 +143,6 @@ def to_json(spread: Spread) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from arm.core.errors import ArmError
-    from evals.table import load
 
     parser = argparse.ArgumentParser(prog="python -m evals.spread", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="folders (searched recursively) or results.json files")

@@ -16,16 +16,17 @@ in parentheses in the same cell). The best value of each column is in bold.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import re
-import sys
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from arm.core.errors import InputError
+from evals.results import load_results
 
 BASE = "base"
 CONVERGED = "sft_converged"
@@ -166,7 +167,6 @@ def build_table(results: Sequence[Mapping[str, Any]]) -> Table:
                 columns.append(column)
             value = 100.0 * float(cell["value"])
             if (label, column) in table.cells and table.cells[(label, column)] != value:
-                from arm.core.errors import InputError
 
                 first = sources.get((label, column), "<a result>")
                 raise InputError(f"{first} and {r.get('_file', '<a result>')}: two different results for the same cell "
@@ -294,14 +294,12 @@ SUFFIXES = {"md": "md", "csv": "csv", "latex": "tex"}
 
 
 def load(paths: Sequence[Path], from_wandb: str | None = None, group: str | None = None) -> list[dict[str, Any]]:
-    from arm.core.errors import InputError
 
     if from_wandb:
         results = load_wandb_results(from_wandb, group)
         if not results:
             raise InputError(f"no results in the W&B runs of {from_wandb}" + (f" (group {group})" if group else ""))
         return results
-    from evals.results import load_results
 
     results = load_results(paths)
     if not results:

@@ -24,7 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from arm.core.paths import CONF_DIR
+from arm.data.domains import generate_splits, read_split
+from arm.data.domains.formats import apply_format
 from arm.trajectory.sft import greedy_generate
+from evals.scoring import score_records
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DOMAIN_CONF_DIR = CONF_DIR / "domain"
@@ -60,8 +63,6 @@ def generation_settings(domain: str) -> dict[str, Any]:
 def domain_split(domain: str, split: str, data_dir: Path | None = None, prompt_format: str = "plain") -> list[dict]:
     """The records of one split: from `<data_dir>/<split>.jsonl`, or regenerated from the domain config
     in the given prompt format (the model config's `prompt_format`)."""
-    from arm.data.domains import generate_splits, read_split
-    from arm.data.domains.formats import apply_format
 
     if data_dir is not None:
         return read_split(Path(data_dir) / f"{split}.jsonl")
@@ -106,7 +107,6 @@ def trajectory_models(trajectory_dir: Path) -> tuple[dict, list[dict]]:
 
 def score_predictions(domain: str, predictions: Sequence[str], records: Sequence[Mapping]) -> list[float]:
     """Scores by the domain's registry entry (arm/data/domains/<domain>.py `score`)."""
-    from evals.scoring import score_records
 
     return score_records(domain, list(predictions), list(records))
 

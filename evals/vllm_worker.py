@@ -24,10 +24,13 @@ import os
 import subprocess
 import sys
 import threading
-import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from arm.core.cache import to_plain
+from arm.core.errors import ArmError, ConfigError
+from evals.vllm_env import cpu_runtime_env, is_ready, venv_dir, venv_python
 
 MARKER = "@@arm-vllm@@ "
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +44,6 @@ class VllmWorker:
     """One long-lived `python -m evals.vllm_serve` process of the vLLM CPU venv."""
 
     def __init__(self, python: Path) -> None:
-        from evals.vllm_env import cpu_runtime_env
 
         env = cpu_runtime_env()
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
@@ -68,7 +70,6 @@ class VllmWorker:
                     if "error" in answer:
                         err = answer["error"]
                         if err["type"] in ("ArmError", "ConfigError", "InputError"):  # the user's input: no traceback
-                            from arm.core.errors import ArmError
 
                             raise ArmError(err["message"])
                         raise VllmWorkerError(f"vLLM evaluation in {self.python} failed: {err['type']}: {err['message']}\n"
@@ -124,9 +125,6 @@ def evaluate_in_vllm_venv(
     seed: int,
 ) -> dict[str, Any]:
     """evals.runner.evaluate(...) run by the vLLM CPU venv's interpreter."""
-    from arm.core.cache import to_plain
-    from arm.core.errors import ConfigError
-    from evals.vllm_env import is_ready, venv_dir, venv_python
 
     if not is_ready():
         raise ConfigError("eval.backend", f"eval=vllm needs vLLM, which this interpreter ({sys.executable}) lacks. On a CPU "

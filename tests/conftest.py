@@ -43,3 +43,26 @@ def lm_eval_index():
     from evals.runner import lm_eval_task_index
 
     return lm_eval_task_index()
+
+
+@pytest.fixture(scope="session")
+def shared_root(tmp_path_factory) -> Path:
+    """One outputs root for the whole test run: its cache holds the small math_synth trajectory (trained
+    once) and its reference evaluations, reused by every test that only needs *a* trajectory (their
+    jobs pass paths.cache=<shared_root>/cache; the content keys make them hits)."""
+    return tmp_path_factory.mktemp("shared")
+
+
+@pytest.fixture(scope="session")
+def small_math_job(shared_root):
+    """The small math_synth job (tests.helpers.SMALL: 24 SFT steps, 4 references evaluated with lm-eval,
+    W&B offline), run once per test run in `shared_root`. Never modify its outputs."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from arm.run.job import run_job
+    from tests.helpers import SMALL
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=[*SMALL, f"paths.root={shared_root}", "domain=math_synth", "logger=wandb"])
+    return run_job(cfg, run_dir=shared_root / "runs" / "math")

@@ -19,6 +19,22 @@ REPO = Path(__file__).resolve().parent.parent
 TINY_BASE = REPO / "arm" / "assets" / "tiny-base"
 
 
+# A trajectory that trains in seconds: the tiny architecture, a few hundred examples, 24 steps.
+SMALL = [
+    "model.sft.epochs=2",  # 192 examples / batch 16 = 12 steps per epoch: 24 steps
+    "model.sft.warmup_steps=2",
+    "model.sft.eval_every=6",
+    "model.sft.save_steps=[6,12,18]",
+    "model.sft.early_steps=[6,12]",
+    "model.sft.batch_size=16",
+    "domain.data.n_train=192",
+    "domain.data.n_validation=32",
+    "domain.data.n_test=24",
+    "eval.batch_size=24",
+]
+REFERENCES = ["base", "sft@6", "sft@12", "sft_converged"]
+
+
 # --------------------------------------------------------------------------- tensors of a folder
 def load_tensors(folder: Path, dtype: Any = None) -> dict[str, Any]:
     """Every tensor of a model folder's ``*.safetensors`` files (all shards), by name; cast to ``dtype``

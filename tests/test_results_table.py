@@ -7,8 +7,8 @@ import json
 import pytest
 
 from arm.core.errors import InputError
-from evals.results import build_result, load_result, load_results, write_result
 from evals.report import main
+from evals.results import build_result, load_result, load_results, write_result
 from evals.table import CONVERGED, build_table, to_csv, to_markdown
 
 
@@ -189,7 +189,8 @@ def test_out_dir_writes_md_csv_latex_and_plots(tmp_path, capsys):
 def test_wandb_run_summary_rebuilds_the_table_and_the_table_is_logged(tmp_path):
     """A real (offline) W&B run: the results it reports rebuild the same table (what --from-wandb
     reads online), and the aggregated table is logged as a W&B Table."""
-    from arm.run.tracking import WandbTracker, log_sweep_table
+    from arm.run.tracking import WandbTracker
+    from evals.wandb_table import log_sweep_table
     from evals.table import results_from_summary
 
     results = reference_set() + [make_result("ties", 0.75, role="merge", params={"density": 0.5})]

@@ -160,8 +160,8 @@ def test_quick_scores_and_plot(trajectory, splits, tmp_path):
 
 
 def test_greedy_generate_stops_at_eos():
-    from arm.trajectory.tiny import build_char_tokenizer, build_model
     from arm.trajectory.sft import greedy_generate
+    from arm.trajectory.tiny import build_char_tokenizer, build_model
 
     tok = build_char_tokenizer()
     model = build_model(MODEL_CFG["arch"], tok, seed=0)

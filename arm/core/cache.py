@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from arm.core.errors import InputError
+
 TMP_MARK = ".tmp-"
 
 
@@ -167,7 +169,6 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     """Read a JSON file, with an error naming the file when it is missing or malformed."""
-    from arm.core.errors import InputError
 
     try:
         return json.loads(Path(path).read_text())

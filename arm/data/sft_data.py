@@ -30,7 +30,9 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from arm.core.cache import atomic_write_json, build_once, content_key, source_digest
 from arm.core.errors import ConfigError, InputError
+from arm.data.splits import DomainData
 
 Row = Mapping[str, Any]
 
@@ -205,7 +207,6 @@ def calibration_folder(domain_cfg: Mapping[str, Any], cache_dir: Path, n_records
     """Content key and cache folder of a real domain's calibration records (complete: train.jsonl)."""
     import sys
 
-    from arm.core.cache import content_key, source_digest
 
     source = (domain_cfg.get("calibration") or {}).get("source") or "sft_data"
     data = {k: domain_cfg.get(k) for k in ("sft_data", "prompt_template", "response_template")}
@@ -220,8 +221,6 @@ def ensure_calibration_data(domain_cfg: Mapping[str, Any], cache_dir: Path, n_re
     formatted like the SFT records) or a path to a JSONL of {prompt, response} records.
     Returns an `arm.data.splits.DomainData` whose `split("train")` is what the merge reads.
     """
-    from arm.core.cache import atomic_write_json, build_once
-    from arm.data.splits import DomainData
 
     source = (domain_cfg.get("calibration") or {}).get("source") or "sft_data"
     key, folder = calibration_folder(domain_cfg, cache_dir, n_records, seed)

@@ -22,10 +22,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from arm.data.domains import read_split
+from arm.merge.engine import MergeContext, merge_from_config
+from arm.merge.tensor_io import parse_size
+
 
 def _shard_size(text: str) -> int | str:
     """``--shard-size``: checked before any work (a positive number of bytes or a size like 500MB)."""
-    from arm.merge.tensor_io import parse_size
 
     value: int | str = int(text) if text.isdigit() else text
     try:
@@ -44,7 +47,6 @@ def _value(text: str) -> Any:
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     """The calibration JSONL; errors name the file and the line."""
-    from arm.data.domains import read_split
 
     return read_split(path, fields=("prompt", "response"))
 
@@ -88,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
 
     context = None
     if args.calibration is not None or args.converged is not None:
-        from arm.merge.engine import MergeContext
 
         records = None
         if args.calibration is not None:
@@ -99,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         context = MergeContext(calibration=records, converged=args.converged)
 
-    from arm.merge.engine import merge_from_config
 
     try:
         summary = merge_from_config(cfg, args.base, args.checkpoints, args.out, progress=not args.no_progress,

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from arm.merge.contract import MergeConfigError, TensorInputs, TensorRule, Workspace
+from arm.merge.registry import get_method
 from arm.merge.tensor_io import (
     OUTPUT_DTYPES,
     ModelFolder,
@@ -203,7 +204,6 @@ _LAYOUT_KEYS = ("device", "overwrite", "shard_size", "statistics")
 def validate_merge_config(merge_cfg: Mapping[str, Any]) -> None:
     """Cheap checks of ``merge.*`` before any work (the number of checkpoints is not known yet:
     per-checkpoint lists are checked against each other here, against the checkpoints later)."""
-    from arm.merge.registry import get_method
 
     name, params, _ = split_config(merge_cfg)
     cls = get_method(name)
@@ -229,7 +229,6 @@ def merge_identity(merge_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_rule(name: str, params: Mapping[str, Any], n_checkpoints: int) -> TensorRule:
-    from arm.merge.registry import get_method
 
     cls = get_method(name)
     if not (isinstance(cls, type) and issubclass(cls, TensorRule)):
@@ -255,7 +254,6 @@ def merge_from_config(
     base, checkpoints, out_dir = Path(base), [Path(c) for c in checkpoints], Path(out_dir)
     converged = getattr(context, "converged", None)
     check_output_path(out_dir, [base, *checkpoints, *([Path(converged)] if converged else [])], settings.overwrite)
-    from arm.merge.registry import get_method
 
     cls = get_method(name)
     if not (isinstance(cls, type) and issubclass(cls, TensorRule)):
@@ -583,6 +581,7 @@ class _WorkerPool:
         self._lock = threading.Lock()
 
     def _resources(self) -> tuple[list[TensorReader], _Buffers]:
+
         res = getattr(self._local, "res", None)
         if res is None:
             res = ([TensorReader() for _ in self.used], _Buffers(len(self.used), self.chunk, self.device))
@@ -642,17 +641,15 @@ def _numpy_path(rule: TensorRule, plan: _Plan, used: list[bool]) -> bool:
         return False
     if getattr(rule, "combine_numpy", None) is None:
         return False
-    try:
-        from arm.merge.numpy_ops import FLOAT_DTYPES
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        return False
+    from arm.merge import numpy_ops as nops  # numpy: off the start-up path
+
     for name, target in zip(plan.names, plan.out, strict=True):
         infos = plan.inputs[name]
         if not infos[0].is_float:
             continue
-        if target.dtype not in FLOAT_DTYPES:
+        if target.dtype not in nops.FLOAT_DTYPES:
             return False
-        if any(u and info.dtype not in FLOAT_DTYPES for info, u in zip(infos, used, strict=True)):
+        if any(u and info.dtype not in nops.FLOAT_DTYPES for info, u in zip(infos, used, strict=True)):
             return False
     return True
 
@@ -670,11 +667,12 @@ class _NumpyPool:
         self._lock = threading.Lock()
 
     def _resources(self) -> tuple[list[TensorReader], Any]:
+        from arm.merge import numpy_ops as nops  # numpy: off the start-up path
+
         res = getattr(self._local, "res", None)
         if res is None:
-            from arm.merge.numpy_ops import NumpyWorkspace
 
-            res = ([TensorReader() for _ in self.used], NumpyWorkspace())
+            res = ([TensorReader() for _ in self.used], nops.NumpyWorkspace())
             self._local.res = res
             with self._lock:
                 self._all.append(res[0])

@@ -9,6 +9,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from arm.merge.contract import MergeConfigError
+
 METHODS: dict[str, str] = {
     "linear": "baselines.linear:Linear",
     "task_arithmetic": "baselines.task_arithmetic:TaskArithmetic",
@@ -25,7 +27,6 @@ def method_names() -> list[str]:
 
 def get_method(name: str) -> Any:
     """The class registered under ``name``; a clear error naming the known ones otherwise."""
-    from arm.merge.contract import MergeConfigError
 
     if name not in METHODS:
         raise MergeConfigError(

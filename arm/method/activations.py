@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from arm.trajectory.sft import _loss_sums, collate, encode_example
+
 if TYPE_CHECKING:
     import torch
 
@@ -98,7 +100,6 @@ def prepare_calibration(
     and choose at most ``max_tokens`` token positions of the others for the statistics."""
     import torch
 
-    from arm.trajectory.sft import collate, encode_example
 
     if not records:
         raise ValueError("the calibration set is empty (ARM needs the domain's training records)")
@@ -241,7 +242,6 @@ def calibration_loss(model: Any, calib: Calibration, device: torch.device) -> fl
     """Mean next-token loss on the response tokens of the held-out sequences (None without any)."""
     import torch
 
-    from arm.trajectory.sft import _loss_sums
 
     if not calib.loss_batches:
         return None

@@ -50,9 +50,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from arm.merge.contract import MergeConfigError
-from arm.method.formulations import FORMULATIONS
-from arm.method.rotations import ROTATIONS
-from arm.method.schedules import DIRECTIONS, SCHEDULES
+from arm.merge.engine import MergeInputError, _alias_tied, open_folders, plan_merge, write_state_dict
+from arm.merge.tensor_io import ModelFolder, TensorReader, torch_dtype
+from arm.method.activations import calibration_loss, collect_inputs, find_linear_groups, prepare_calibration
+from arm.method.formulations import (
+    FORMULATIONS,
+    input_covariance,
+    proximal_correction,
+    proximal_factor,
+    proximal_lambda,
+    span_ratio,
+    trajectory_offset,
+)
+from arm.method.layerwise import EMBED, HEAD, LayerwiseModel, unsupported_reason
+from arm.method.memory import AUTO_DEVICE_SHARE, GB, Shapes, stage_memory
+from arm.method.rotations import ROTATIONS, principal_directions, rotation, trajectory_flow
+from arm.method.schedules import DIRECTIONS, SCHEDULES, checkpoint_step, direction, lr_schedule
 
 if TYPE_CHECKING:
     import torch
@@ -224,7 +237,6 @@ class _InputSource:
     """Reads θ0, c_1..c_m of one tensor (float32, on ``device``) and forms c_m and the direction g."""
 
     def __init__(self, plan: Any, params: ARMParams, steps: Sequence[int] | None, device: torch.device):
-        from arm.merge.tensor_io import TensorReader
 
         self.plan, self.params, self.steps, self.device = plan, params, steps, device
         self.n_ck = len(next(iter(plan.inputs.values()))) - 1
@@ -235,8 +247,6 @@ class _InputSource:
     def read(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
-        from arm.merge.engine import MergeInputError
-        from arm.method.schedules import direction
 
         params, n_ck = self.params, self.n_ck
         infos = self.plan.inputs[name]
@@ -266,7 +276,6 @@ class _ModelTensors:
     tensor by tensor when asked for; NaN/Inf is an error naming the file. Callable: name -> tensor."""
 
     def __init__(self, plan: Any, index: int, device: torch.device):
-        from arm.merge.tensor_io import TensorReader
 
         self.plan, self.index, self.device = plan, index, device
         self.reader = TensorReader()
@@ -274,7 +283,6 @@ class _ModelTensors:
     def __call__(self, name: str) -> torch.Tensor:
         import torch
 
-        from arm.merge.engine import MergeInputError
 
         info = self.plan.inputs[name][self.index]
         t = self.reader.read(info).to(device=self.device, dtype=torch.float32)
@@ -353,8 +361,6 @@ class _Converged:
     """Streams the converged checkpoint c* to measure cos(θ − c_m, c* − c_m) and ‖θ − c*‖/‖c_m − c*‖."""
 
     def __init__(self, path: Path, names: Sequence[str], tied: bool):
-        from arm.merge.engine import _alias_tied
-        from arm.merge.tensor_io import ModelFolder
 
         folder = ModelFolder(path)
         self.infos = _alias_tied([folder], tied)[0]
@@ -367,7 +373,6 @@ class _Converged:
                 direction: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
         import torch
 
-        from arm.merge.tensor_io import TensorReader
 
         dot = nt = ns = nd = dg = ng = 0.0
         with TensorReader() as reader:
@@ -416,16 +421,6 @@ def iterate(
     """
     import torch
 
-    from arm.method.activations import calibration_loss, collect_inputs, find_linear_groups
-    from arm.method.formulations import (
-        input_covariance,
-        proximal_correction,
-        proximal_factor,
-        proximal_lambda,
-        trajectory_offset,
-    )
-    from arm.method.rotations import principal_directions, rotation, trajectory_flow
-    from arm.method.schedules import lr_schedule
 
     etas = lr_schedule(params.lr, params.iterations, params.schedule, params.warmup)
     if layerwise is None:
@@ -630,7 +625,6 @@ def _previous_inputs(model: Any, targets: Mapping[str, Any] | None, inputs: Inpu
     files, or in memory by loading its tensors into the model at c_m and restoring c_m afterwards."""
     import torch
 
-    from arm.method.activations import collect_inputs
 
     if layerwise is not None:
         X, _ = layerwise.run(previous, calib, groups, loss=False)
@@ -781,10 +775,6 @@ class ARM:
     ) -> dict[str, Any]:
         from transformers import AutoTokenizer
 
-        from arm.merge.engine import MergeInputError, open_folders, plan_merge, write_state_dict
-        from arm.merge.tensor_io import ModelFolder, TensorReader, torch_dtype
-        from arm.method.activations import prepare_calibration
-        from arm.method.schedules import checkpoint_step
 
         t0 = time.perf_counter()
         p = parse_params(params)
@@ -802,7 +792,6 @@ class ARM:
                 raise MergeInputError(str(err)) from None
         span = 1.0
         if p.needs_previous():
-            from arm.method.formulations import span_ratio
 
             if p.direction == "task_vector" and len(checkpoints) > 1:
                 try:
@@ -829,7 +818,6 @@ class ARM:
         mode = statistics_mode(p, device, ck_f[-1], float_names, plan)
         model = layerwise = None
         if mode == "layerwise":
-            from arm.method.layerwise import HEAD, LayerwiseModel
 
             layerwise = LayerwiseModel(checkpoints[-1], float_names, device)  # unsupported: fails here
             # each storage once: a tied lm_head is the embedding
@@ -875,7 +863,6 @@ class ARM:
                         with TensorReader() as reader:
                             state[n] = reader.read(plan.inputs[n][0])
             else:
-                from arm.method.layerwise import EMBED
 
                 extra = {}
                 for n in plan.names:  # the tied lm_head (the embedding's θ) and non-float tensors
@@ -921,7 +908,6 @@ class ARM:
 
 
 def _read_tensor(info: Any) -> torch.Tensor:
-    from arm.merge.tensor_io import TensorReader
 
     with TensorReader() as reader:
         return reader.read(info)
@@ -930,7 +916,6 @@ def _read_tensor(info: Any) -> torch.Tensor:
 def in_memory_gb(folder: Any, float_names: Sequence[str], plan: Any, params: ARMParams) -> float:
     """``python -m arm.method.memory``'s ``arm_in_memory`` estimate for this checkpoint (GB); 16 bytes per
     float parameter (θ, c_m, g, E) when its config.json lacks the shapes the estimate needs."""
-    from arm.method.memory import GB, Shapes, stage_memory
 
     try:
         shapes = Shapes.from_hf_config(folder.config)
@@ -950,8 +935,6 @@ def statistics_mode(params: ARMParams, device: torch.device, folder: Any, float_
         return "model"
     import torch
 
-    from arm.method.layerwise import unsupported_reason
-    from arm.method.memory import AUTO_DEVICE_SHARE
 
     total_gb = torch.cuda.get_device_properties(device).total_memory / 1e9
     need = in_memory_gb(folder, float_names, plan, params)

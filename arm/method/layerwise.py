@@ -26,6 +26,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from arm.merge.engine import MergeInputError
+from arm.method.activations import IGNORE_INDEX, InputRecorder, find_linear_groups
+
 if TYPE_CHECKING:
     import torch
 
@@ -97,7 +100,6 @@ class LayerwiseModel:
 
         import torch
 
-        from arm.merge.engine import MergeInputError
 
         self.folder = Path(folder)
         cfg_file = self.folder / "config.json"
@@ -144,7 +146,6 @@ class LayerwiseModel:
         """The input groups, named as ``find_linear_groups`` names them on the whole model."""
         import torch
 
-        from arm.method.activations import find_linear_groups
 
         skeleton = torch.nn.Module()
         skeleton.model = torch.nn.Module()
@@ -179,7 +180,6 @@ class LayerwiseModel:
         import torch.nn.functional as F
         from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, Qwen3RotaryEmbedding
 
-        from arm.method.activations import IGNORE_INDEX, InputRecorder
 
         dev = self.device
         stats_batches = list(calib.stats_batches) if (calib is not None and groups is not None) else []

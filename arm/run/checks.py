@@ -12,7 +12,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from arm.core.cache import to_plain
 from arm.core.errors import ConfigError
+from evals.runner import code_isolation, task_specs
 
 DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 BATCH = re.compile(r"auto(:\d+)?")
@@ -23,7 +25,6 @@ def _is_int(value: Any) -> bool:
 
 
 def check_values(cfg: Mapping[str, Any]) -> None:
-    from arm.core.cache import to_plain
 
     seed = cfg.get("seed", 0)
     if not _is_int(seed):
@@ -48,6 +49,5 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     if converged is not None and not (_is_int(converged) and converged >= 0):
         raise ConfigError("trajectory.converged_step", f"expected null or a step number, got {converged!r}")
 
-    from evals.runner import code_isolation, task_specs
 
     code_isolation(task_specs(cfg["domain"]), eval_cfg)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from arm.core.errors import ArmError
 from arm.core.paths import CONF_DIR
+from arm.run.job import run_job
 
 CONFIG_DIR = str(CONF_DIR)
 log = logging.getLogger("arm")
@@ -26,7 +27,6 @@ log = logging.getLogger("arm")
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def _app(cfg: DictConfig) -> dict | None:
-    from arm.run.job import run_job
 
     try:
         return run_job(cfg)

@@ -10,16 +10,31 @@ import logging
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from arm.core.cache import build_once, content_key, source_digest, to_plain
-from arm.core.errors import ConfigError, InputError
+from arm.core.cache import (
+    atomic_write_json,
+    atomic_write_text,
+    build_once,
+    file_lock,
+    read_json,
+    to_plain,
+)
+from arm.core.errors import InputError
 from arm.core.refs import ModelRef, Trajectory
+from arm.data.sft_data import ensure_calibration_data
 from arm.data.splits import DomainData, ensure_data
+from arm.merge.engine import MergeContext, merge_from_config
+from arm.run.plan import check_devices, run_plan
 from arm.run.stages import Paths, _takes_calibration, calibration_size, eval_folder, merge_folder, validate
+from arm.run.tracking import start_tracker
 from arm.trajectory.build import ensure_trajectory
+from evals import runner
+from evals.results import RESULTS_NAME, build_result, load_result, write_result
+from evals.runner import check_model_folder, check_real_tasks, read_samples, task_specs
+from evals.table import build_table, to_markdown
+from evals.trajectory_report import plot_trajectory
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +52,6 @@ def evaluate_cached(
     merge_wall_s: float | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Evaluate `model` once per evaluation key; returns the result and its folder."""
-    from evals import runner
-    from evals.results import RESULTS_NAME, build_result, load_result, write_result
 
     folder = eval_folder(model, cfg, data, paths)
     key = folder.name.rsplit("-", 1)[1]
@@ -79,14 +92,12 @@ def merge_cached(
     converged SFT checkpoint (diagnostics only: not part of the key), log = the tracker's metrics.
     The calibration data's key joins the merge key when the method's weights depend on it.
     """
-    from arm.merge.engine import MergeContext, merge_from_config
 
     merge_cfg = to_plain(cfg["merge"])
     method = merge_cfg["name"]
     key, folder = merge_folder(trajectory, cfg, paths, data)
     summary_file = folder / "merge_summary.json"
     if not summary_file.is_file():
-        from arm.core.cache import atomic_write_json, file_lock
 
         with file_lock(folder.with_name(folder.name + ".lock")):
             if not summary_file.is_file():
@@ -105,7 +116,6 @@ def merge_cached(
                     raise InputError(f"merge '{method}': {exc}") from exc
                 summary = {**to_plain(summary), "wall_s": round(time.perf_counter() - start, 3), "out_dir": str(folder)}
                 atomic_write_json(summary_file, summary)
-    from arm.core.cache import read_json
 
     summary = read_json(summary_file)
     return ModelRef(method, folder, key), summary
@@ -115,7 +125,6 @@ def plot_job(trajectory: Trajectory, results: list[dict[str, Any]], cfg: Mapping
     """Validation loss along the trajectory and the evaluated references' scores vs step (PNG)."""
     if not trajectory.manifest.get("history"):
         return None  # a trajectory read from elsewhere may have no loss history
-    from evals.trajectory_report import plot_trajectory
 
     task = next(iter(results[0]["primary"])) if results else None
     models = [
@@ -131,21 +140,13 @@ def plot_job(trajectory: Trajectory, results: list[dict[str, Any]], cfg: Mapping
 
 def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
     """Run one job and return {"results": [...], "table": markdown, "run_dir": ...}."""
-    from arm.core.cache import atomic_write_text
-    from arm.run.tracking import start_tracker
-    from evals.results import RESULTS_NAME, write_result
-    from evals.table import build_table, to_markdown
 
     validate(cfg)
     if not cfg["domain"].get("synthetic"):  # real tasks against the installed lm-eval, before SFT or any model loading
-        from evals.runner import check_real_tasks, task_specs
-
         check_real_tasks(task_specs(cfg["domain"]), unsafe_code=bool(cfg["domain"].get("unsafe_code", False)))
     if cfg.get("plan"):  # print every stage, cached or not, with its GPUs and memory; run nothing (arm/run/plan.py)
-        from arm.run.plan import run_plan
 
         return run_plan(cfg)
-    from arm.run.plan import check_devices
 
     check_devices(cfg)  # a stage that cannot fit the visible GPUs stops the job here, before loading anything
     paths = Paths.from_cfg(cfg, run_dir)
@@ -162,16 +163,12 @@ def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, An
             (ref, {"role": "reference"})
             for ref in trajectory.references(ref_cfg.get("base", True), ref_cfg.get("early", True), ref_cfg.get("converged", True))
         ]
-        from evals.runner import check_model_folder
 
         for ref, _ in todo:  # a missing or corrupt reference checkpoint is named before any merge or evaluation
             check_model_folder(ref.path)
         if cfg["merge"]["name"] != "none":
             calibration = data
             if calibration is None and cfg["domain"].get("sft_data") and _takes_calibration(cfg["merge"]["name"]):
-                from arm.data.sft_data import (
-                    ensure_calibration_data,  # real domains: a sample of the SFT data
-                )
 
                 calibration = ensure_calibration_data(cfg["domain"], paths.cache, calibration_size(cfg), seed=int(cfg.get("seed", 0)))
             merged, summary = merge_cached(trajectory, cfg, paths, calibration, tracker)
@@ -186,7 +183,6 @@ def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, An
             write_result(job_copy / RESULTS_NAME, result)
             if (folder / "samples.jsonl").is_file():
                 shutil.copy(folder / "samples.jsonl", job_copy / "samples.jsonl")
-            from evals.runner import read_samples
 
             tracker.log_result(result, read_samples(folder / "samples.jsonl"))
             results.append(result)

@@ -28,7 +28,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from arm.core.cache import to_plain
 from arm.core.errors import ArmError, ConfigError
+from arm.data.sft_data import calibration_folder
+from arm.data.splits import data_ref
+from arm.method.memory import AUTO_DEVICE_SHARE, Shapes, stage_memory
+from arm.run.slurm_launcher import sbatch_resources
+from arm.run.stages import Paths, _takes_calibration, calibration_size, eval_folder, merge_folder, validate
+from arm.trajectory import build as trajectory
+from arm.trajectory import pretrain
+from arm.trajectory import trainer_sft as sft_hf
+from arm.trajectory.build import DomainData, ModelRef, from_folder, trajectory_key
+from arm.trajectory.sft import sft_config
+from arm.trajectory.trainer_sft import resolve_sft_config
+from evals.runner import effective_eval_cfg
 
 
 @dataclass
@@ -102,15 +115,12 @@ def visible_devices(cfg: Mapping[str, Any], *, allow_torch: bool) -> tuple[list[
 
 
 def _shapes(model_cfg: Mapping[str, Any]):
-    from arm.method.memory import Shapes
 
     shapes = model_cfg.get("shapes")
     return Shapes.from_cfg(shapes) if shapes else None
 
 
 def _early_steps(cfg: Mapping[str, Any]) -> list[int]:
-    from arm.core.cache import to_plain
-    from arm.trajectory.sft import sft_config
 
     override = (cfg.get("trajectory") or {}).get("early_steps")
     if override is not None:
@@ -120,18 +130,15 @@ def _early_steps(cfg: Mapping[str, Any]) -> list[int]:
 
 def _synthetic_data(domain_cfg: Mapping[str, Any], cache: Path, prompt_format: str = "plain"):
     """The DomainData that arm.trajectory.build.ensure_data would return, without generating it."""
-    from arm.data.splits import data_ref
 
     return data_ref(domain_cfg, cache, prompt_format)
 
 
 def _pretrained_base(cfg: Mapping[str, Any], cache: Path) -> Stage | None:
     """The tiny model's pretrained base (arm/trajectory/pretrain.py), where the model has a pretraining recipe."""
-    from arm.trajectory import build as trajectory
 
     if cfg["model"].get("arch") is None or not hasattr(trajectory, "pretrained_base"):
         return None
-    from arm.trajectory import pretrain
 
     _, key = trajectory.pretrained_base(cfg, None)
     if key is None:
@@ -147,8 +154,6 @@ def _pretrained_base(cfg: Mapping[str, Any], cache: Path) -> Stage | None:
 
 def _trajectory(cfg: Mapping[str, Any], cache: Path, data) -> tuple[Any, Path | None, bool]:
     """(Trajectory or None, its folder, complete?) as arm.trajectory.build.ensure_trajectory would find it."""
-    from arm.trajectory import trainer_sft as sft_hf
-    from arm.trajectory.build import from_folder, trajectory_key
 
     traj_cfg = cfg.get("trajectory") or {}
     early = _early_steps(cfg) or None
@@ -170,7 +175,6 @@ def _trajectory(cfg: Mapping[str, Any], cache: Path, data) -> tuple[Any, Path | 
 
 
 def _eval_stage(cfg: Mapping[str, Any], name: str, folder: Path | None, shapes, memory: Mapping | None) -> Stage:
-    from evals.runner import effective_eval_cfg
 
     eval_cfg = effective_eval_cfg(cfg["eval"], cfg["domain"])
     backend = eval_cfg.get("backend", "hf")
@@ -194,18 +198,15 @@ def _eval_stage(cfg: Mapping[str, Any], name: str, folder: Path | None, shapes, 
 
 
 def _sft_stage(cfg: Mapping[str, Any], folder: Path | None, done: bool, shapes, memory: Mapping | None) -> Stage:
-    from arm.trajectory.sft import sft_config
 
     model, domain = cfg["model"]["name"], cfg["domain"]["name"]
     if cfg["model"].get("arch") is not None:
         return Stage("sft (tiny, arm/trajectory/sft.py)", done, "this job, CPU", "cpu", 0, folder=str(folder) if folder else None)
-    from arm.trajectory.trainer_sft import resolve_sft_config
 
     sft = resolve_sft_config(sft_config(cfg))
     n = int(sft["num_gpus"])
     batch = sft["per_device_batch_size"] * sft["grad_accum"] * n
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    from arm.run.slurm_launcher import sbatch_resources
 
     res = sbatch_resources(dict(((cfg["model"].get("slurm") or {}).get("sft")) or {}))
     where = "this job" if n == world else (f"sbatch {res + ' ' if res else ''}slurm/sft.sbatch {model} {domain} "
@@ -220,7 +221,6 @@ def _sft_stage(cfg: Mapping[str, Any], folder: Path | None, done: bool, shapes, 
 
 def _merge_stage(cfg: Mapping[str, Any], folder: Path | None, shapes, memory: Mapping | None,
                  devices: list[float] | None) -> Stage:
-    from arm.method.memory import AUTO_DEVICE_SHARE
 
     merge = cfg["merge"]
     method = str(merge["name"])
@@ -254,9 +254,6 @@ def _merge_stage(cfg: Mapping[str, Any], folder: Path | None, shapes, memory: Ma
 
 def job_plan(cfg: Mapping[str, Any], *, allow_torch: bool = False) -> JobPlan:
     """Every stage of one job, with its cache status and resources. Raises ArmError on a bad config."""
-    from arm.method.memory import stage_memory
-    from arm.run.stages import Paths, calibration_size, eval_folder, merge_folder, validate
-    from arm.trajectory.build import ModelRef
 
     plan = JobPlan(str(cfg["model"]["name"]), str(cfg["domain"]["name"]), str(cfg["merge"]["name"]), "")
     validate(cfg)
@@ -267,9 +264,6 @@ def job_plan(cfg: Mapping[str, Any], *, allow_torch: bool = False) -> JobPlan:
     early = _early_steps(cfg)
     memory = None
     if shapes is not None:
-        from arm.core.cache import to_plain
-        from arm.trajectory.sft import sft_config
-        from arm.trajectory.trainer_sft import resolve_sft_config
 
         model_cfg = {"sft": resolve_sft_config(sft_config(cfg)), "vllm": to_plain(cfg["model"].get("vllm") or {})}
         memory = stage_memory(shapes, model_cfg, to_plain(cfg["merge"]) if cfg["merge"]["name"] == "arm" else None,
@@ -297,12 +291,9 @@ def job_plan(cfg: Mapping[str, Any], *, allow_torch: bool = False) -> JobPlan:
             + (["sft_converged"] if ref_cfg.get("converged", True) else [])
         stages.extend(_eval_stage(cfg, name, None, shapes, memory) for name in names)
     if cfg["merge"]["name"] != "none":
-        from arm.run.stages import _takes_calibration
 
         calibration = data
         if data is None and cfg["domain"].get("sft_data") and _takes_calibration(cfg["merge"]["name"]):
-            from arm.data.sft_data import calibration_folder
-            from arm.trajectory.build import DomainData
 
             key, folder = calibration_folder(cfg["domain"], paths.cache, calibration_size(cfg), int(cfg.get("seed", 0)))
             calibration = DomainData(f"{cfg['domain']['name']}-calibration", folder, key)
@@ -411,7 +402,6 @@ def print_plans(plans: Sequence[JobPlan], numbers: Sequence[int] | None = None) 
 def format_arrays(groups: Sequence[tuple[Mapping[str, Any], list[int]]], configs: Sequence[Mapping[str, Any]],
                   initial_job_idx: int = 0) -> str:
     """The Slurm job arrays the launcher would submit, one per distinct resource spec."""
-    from arm.run.slurm_launcher import sbatch_resources
 
     lines = [f"slurm: {len(groups)} job array(s)"]
     for i, (res, members) in enumerate(groups):

@@ -6,6 +6,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from arm.core.errors import ArmError
+from arm.core.paths import CONF_DIR as root
+from arm.data.domains import generate_splits
+from arm.data.domains.formats import apply_format
+from arm.trajectory.pretrain import ensure_base
 from arm.trajectory.sft import _load_conf, train_trajectory
 
 
@@ -15,9 +20,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     (data, sft), as the pipeline does."""
     import argparse
 
-    from arm.core.paths import CONF_DIR as root
-    from arm.data.domains import generate_splits
-    from arm.data.domains.formats import apply_format
     parser = argparse.ArgumentParser(prog="python -m arm.run.sft", description=main.__doc__.split("\n")[0])
     parser.add_argument("--domain", required=True)
     parser.add_argument("--model", default="tiny")
@@ -49,7 +51,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         splits = {name: apply_format(generator, records, fmt) for name, records in splits.items()}
         init_from = None
         if model_cfg.get("pretrain") is not None:
-            from arm.trajectory.pretrain import ensure_base
 
             init_from, _ = ensure_base(model_cfg, args.cache)
 
@@ -58,7 +59,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         manifest = train_trajectory(model_cfg, sft, splits, args.out, seed=args.seed, log_fn=log, init_from=init_from)
     except Exception as error:  # noqa: BLE001 - ValueError and the pipeline's ConfigError
-        from arm.core.errors import ArmError
 
         if not isinstance(error, (ValueError, ArmError)):
             raise

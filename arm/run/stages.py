@@ -14,6 +14,10 @@ from arm.core.cache import content_key, source_digest, to_plain
 from arm.core.errors import ConfigError
 from arm.core.refs import ModelRef, Trajectory
 from arm.data.splits import DomainData
+from arm.merge.engine import merge_identity, split_config, validate_merge_config
+from arm.merge.registry import get_method
+from arm.run.checks import check_values
+from evals.runner import effective_eval_cfg, synthetic_templates, task_specs
 
 EVALS_DIR = Path(evals.__file__).resolve().parent
 EVAL_CODE = [EVALS_DIR / f for f in ("runner.py", "scoring.py", "tasks/utils.py")]
@@ -49,8 +53,6 @@ class Paths:
 
 def validate(cfg: Mapping[str, Any]) -> None:
     """Cheap checks of the composed config, before any work."""
-    from arm.run.checks import check_values
-    from evals.runner import synthetic_templates, task_specs
 
     check_values(cfg)  # value types and ranges (eval.limit, seed, ...), and the code sandbox where tasks run code
 
@@ -75,7 +77,6 @@ def validate(cfg: Mapping[str, Any]) -> None:
     if cfg["logger"]["name"] not in ("wandb", "none"):
         raise ConfigError("logger.name", f"unknown logger '{cfg['logger']['name']}'")
     if cfg["merge"]["name"] != "none":
-        from arm.merge.engine import validate_merge_config
 
         try:
             validate_merge_config(cfg["merge"])
@@ -84,7 +85,6 @@ def validate(cfg: Mapping[str, Any]) -> None:
 
 
 def eval_key(model: ModelRef, cfg: Mapping[str, Any], data: DomainData | None) -> str:
-    from evals.runner import effective_eval_cfg
 
     eval_cfg = effective_eval_cfg(cfg["eval"], cfg["domain"])  # = eval.* for domains without `generation:`
     settings = {k: eval_cfg.get(k) for k in EVAL_SETTINGS}
@@ -106,8 +106,6 @@ def merge_folder(trajectory: Trajectory, cfg: Mapping[str, Any], paths: Paths,
     """The merge's content key and cache folder (complete: merge_summary.json): the method's identity,
     the inputs' keys, the calibration data's key when the method's weights depend on it, and the code
     of whole-model methods."""
-    from arm.merge.engine import merge_identity, split_config
-    from arm.merge.registry import get_method
 
     merge_cfg = to_plain(cfg["merge"])
     name, params, _ = split_config(merge_cfg)
@@ -129,7 +127,6 @@ def calibration_size(cfg: Mapping[str, Any]) -> int:
 
 
 def _takes_calibration(method: str) -> bool:
-    from arm.merge.registry import get_method
 
     return getattr(get_method(method), "uses_calibration", None) is not None
 

@@ -13,12 +13,13 @@ result it reported (`results/<name>`), from which `arm-table --from-wandb` rebui
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from arm.core.errors import ConfigError
+from evals.table import to_markdown
 from evals.wandb_table import wandb_dirs
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,6 @@ class WandbTracker(NullTracker):
     def log_table(self, table: Any) -> None:
         self.run.log({"results": self.wandb.Table(columns=["name", "role", "step", "task", "metric", "value", "n"], data=self._rows)})
         if table is not None:
-            from evals.table import to_markdown
 
             self.run.summary["table_markdown"] = to_markdown(table)
 
@@ -131,6 +131,5 @@ def start_tracker(cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, An
         return NullTracker()
     if name == "wandb":
         return WandbTracker(cfg, run_dir, config)
-    from arm.core.errors import ConfigError
 
     raise ConfigError("logger.name", f"unknown logger '{name}' (known: wandb, none)")

@@ -7,7 +7,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from arm.core.errors import ArmError
 from arm.core.paths import CONF_DIR
+from arm.run.job import Paths
 from arm.trajectory.trainer_sft import ensure_hf_trajectory
 
 
@@ -15,8 +17,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m arm.run.trainer_sft <hydra overrides>` (under `accelerate launch` for several GPUs)."""
     from hydra import compose, initialize_config_dir
 
-    from arm.core.errors import ArmError
-    from arm.run.job import Paths
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -36,6 +36,12 @@ from typing import Any
 
 from arm.core.errors import ArmError, InputError
 from arm.core.paths import CONF_DIR
+from arm.run.job import run_job, validate
+from evals.report import write_outputs
+from evals.results import load_results
+from evals.spread import build_spread, to_json
+from evals.spread import to_markdown as spread_markdown
+from evals.table import build_table
 
 log = logging.getLogger("arm.run.tune")
 CONFIG_DIR = CONF_DIR
@@ -132,7 +138,6 @@ class Runner:
             return compose(config_name="config", overrides=[*self.overrides, *overrides])
 
     def run(self, run_dir: Path, overrides: Sequence[str]) -> list[dict[str, Any]]:
-        from arm.run.job import run_job
 
         cfg = self.compose(overrides)
         log.info("job %s: %s", run_dir.relative_to(self.out), " ".join(overrides))
@@ -242,9 +247,6 @@ def ablations_markdown(rows: Sequence[Mapping[str, Any]], domains: Sequence[str]
 def stage_test(spec: Mapping[str, Any], selected: Mapping[str, Any], runner: Runner) -> Path:
     import shutil
 
-    from evals.results import load_results
-    from evals.report import write_outputs
-    from evals.table import build_table
 
     shutil.rmtree(runner.out / "test", ignore_errors=True)  # rows of an earlier spec must not reach the table
     fidelity: dict[str, Any] = {}
@@ -279,8 +281,6 @@ def stage_test(spec: Mapping[str, Any], selected: Mapping[str, Any], runner: Run
     (runner.out / "fidelity.md").write_text(fidelity_markdown(fidelity))
     (runner.out / "selected.md").write_text(selected_markdown(selected, spec))
     plot_fidelity(fidelity, runner.out / "fidelity.png")
-    from evals.spread import build_spread, to_json
-    from evals.spread import to_markdown as spread_markdown
 
     first = load_results([runner.out / "test" / f"seed-{seeds[0]}" / domain for domain in spec["domains"]])  # columns in spec order
     table = build_table(first)
@@ -398,7 +398,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner = Runner(out, [*spec["overrides"], *args.overrides])
         for domain in spec["domains"]:  # bad configs fail before any job runs
             for label, row in spec["rows"].items():
-                from arm.run.job import validate
 
                 for params in grid_points(row):
                     try:

@@ -17,8 +17,12 @@ from typing import Any
 from arm.core.cache import atomic_write_json, build_once, content_key, read_json, source_digest, to_plain
 from arm.core.errors import ConfigError, InputError
 from arm.core.refs import ModelRef, Trajectory
+from arm.data.domains import corpus
 from arm.data.splits import DomainData
-from arm.trajectory.sft import sft_config
+from arm.trajectory import pretrain, tiny
+from arm.trajectory import sft as sft_module
+from arm.trajectory import trainer_sft as sft_hf
+from arm.trajectory.sft import resolve_sft_config, sft_config, train_trajectory
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +123,6 @@ def from_folder(
 def pretrained_base(cfg: Mapping, cache_dir: Path | None) -> tuple[Path | None, str | None]:
     """(folder, recipe key) of the model's pretrained base (model.pretrain), or (None, None) for a model
     that SFT trains from a random initialisation. With cache_dir None only the key is computed."""
-    from arm.trajectory import pretrain
 
     model_cfg = to_plain(cfg["model"])
     rec = pretrain.recipe(model_cfg)
@@ -133,7 +136,6 @@ def pretrained_base(cfg: Mapping, cache_dir: Path | None) -> tuple[Path | None, 
 def warn_if_not_held_out(cfg: Mapping) -> None:
     """Log a warning when the domain's data block differs from the one the pretrained base's corpus held
     out, counting the validation/test problems that the corpus did not exclude (they may be in it)."""
-    from arm.trajectory import pretrain
 
     rec = pretrain.recipe(to_plain(cfg["model"]))
     if rec is None:
@@ -144,7 +146,6 @@ def warn_if_not_held_out(cfg: Mapping) -> None:
     given = dict(to_plain(domain.get("data") or {}))
     if generator not in held or given == held[generator]:
         return
-    from arm.data.domains import corpus
 
     excluded = corpus.held_out_keys({generator: held[generator]})
     current = corpus.held_out_keys({generator: given})
@@ -161,9 +162,8 @@ def trajectory_key(cfg: Mapping, data: DomainData) -> str:
     sft.pop("early_steps", None)  # which checkpoints feed the merge does not change the training run
     model = to_plain(cfg["model"])
     model.pop("sft", None)
-    from arm.trajectory import sft, tiny
 
-    code = source_digest(sft, tiny)
+    code = source_digest(sft_module, tiny)
     _, base_key = pretrained_base(cfg, None)
     parts: list[Any] = ["trajectory", model, sft, data.key, int(cfg.get("seed", 0)), code]
     if base_key is not None:  # a from-scratch model keeps the keys it always had
@@ -183,7 +183,6 @@ def ensure_trajectory(cfg: Mapping, data: DomainData | None, cache_dir: Path) ->
         )
     if cfg["model"].get("arch") is None:
         # A pretrained model (the Qwen3 sizes): transformers' Trainer SFT on the domain's SFT data (arm/trajectory/trainer_sft.py).
-        from arm.trajectory import trainer_sft as sft_hf
 
         folder = sft_hf.ensure_hf_trajectory(cfg, cache_dir)
         early = to_plain(early_override) if early_override is not None else sft_hf.resolve_sft_config(sft_config(cfg))["early_steps"]
@@ -195,7 +194,6 @@ def ensure_trajectory(cfg: Mapping, data: DomainData | None, cache_dir: Path) ->
     folder = Path(cache_dir) / "trajectories" / f"{cfg['model']['name']}-{cfg['domain']['name']}-{key}"
     sft = sft_config(cfg)
     splits = {name: data.split(name) for name in ("train", "validation")}
-    from arm.trajectory.sft import resolve_sft_config
 
     try:  # every SFT key is checked before any training starts
         resolve_sft_config(sft, len(splits["train"]))
@@ -205,7 +203,6 @@ def ensure_trajectory(cfg: Mapping, data: DomainData | None, cache_dir: Path) ->
     warn_if_not_held_out(cfg)
 
     def build(tmp: Path) -> None:
-        from arm.trajectory.sft import train_trajectory
 
         base_path, base_key = pretrained_base(cfg, cache_dir)  # only when the trajectory is not cached
         log.info("training the %s trajectory on %s (%d examples) into %s", cfg["model"]["name"], data.name, len(splits["train"]), folder)

@@ -37,6 +37,12 @@ from typing import Any
 from arm.core.cache import atomic_write_json, build_once, content_key, source_digest, to_plain
 from arm.core.errors import ConfigError
 from arm.core.paths import ASSETS_DIR, CONF_DIR
+from arm.data.domains import code_synth, common, corpus, generate_splits, math_synth
+from arm.data.domains.code_synth import score_code
+from arm.data.domains.formats import apply_format
+from arm.data.domains.math_synth import score_math
+from arm.trajectory import sft, tiny
+from arm.trajectory.sft import greedy_generate, load_model, train_trajectory
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +115,6 @@ def code_digest() -> str:
     `pretrain` itself, and the arm.trajectory.sft functions the training loop is made of. Not the rest of
     these modules (the skill scores, the command line, SFT's saving and manifest), so fixing those does not
     orphan the shipped base; nor comments or import paths (`arm.core.cache.normalized_source`)."""
-    from arm.data.domains import code_synth, common, corpus, math_synth
-    from arm.trajectory import sft, tiny
 
     return source_digest(corpus, math_synth, code_synth, common,
                          tiny.build_tokenizer, tiny.build_char_tokenizer, tiny.qwen3_config, tiny.build_model, pretrain,
@@ -175,8 +179,6 @@ def ensure_base(model_cfg: Mapping[str, Any], cache_dir: Path, conf_dir: Path = 
 def pretrain(model_cfg: Mapping[str, Any], rec: Mapping[str, Any], key: str, out: Path, conf_dir: Path = CONF_DIR,
              log_fn=None) -> dict[str, Any]:
     """Generate the corpus, pretrain, write the base (HF folder) and its manifest into `out`."""
-    from arm.data.domains import corpus
-    from arm.trajectory.sft import train_trajectory
 
     held = held_out_data(rec["held_out"], conf_dir)
     start = time.perf_counter()
@@ -234,11 +236,6 @@ def skill_scores(folder: Path, held: Mapping[str, Mapping[str, Any]], split: str
     format (low sft_format)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from arm.data.domains import corpus, generate_splits
-    from arm.data.domains.code_synth import score_code
-    from arm.data.domains.formats import apply_format
-    from arm.data.domains.math_synth import score_math
-    from arm.trajectory.sft import greedy_generate, load_model
 
     def score_code_batch(predictions, docs):  # programs run in sandbox processes: threads only wait on them
         with ThreadPoolExecutor(max_workers=2) as pool:

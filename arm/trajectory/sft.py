@@ -22,6 +22,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from arm.core.cache import to_plain
+from arm.trajectory.tiny import build_model, build_tokenizer, greedy_generation_config
+
 IGNORE_INDEX = -100
 MANIFEST_NAME = "manifest.json"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -297,7 +300,6 @@ def load_model(path: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from arm.trajectory.tiny import greedy_generation_config
 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
@@ -309,7 +311,6 @@ def load_model(path: Path):
 def _train(model_cfg, cfg, splits, out_dir: Path, seed: int, log_fn, init_from: Path | None = None) -> dict:
     import torch
 
-    from arm.trajectory.tiny import build_model, build_tokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

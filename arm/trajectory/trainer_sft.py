@@ -32,8 +32,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from arm.core.cache import content_key, to_plain
+from arm.core.cache import content_key, file_lock, source_digest, to_plain
 from arm.core.errors import ConfigError, InputError
+from arm.data import sft_data
+from arm.data.sft_data import load_sft_records
+from arm.trajectory.sft import IGNORE_INDEX, encode_example, sft_config
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +135,6 @@ def resolve_model_source(model_cfg: Mapping[str, Any]) -> Path:
 def trajectory_key(cfg: Mapping[str, Any]) -> str:
     """Content key of a real-model trajectory: model identity, SFT recipe, SFT data, seed, code."""
 
-    from arm.core.cache import source_digest
-    from arm.data import sft_data
 
     model = to_plain(cfg["model"])
     identity = {k: model.get(k) for k in ("name", "hub_id", "path", "tokenizer")}
@@ -174,7 +175,6 @@ class _Encoded:
 def _collator(pad_id: int):
     import torch
 
-    from arm.trajectory.sft import IGNORE_INDEX
 
     def collate(batch: Sequence[Mapping[str, list[int]]]) -> dict[str, Any]:
         width = max(len(b["input_ids"]) for b in batch)
@@ -244,7 +244,6 @@ def train(
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
-    from arm.trajectory.sft import encode_example
 
     sft = resolve_sft_config(sft)
     if not records:
@@ -393,8 +392,6 @@ def check_world_size(cfg: Mapping[str, Any], sft: Mapping[str, Any], folder: Pat
 
 def ensure_hf_trajectory(cfg: Mapping[str, Any], cache_dir: Path) -> Path:
     """Train (or resume) the real-model trajectory of `cfg` unless its manifest exists; return the folder."""
-    from arm.core.cache import file_lock
-    from arm.data.sft_data import load_sft_records
 
     sft = resolve_sft_config(sft_config(cfg))
     folder = trajectory_folder(cfg, cache_dir)

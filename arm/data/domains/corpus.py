@@ -33,7 +33,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from arm.data.domains import code_synth, math_synth
+from arm.data.domains import code_synth, generate_splits, math_synth
 from arm.data.domains.common import check_printable, merge_params, require_int, require_range
 
 NAME = "corpus"
@@ -94,7 +94,6 @@ def held_out_keys(held_out: Mapping[str, Mapping[str, Any]], splits: Sequence[st
 
     `held_out` maps a domain generator name (math_synth, code_synth) to its `data:` block (with `seed`).
     """
-    from arm.data.domains import generate_splits
 
     keys: dict[str, set] = {"math": set(), "code": set()}
     for generator, data in held_out.items():

@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from arm.data.domains import code_synth, math_synth
+from arm.data.domains import code_synth, get_generator, math_synth
+from arm.data.domains.corpus import equation_form
 
 FORMATS = ("plain", "chat")
 USER = "<|user|>"
@@ -30,7 +31,6 @@ MATH_ANSWER = " {expr}={answer}. The answer is {answer}."
 def _chat(generator: str, record: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(record)
     if generator == "math_synth":
-        from arm.data.domains.corpus import equation_form
 
         problem = str(record["prompt"])
         if problem.endswith(math_synth.CUE):
@@ -50,7 +50,6 @@ def _chat(generator: str, record: Mapping[str, Any]) -> dict[str, Any]:
         out["response"] = code_synth.CODE_PREFIX + str(record["response"])
         out["code_prefix"] = ""
     else:
-        from arm.data.domains import get_generator
 
         module = get_generator(generator)
         if not hasattr(module, "chat_format"):
