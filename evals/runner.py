@@ -23,6 +23,7 @@ from arm.core.cache import to_plain
 from arm.core.errors import ConfigError, InputError
 from arm.core.provenance import versions
 from arm.merge.tensor_io import ModelFolder, TensorIOError
+from evals.backends import get_backend
 from evals.vllm_env import cpu_runtime_env
 from evals.vllm_worker import evaluate_in_vllm_venv
 
@@ -197,22 +198,8 @@ def resolve_device(device: str) -> str:
 
 
 def model_args_for(backend: str, model_path: Path, eval_cfg: Mapping, model_cfg: Mapping | None) -> dict[str, Any]:
-    """lm-eval `model_args` for a backend, built from the eval and model configs."""
-    model_cfg = model_cfg or {}
-    dtype = eval_cfg.get("dtype", "auto")
-    if backend == "hf":
-        args: dict[str, Any] = {"pretrained": str(model_path), "dtype": dtype}
-        return args
-    if backend == "vllm":
-        vllm_cfg = dict(model_cfg.get("vllm") or {})
-        vllm_cfg.update({k: v for k, v in (eval_cfg.get("vllm") or {}).items() if v is not None})
-        args = {"pretrained": str(model_path), "dtype": dtype}
-        for key in ("tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization", "max_model_len",
-                    "enforce_eager", "seed"):
-            if vllm_cfg.get(key) is not None:
-                args[key] = vllm_cfg[key]
-        return args
-    raise ConfigError("eval.backend", f"unknown backend '{backend}' (known: hf, vllm)")
+    """lm-eval `model_args` for a backend (its registry entry, evals/backends/<backend>.py)."""
+    return get_backend(backend).model_args(model_path, eval_cfg, model_cfg)
 
 
 def vllm_importable() -> bool:
@@ -370,7 +357,7 @@ def evaluate(
     lm, engine = (vllm_lm(model_args, eval_cfg) if backend == "vllm" else (None, None))
     try:
         raw = simple_evaluate(
-            model=lm if lm is not None else backend,  # vllm: lm-eval's own VLLM class, built by vllm_lm
+            model=lm if lm is not None else get_backend(backend).LM_EVAL_MODEL,  # vllm: lm-eval's VLLM class, built by vllm_lm
             model_args=model_args,
             tasks=requests,
             num_fewshot=num_fewshot,

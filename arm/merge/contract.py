@@ -1,4 +1,9 @@
-"""The per-tensor merge rule interface shared by every baseline (and the engine that runs them).
+"""The contracts of a merge method: every method is a :class:`MergeMethod`; it is either a per-tensor
+:class:`TensorRule` (the baselines: the engine streams tensors through it) or a
+:class:`WholeModelMethod` (ARM: it reads and writes whole model folders itself). The registry
+(arm/merge/registry.py) maps ``merge.name`` to the class; the recipe for a new method is in
+docs/extending.md.
+
 
 A rule sees one tensor at a time through a :class:`TensorInputs`: the base model's tensor θ0 and
 the early checkpoints' tensors c1..cm, always as float32 on the merge device, flattened to 1-D.
@@ -11,8 +16,11 @@ full tensors.
 from __future__ import annotations
 
 import inspect
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -109,7 +117,77 @@ class InMemoryInputs(TensorInputs):
         return base, [c[start:end].to(torch.float32, copy=True) for c in self._ckpts]
 
 
-class TensorRule(ABC):
+PROJECT_PACKAGES = ("arm", "baselines")
+ENGINE_MODULES = ("arm.merge.engine", "arm.merge.tensor_io", "arm.merge.numpy_ops", "arm.merge.contract")
+"""The code every merge runs through: part of every method's merge key."""
+
+
+def project_imports(module: ModuleType) -> set[str]:
+    """The project modules `module` uses at its top level (modules, classes and functions it imported),
+    outside arm.core (errors, caching: they do not change merged values)."""
+    found = set()
+    for value in vars(module).values():
+        name = value.__name__ if isinstance(value, ModuleType) else getattr(value, "__module__", None)
+        if (isinstance(name, str) and name.split(".")[0] in PROJECT_PACKAGES and not name.startswith("arm.core")
+                and name in sys.modules):
+            found.add(name)
+    return found
+
+
+class MergeMethod(ABC):
+    """What the registry, the engine and the job ask of every merge method.
+
+    - ``name``: the key of ``conf/merge/<name>.yaml`` and of the registry;
+    - ``accepted_params()`` / ``validate_params(params)``: its config keys, checked before any work
+      (raise :class:`MergeConfigError` naming ``merge.<key>``);
+    - ``uses_calibration(params)``: whether its weights depend on calibration data (the job then passes
+      the domain's train split and puts the data's key into the merge key);
+    - ``code_modules()``: the code that defines its merged weights, part of the merge key: by default
+      the module defining the class and every project module it uses (outside arm.core), and the engine.
+    """
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def accepted_params(cls) -> list[str]:
+        """The config keys this method takes."""
+
+    @classmethod
+    @abstractmethod
+    def validate_params(cls, params: Mapping[str, Any]) -> Any:
+        """Check the parameters (the number of checkpoints is not known yet)."""
+
+    @classmethod
+    def uses_calibration(cls, params: Mapping[str, Any]) -> bool:
+        return False
+
+    @classmethod
+    def code_modules(cls) -> list[ModuleType]:
+        names = set(ENGINE_MODULES)
+        for klass in cls.__mro__:
+            module = sys.modules.get(klass.__module__)
+            if module is not None and klass.__module__.split(".")[0] in PROJECT_PACKAGES:
+                names.add(klass.__module__)
+                names |= project_imports(module)
+        for name in ENGINE_MODULES:
+            __import__(name)
+        return [sys.modules[n] for n in sorted(names)]
+
+
+class WholeModelMethod(MergeMethod):
+    """A method that merges whole model folders itself (ARM: an iteration over the whole model)."""
+
+    @classmethod
+    @abstractmethod
+    def merge_folder(cls, params: Mapping[str, Any], base: Path, checkpoints: Sequence[Path], out_dir: Path,
+                     settings: Any, *, progress: bool = True, context: Any = None) -> dict[str, Any]:
+        """Merge ``checkpoints`` (ordered by step) from ``base`` and write a complete HF folder at ``out_dir``;
+        return the summary (``params`` at least). ``context`` is the engine's MergeContext (calibration records,
+        the converged checkpoint for diagnostics only, a metrics logger)."""
+
+
+class TensorRule(MergeMethod):
     """A merge method that computes each output tensor from the same tensor of its inputs.
 
     Subclasses declare ``name``, which inputs they read (``uses_base``; ``uses_checkpoints`` =
@@ -147,6 +225,15 @@ class TensorRule(ABC):
                 f"merge.{unknown[0]}: not a parameter of method {cls.name!r} (it takes: {', '.join(accepted)})"
             )
         return cls(n_checkpoints, **dict(params))
+
+    @classmethod
+    def validate_params(cls, params: Mapping[str, Any]) -> None:
+        """Build the rule once: per-checkpoint lists are checked against each other (their number of
+        checkpoints is not known yet), every key and value against the rule's own checks."""
+        lengths = {len(v) for v in params.values() if isinstance(v, list | tuple)}
+        if len(lengths) > 1:
+            raise MergeConfigError(f"merge: per-checkpoint lists of different lengths {sorted(lengths)}")
+        cls.from_params(params, lengths.pop() if lengths else 1)
 
     @abstractmethod
     def params(self) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from arm.merge.contract import MergeConfigError, TensorInputs, TensorRule, Workspace
+from arm.merge.contract import MergeConfigError, TensorInputs, TensorRule, WholeModelMethod, Workspace
 from arm.merge.registry import get_method
 from arm.merge.tensor_io import (
     OUTPUT_DTYPES,
@@ -206,16 +206,7 @@ def validate_merge_config(merge_cfg: Mapping[str, Any]) -> None:
     per-checkpoint lists are checked against each other here, against the checkpoints later)."""
 
     name, params, _ = split_config(merge_cfg)
-    cls = get_method(name)
-    if not (isinstance(cls, type) and issubclass(cls, TensorRule)):
-        validate = getattr(cls, "validate_params", None)
-        if validate is not None:
-            validate(params)
-        return
-    lengths = {len(v) for v in params.values() if isinstance(v, (list, tuple))}
-    if len(lengths) > 1:
-        raise MergeConfigError(f"merge: per-checkpoint lists of different lengths {sorted(lengths)}")
-    cls.from_params(params, lengths.pop() if lengths else 1)
+    get_method(name).validate_params(params)
 
 
 def merge_identity(merge_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -231,7 +222,7 @@ def merge_identity(merge_cfg: Mapping[str, Any]) -> dict[str, Any]:
 def build_rule(name: str, params: Mapping[str, Any], n_checkpoints: int) -> TensorRule:
 
     cls = get_method(name)
-    if not (isinstance(cls, type) and issubclass(cls, TensorRule)):
+    if not issubclass(cls, TensorRule):
         raise MergeConfigError(f"merge.name: {name!r} is not a per-tensor rule")
     return cls.from_params(params, n_checkpoints)
 
@@ -256,7 +247,7 @@ def merge_from_config(
     check_output_path(out_dir, [base, *checkpoints, *([Path(converged)] if converged else [])], settings.overwrite)
 
     cls = get_method(name)
-    if not (isinstance(cls, type) and issubclass(cls, TensorRule)):
+    if issubclass(cls, WholeModelMethod):
         # a whole-model (iterative) method, e.g. ARM: it validates its own parameters and writes
         # out_dir, typically through write_state_dict below
         if out_dir.exists() and not settings.overwrite:

@@ -7,9 +7,8 @@ looks methods up by ``merge.name``. A per-tensor rule subclasses ``arm.merge.con
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
 
-from arm.merge.contract import MergeConfigError
+from arm.merge.contract import MergeConfigError, MergeMethod
 
 METHODS: dict[str, str] = {
     "linear": "baselines.linear:Linear",
@@ -25,12 +24,15 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
-def get_method(name: str) -> Any:
-    """The class registered under ``name``; a clear error naming the known ones otherwise."""
+def get_method(name: str) -> type[MergeMethod]:
+    """The class registered under ``name`` (a :class:`MergeMethod`); a clear error naming the known ones otherwise."""
 
     if name not in METHODS:
         raise MergeConfigError(
             f"merge.name: unknown merge method {name!r} (known: {', '.join(method_names())})"
         )
     module, attr = METHODS[name].split(":")
-    return getattr(import_module(module), attr)
+    cls = getattr(import_module(module), attr)
+    if not (isinstance(cls, type) and issubclass(cls, MergeMethod)):
+        raise MergeConfigError(f"merge.name: {METHODS[name]} is not a MergeMethod (arm/merge/contract.py)")
+    return cls

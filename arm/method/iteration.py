@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from arm.merge.contract import MergeConfigError
+from arm.merge.contract import MergeConfigError, WholeModelMethod
 from arm.merge.engine import MergeInputError, _alias_tied, open_folders, plan_merge, write_state_dict
 from arm.merge.tensor_io import ModelFolder, TensorReader, torch_dtype
 from arm.method.activations import calibration_loss, collect_inputs, find_linear_groups, prepare_calibration
@@ -710,7 +710,7 @@ class _LazyState(Mapping):
 # the registered method
 
 
-class ARM:
+class ARM(WholeModelMethod):
     """Merge method ``arm`` (a whole-model iterative method, not a per-tensor rule)."""
 
     name = "arm"
@@ -718,13 +718,6 @@ class ARM:
     @classmethod
     def accepted_params(cls) -> list[str]:
         return list(ARMParams.__dataclass_fields__)
-
-    @classmethod
-    def code_files(cls) -> list[Path]:
-        """Source files whose changes change ARM's merged weights (part of the pipeline's merge key)."""
-        here = Path(__file__).resolve().parent
-        return [here / f for f in ("iteration.py", "rotations.py", "activations.py", "schedules.py", "layerwise.py",
-                                   "formulations.py")]
 
     @classmethod
     def validate_params(cls, params: Mapping[str, Any]) -> ARMParams:

@@ -27,7 +27,7 @@ from arm.data.sft_data import ensure_calibration_data
 from arm.data.splits import DomainData, ensure_data
 from arm.merge.engine import MergeContext, merge_from_config
 from arm.run.plan import check_devices, run_plan
-from arm.run.stages import Paths, _takes_calibration, calibration_size, eval_folder, merge_folder, validate
+from arm.run.stages import Paths, calibration_size, eval_folder, merge_folder, takes_calibration, validate
 from arm.run.tracking import start_tracker
 from arm.trajectory.build import ensure_trajectory
 from evals import runner
@@ -168,7 +168,7 @@ def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, An
             check_model_folder(ref.path)
         if cfg["merge"]["name"] != "none":
             calibration = data
-            if calibration is None and cfg["domain"].get("sft_data") and _takes_calibration(cfg["merge"]["name"]):
+            if calibration is None and cfg["domain"].get("sft_data") and takes_calibration(cfg["merge"]):
 
                 calibration = ensure_calibration_data(cfg["domain"], paths.cache, calibration_size(cfg), seed=int(cfg.get("seed", 0)))
             merged, summary = merge_cached(trajectory, cfg, paths, calibration, tracker)

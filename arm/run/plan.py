@@ -34,7 +34,7 @@ from arm.data.sft_data import calibration_folder
 from arm.data.splits import data_ref
 from arm.method.memory import AUTO_DEVICE_SHARE, Shapes, stage_memory
 from arm.run.slurm_launcher import sbatch_resources
-from arm.run.stages import Paths, _takes_calibration, calibration_size, eval_folder, merge_folder, validate
+from arm.run.stages import Paths, calibration_size, eval_folder, merge_folder, takes_calibration, validate
 from arm.trajectory import build as trajectory
 from arm.trajectory import pretrain
 from arm.trajectory import trainer_sft as sft_hf
@@ -293,7 +293,7 @@ def job_plan(cfg: Mapping[str, Any], *, allow_torch: bool = False) -> JobPlan:
     if cfg["merge"]["name"] != "none":
 
         calibration = data
-        if data is None and cfg["domain"].get("sft_data") and _takes_calibration(cfg["merge"]["name"]):
+        if data is None and cfg["domain"].get("sft_data") and takes_calibration(cfg["merge"]):
 
             key, folder = calibration_folder(cfg["domain"], paths.cache, calibration_size(cfg), int(cfg.get("seed", 0)))
             calibration = DomainData(f"{cfg['domain']['name']}-calibration", folder, key)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import evals
+from arm.core import sandbox
 from arm.core.cache import content_key, source_digest, to_plain
 from arm.core.errors import ConfigError
 from arm.core.refs import ModelRef, Trajectory
@@ -17,11 +18,11 @@ from arm.data.splits import DomainData
 from arm.merge.engine import merge_identity, split_config, validate_merge_config
 from arm.merge.registry import get_method
 from arm.run.checks import check_values
+from evals.backends import cache_settings, get_backend
 from evals.runner import effective_eval_cfg, synthetic_templates, task_specs
 
 EVALS_DIR = Path(evals.__file__).resolve().parent
-EVAL_CODE = [EVALS_DIR / f for f in ("runner.py", "scoring.py", "tasks/utils.py")]
-EVAL_SETTINGS = ("backend", "dtype", "batch_size", "limit", "num_fewshot", "gen_kwargs", "apply_chat_template", "vllm")
+EVAL_CODE = [EVALS_DIR / f for f in ("runner.py", "scoring.py", "tasks/utils.py", "tasks/code/utils.py")]
 
 
 @dataclass(frozen=True)
@@ -85,13 +86,17 @@ def validate(cfg: Mapping[str, Any]) -> None:
 
 
 def eval_key(model: ModelRef, cfg: Mapping[str, Any], data: DomainData | None) -> str:
+    """The evaluation's content key: the model's key, every result-changing eval setting, the split, the
+    tasks, the synthetic data's key (which covers the domain module and so its scorer), and the code of the
+    runner, the scorers, the sandbox, the backend's entry and the task templates."""
 
     eval_cfg = effective_eval_cfg(cfg["eval"], cfg["domain"])  # = eval.* for domains without `generation:`
-    settings = {k: eval_cfg.get(k) for k in EVAL_SETTINGS}
+    settings = cache_settings(eval_cfg)  # every eval.* key but those the backend declares neutral (evals/backends)
     return content_key(
         "eval", model.key, settings, eval_cfg.get("split", "test"), to_plain(cfg["domain"].get("tasks")),
-        data.key if data else None, source_digest(*[f for f in EVAL_CODE if f.exists()]),
-        *[source_digest(f) for f in sorted((EVALS_DIR / "tasks").glob("*.yaml"))],
+        data.key if data else None,
+        source_digest(*EVAL_CODE, sandbox, get_backend(eval_cfg.get("backend", "hf"))),
+        *[source_digest(f) for f in sorted((EVALS_DIR / "tasks").rglob("*.yaml"))],
     )
 
 
@@ -109,14 +114,11 @@ def merge_folder(trajectory: Trajectory, cfg: Mapping[str, Any], paths: Paths,
 
     merge_cfg = to_plain(cfg["merge"])
     name, params, _ = split_config(merge_cfg)
-    uses_calibration = getattr(get_method(name), "uses_calibration", None)
-    calibration_key = data.key if (data is not None and uses_calibration is not None and uses_calibration(params)) else None
+    method = get_method(name)
     key_parts: list[Any] = [merge_identity(merge_cfg), trajectory.base.key, [r.key for r in trajectory.early]]
-    if calibration_key is not None:
-        key_parts.append({"calibration": calibration_key})
-    code_files = getattr(get_method(name), "code_files", None)
-    if code_files is not None:  # whole-model methods: their code is part of the merged weights' identity
-        key_parts.append({"code": source_digest(*code_files())})
+    if data is not None and method.uses_calibration(params):
+        key_parts.append({"calibration": data.key})
+    key_parts.append({"code": source_digest(*method.code_modules())})  # the rule's (or ARM's) code and the engine's
     key = content_key("merge", *key_parts)
     return key, paths.cache / "merged" / f"{cfg['model']['name']}-{cfg['domain']['name']}-{merge_cfg['name']}-{key}"
 
@@ -126,8 +128,9 @@ def calibration_size(cfg: Mapping[str, Any]) -> int:
     return int((cfg["merge"].get("calibration") or {}).get("n_sequences") or 128) * 4
 
 
-def _takes_calibration(method: str) -> bool:
-
-    return getattr(get_method(method), "uses_calibration", None) is not None
+def takes_calibration(merge_cfg: Mapping[str, Any]) -> bool:
+    """Whether the configured merge's weights depend on calibration data (MergeMethod.uses_calibration)."""
+    name, params, _ = split_config(to_plain(merge_cfg))
+    return get_method(name).uses_calibration(params)
 
 
