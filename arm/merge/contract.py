@@ -143,7 +143,8 @@ class MergeMethod(ABC):
     - ``uses_calibration(params)``: whether its weights depend on calibration data (the job then passes
       the domain's train split and puts the data's key into the merge key);
     - ``code_modules()``: the code that defines its merged weights, part of the merge key: by default
-      the module defining the class and every project module it uses (outside arm.core), and the engine.
+      the module defining the class (wherever it lives), every project module it uses (outside
+      arm.core), and the engine.
     """
 
     name: ClassVar[str]
@@ -167,7 +168,8 @@ class MergeMethod(ABC):
         names = set(ENGINE_MODULES)
         for klass in cls.__mro__:
             module = sys.modules.get(klass.__module__)
-            if module is not None and klass.__module__.split(".")[0] in PROJECT_PACKAGES:
+            # the class's own module always (a method may live outside the project), its bases' within it
+            if module is not None and (klass is cls or klass.__module__.split(".")[0] in PROJECT_PACKAGES):
                 names.add(klass.__module__)
                 names |= project_imports(module)
         for name in ENGINE_MODULES:
