@@ -173,18 +173,19 @@ def run_child(spec: dict[str, Any]) -> tuple[float, float, float, dict[str, floa
 
 def bench_domain(domain: str, runs: int, overrides: list[str], formulations: list[str], slice_steps: int) -> dict[str, Any]:
     from arm.core.cache import to_plain
+    from arm.core.specs import TrajectorySpec
     from arm.data.splits import ensure_data
     from arm.run.job import Paths
     from arm.trajectory.build import ensure_trajectory
-    from arm.trajectory.sft import resolve_sft_config, sft_config
+    from arm.trajectory.sft import resolve_sft_config
 
     cfg = _compose(domain, overrides)
     paths = Paths.from_cfg(cfg, REPO / "outputs" / "runs" / "bench-arm")
     data = ensure_data(cfg["domain"], paths.cache, cfg["model"].get("prompt_format") or "plain")
-    trajectory = ensure_trajectory(cfg, data, paths.cache)
+    trajectory = ensure_trajectory(TrajectorySpec.from_config(cfg), data, paths.cache)
     manifest = trajectory.manifest or {}
     last_early, converged = trajectory.early[-1].step, trajectory.converged.step
-    sft = manifest.get("sft") or resolve_sft_config(sft_config(cfg), len(data.split("train")))
+    sft = manifest.get("sft") or resolve_sft_config(TrajectorySpec.from_config(cfg).sft, len(data.split("train")))
     events = sft_remaining_events(sft, last_early, converged)
     walls = {c["step"]: c.get("wall_s") for c in manifest.get("checkpoints", [])}
     recorded = (walls[converged] - walls[last_early]) if walls.get(converged) and walls.get(last_early) else None

@@ -74,6 +74,7 @@ def _compose(domain: str, overrides: list[str]) -> Any:
 
 
 def _default_trajectory_cached(domain: str, model: list[str]) -> bool:
+    from arm.core.specs import TrajectorySpec
     from arm.data.splits import ensure_data
     from arm.run.job import Paths
     from arm.trajectory.build import trajectory_key
@@ -81,13 +82,14 @@ def _default_trajectory_cached(domain: str, model: list[str]) -> bool:
     cfg = _compose(domain, [*model, *OVERRIDES["hf"]])
     paths = Paths.from_cfg(cfg, REPO / "outputs" / "runs" / "bench-eval")
     data = ensure_data(cfg["domain"], paths.cache)
-    folder = paths.cache / "trajectories" / f"{cfg['model']['name']}-{domain}-{trajectory_key(cfg, data)}"
+    folder = paths.cache / "trajectories" / f"{cfg['model']['name']}-{domain}-{trajectory_key(TrajectorySpec.from_config(cfg), data)}"
     return (folder / "manifest.json").is_file()
 
 
 def jobs_for(backend: str, domains: list[str], extra: list[str], work: Path) -> list[dict[str, Any]]:
     """One evaluation request per reference model and domain (the trajectory is trained if missing)."""
     from arm.core.cache import to_plain
+    from arm.core.specs import TrajectorySpec
     from arm.data.splits import ensure_data
     from arm.run.job import Paths
     from arm.trajectory.build import ensure_trajectory
@@ -98,7 +100,7 @@ def jobs_for(backend: str, domains: list[str], extra: list[str], work: Path) -> 
         cfg = _compose(domain, [*extra, *OVERRIDES[backend]])
         paths = Paths.from_cfg(cfg, REPO / "outputs" / "runs" / "bench-eval")
         data = ensure_data(cfg["domain"], paths.cache)
-        trajectory = ensure_trajectory(cfg, data, paths.cache)
+        trajectory = ensure_trajectory(TrajectorySpec.from_config(cfg), data, paths.cache)
         specs = runner.task_specs(cfg["domain"])
         include = runner.write_synthetic_tasks(specs, data.folder, "test", work / domain / "tasks")
         for ref in trajectory.references(True, True, True):

@@ -178,8 +178,8 @@ def test_a_bad_config_value_exits_non_zero_writing_no_cache(tmp_path) -> None:
 
 
 def test_code_domain_without_a_sandbox_is_refused_before_any_work(compose, monkeypatch) -> None:
-    from arm.run.job import validate
     from arm.core import sandbox
+    from arm.run.job import validate
 
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
     with pytest.raises(sandbox.SandboxUnavailable, match="apt-get install bubblewrap"):

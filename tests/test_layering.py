@@ -186,3 +186,17 @@ def test_the_checks_catch_a_planted_fault(fault, tmp_path, monkeypatch):
     check = test_imports_follow_the_layering if fault == "upward" else test_no_import_cycle
     with pytest.raises(AssertionError):
         check()
+
+
+def test_only_the_run_layer_sees_hydra():
+    """Config is parsed once at the top of a job (arm/core/specs.py): below arm/run nothing imports Hydra."""
+    wrong = []
+    for module, path in MODULES.items():
+        if module.startswith(("arm.run", "hydra_plugins")) or layer_of(module) is None:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            wrong += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names if n.split(".")[0] == "hydra"]
+    assert not wrong, "\n".join(wrong)

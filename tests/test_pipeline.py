@@ -103,6 +103,7 @@ def test_code_job_end_to_end(compose, tmp_path):
 
 def test_existing_trajectory_folder_is_read_as_is(compose, tmp_path):
     """A Trainer-style SFT output folder is used without training; bad ones fail naming the folder."""
+    from arm.core.specs import TrajectorySpec
     from arm.trajectory.build import ensure_trajectory
 
     folder = tmp_path / "sft-run"
@@ -110,20 +111,20 @@ def test_existing_trajectory_folder_is_read_as_is(compose, tmp_path):
         (folder / f"checkpoint-{step}").mkdir(parents=True)
     (folder / "base").mkdir()
     cfg = compose(f"trajectory.path={folder}", "trajectory.early_steps=[10,20]")
-    traj = ensure_trajectory(cfg, None, tmp_path / "cache")
+    traj = ensure_trajectory(TrajectorySpec.from_config(cfg), None, tmp_path / "cache")
     assert [r.step for r in traj.early] == [10, 20] and traj.converged.step == 30
     assert traj.inputs == [folder / "checkpoint-10", folder / "checkpoint-20"]
 
     with pytest.raises(ConfigError, match="ordered by step"):
-        ensure_trajectory(compose(f"trajectory.path={folder}", "trajectory.early_steps=[20,10]"), None, tmp_path)
+        ensure_trajectory(TrajectorySpec.from_config(compose(f"trajectory.path={folder}", "trajectory.early_steps=[20,10]")), None, tmp_path)
     with pytest.raises(ConfigError, match="empty"):
-        ensure_trajectory(compose(f"trajectory.path={folder}", "trajectory.early_steps=[]"), None, tmp_path)
+        ensure_trajectory(TrajectorySpec.from_config(compose(f"trajectory.path={folder}", "trajectory.early_steps=[]")), None, tmp_path)
     with pytest.raises(ConfigError, match="no checkpoint for step"):
-        ensure_trajectory(compose(f"trajectory.path={folder}", "trajectory.early_steps=[10,15]"), None, tmp_path)
+        ensure_trajectory(TrajectorySpec.from_config(compose(f"trajectory.path={folder}", "trajectory.early_steps=[10,15]")), None, tmp_path)
     empty = tmp_path / "empty-run"
     empty.mkdir()
     with pytest.raises(InputError, match="no checkpoint-<step>/ folders"):
-        ensure_trajectory(compose(f"trajectory.path={empty}", "trajectory.early_steps=[1]"), None, tmp_path)
+        ensure_trajectory(TrajectorySpec.from_config(compose(f"trajectory.path={empty}", "trajectory.early_steps=[1]")), None, tmp_path)
 
 
 @pytest.mark.parametrize(

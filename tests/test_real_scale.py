@@ -248,19 +248,21 @@ def test_unreachable_dataset_says_how_to_point_at_a_local_copy(monkeypatch):
 
 
 def test_pipeline_job_on_an_unreachable_model_fails_before_work(compose, tmp_path, monkeypatch):
+    from arm.core.specs import TrajectorySpec
     from arm.trajectory.build import ensure_trajectory
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     cfg = compose("model=qwen3-14b", "domain=math", f"paths.root={tmp_path}", "model.sft.num_gpus=1")
     with pytest.raises(InputError, match="set model.path=/local/copy"):
-        ensure_trajectory(cfg, None, tmp_path / "cache")
+        ensure_trajectory(TrajectorySpec.from_config(cfg), None, tmp_path / "cache")
     assert not (tmp_path / "cache" / "trajectories").exists() or not any((tmp_path / "cache" / "trajectories").iterdir())
 
 
 @pytest.mark.parametrize("world", [None, "4"])
 def test_sft_refuses_another_process_count_than_num_gpus(compose, tmp_path, monkeypatch, world):
     """An `arm` job (one process) must not start qwen3-14b's 8-GPU SFT; nor may a 4-process launch."""
+    from arm.core.specs import TrajectorySpec
     from arm.trajectory.build import ensure_trajectory
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -270,7 +272,7 @@ def test_sft_refuses_another_process_count_than_num_gpus(compose, tmp_path, monk
         monkeypatch.setenv("WORLD_SIZE", world)
     cfg = compose("model=qwen3-14b", "domain=math", f"paths.root={tmp_path}")
     with pytest.raises(ConfigError) as err:
-        ensure_trajectory(cfg, None, tmp_path / "cache")
+        ensure_trajectory(TrajectorySpec.from_config(cfg), None, tmp_path / "cache")
     message = str(err.value)
     assert message.startswith("config key 'model.sft.num_gpus'")
     assert f"WORLD_SIZE={world or 1}" in message and "global batch 128" in message
@@ -337,6 +339,7 @@ SFT_SMALL = ["model.sft.max_steps=4", "model.sft.per_device_batch_size=2", "mode
 def test_real_layout_model_through_trainer_sft_merge_and_hf_eval(compose, tmp_path, tied):
     import torch
 
+    from arm.core.specs import TrajectorySpec
     from arm.merge.engine import merge_from_config
     from arm.trajectory.build import ensure_trajectory
 
@@ -347,7 +350,7 @@ def test_real_layout_model_through_trainer_sft_merge_and_hf_eval(compose, tmp_pa
     cfg = compose("model=qwen3-1.7b", "domain=math", f"model.path={base}", f"domain.sft_data.path={FIXTURES / 'metamathqa.jsonl'}",
                   f"paths.root={tmp_path / 'out'}", *SFT_SMALL)
     cache = tmp_path / "out" / "cache"
-    traj = ensure_trajectory(cfg, None, cache)
+    traj = ensure_trajectory(TrajectorySpec.from_config(cfg), None, cache)
     folder = traj.folder
     assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4"]
     assert [r.step for r in traj.early] == [1, 2] and traj.converged.step == 4 and traj.base.path == base.resolve()
@@ -366,7 +369,7 @@ def test_real_layout_model_through_trainer_sft_merge_and_hf_eval(compose, tmp_pa
 
     shutil.rmtree(folder / "checkpoint-4")
     (folder / "manifest.json").unlink()
-    traj = ensure_trajectory(cfg, None, cache)
+    traj = ensure_trajectory(TrajectorySpec.from_config(cfg), None, cache)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["resumed_from"].endswith("checkpoint-3") and manifest["converged_step"] == 4
     assert (folder / "checkpoint-4").is_dir()

@@ -190,8 +190,8 @@ def test_wandb_run_summary_rebuilds_the_table_and_the_table_is_logged(tmp_path):
     """A real (offline) W&B run: the results it reports rebuild the same table (what --from-wandb
     reads online), and the aggregated table is logged as a W&B Table."""
     from arm.run.tracking import WandbTracker
-    from evals.wandb_table import log_sweep_table
     from evals.table import results_from_summary
+    from evals.wandb_table import log_sweep_table
 
     results = reference_set() + [make_result("ties", 0.75, role="merge", params={"density": 0.5})]
     cfg = {"logger": {"name": "wandb", "project": "arm-test", "mode": "offline", "tags": []},

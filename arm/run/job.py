@@ -23,6 +23,7 @@ from arm.core.cache import (
 )
 from arm.core.errors import InputError
 from arm.core.refs import ModelRef, Trajectory
+from arm.core.specs import TrajectorySpec
 from arm.data.sft_data import ensure_calibration_data
 from arm.data.splits import DomainData, ensure_data
 from arm.merge.engine import MergeContext, merge_from_config
@@ -157,7 +158,7 @@ def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, An
     try:
         data = (ensure_data(cfg["domain"], paths.cache, cfg["model"].get("prompt_format") or "plain")
                 if cfg["domain"].get("synthetic") else None)
-        trajectory = ensure_trajectory(cfg, data, paths.cache)
+        trajectory = ensure_trajectory(TrajectorySpec.from_config(cfg), data, paths.cache)
         ref_cfg = cfg.get("references") or {}
         todo: list[tuple[ModelRef, dict[str, Any]]] = [
             (ref, {"role": "reference"})

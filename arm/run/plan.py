@@ -30,6 +30,7 @@ from typing import Any
 
 from arm.core.cache import to_plain
 from arm.core.errors import ArmError, ConfigError
+from arm.core.specs import TrajectorySpec
 from arm.data.sft_data import calibration_folder
 from arm.data.splits import data_ref
 from arm.method.memory import AUTO_DEVICE_SHARE, Shapes, stage_memory
@@ -39,7 +40,6 @@ from arm.trajectory import build as trajectory
 from arm.trajectory import pretrain
 from arm.trajectory import trainer_sft as sft_hf
 from arm.trajectory.build import DomainData, ModelRef, from_folder, trajectory_key
-from arm.trajectory.sft import sft_config
 from arm.trajectory.trainer_sft import resolve_sft_config
 from evals.runner import effective_eval_cfg
 
@@ -125,7 +125,7 @@ def _early_steps(cfg: Mapping[str, Any]) -> list[int]:
     override = (cfg.get("trajectory") or {}).get("early_steps")
     if override is not None:
         return [int(s) for s in to_plain(override)]
-    return [int(s) for s in sft_config(cfg).get("early_steps") or []]
+    return [int(s) for s in TrajectorySpec.from_config(cfg).sft.get("early_steps") or []]
 
 
 def _synthetic_data(domain_cfg: Mapping[str, Any], cache: Path, prompt_format: str = "plain"):
@@ -140,7 +140,7 @@ def _pretrained_base(cfg: Mapping[str, Any], cache: Path) -> Stage | None:
     if cfg["model"].get("arch") is None or not hasattr(trajectory, "pretrained_base"):
         return None
 
-    _, key = trajectory.pretrained_base(cfg, None)
+    _, key = trajectory.pretrained_base(TrajectorySpec.from_config(cfg), None)
     if key is None:
         return None
     name = str(cfg["model"].get("name", "tiny"))
@@ -162,12 +162,12 @@ def _trajectory(cfg: Mapping[str, Any], cache: Path, data) -> tuple[Any, Path | 
         traj = from_folder(folder, base=traj_cfg.get("base"), early_steps=early, converged_step=traj_cfg.get("converged_step"))
         return traj, folder, True
     if cfg["model"].get("arch") is None:
-        folder = sft_hf.trajectory_folder(cfg, cache)
+        folder = sft_hf.trajectory_folder(TrajectorySpec.from_config(cfg), cache)
         if not sft_hf.is_complete(folder):
             return None, folder, False
         return (from_folder(folder, base=None, early_steps=early, converged_step=traj_cfg.get("converged_step"),
-                            key=sft_hf.trajectory_key(cfg)), folder, True)
-    key = trajectory_key(cfg, data)
+                            key=sft_hf.trajectory_key(TrajectorySpec.from_config(cfg))), folder, True)
+    key = trajectory_key(TrajectorySpec.from_config(cfg), data)
     folder = cache / "trajectories" / f"{cfg['model']['name']}-{cfg['domain']['name']}-{key}"
     if not (folder / "manifest.json").is_file():
         return None, folder, False
@@ -203,7 +203,7 @@ def _sft_stage(cfg: Mapping[str, Any], folder: Path | None, done: bool, shapes, 
     if cfg["model"].get("arch") is not None:
         return Stage("sft (tiny, arm/trajectory/sft.py)", done, "this job, CPU", "cpu", 0, folder=str(folder) if folder else None)
 
-    sft = resolve_sft_config(sft_config(cfg))
+    sft = resolve_sft_config(TrajectorySpec.from_config(cfg).sft)
     n = int(sft["num_gpus"])
     batch = sft["per_device_batch_size"] * sft["grad_accum"] * n
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -265,7 +265,7 @@ def job_plan(cfg: Mapping[str, Any], *, allow_torch: bool = False) -> JobPlan:
     memory = None
     if shapes is not None:
 
-        model_cfg = {"sft": resolve_sft_config(sft_config(cfg)), "vllm": to_plain(cfg["model"].get("vllm") or {})}
+        model_cfg = {"sft": resolve_sft_config(TrajectorySpec.from_config(cfg).sft), "vllm": to_plain(cfg["model"].get("vllm") or {})}
         memory = stage_memory(shapes, model_cfg, to_plain(cfg["merge"]) if cfg["merge"]["name"] == "arm" else None,
                               n_early=max(1, len(early)))
     stages = plan.stages

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 from arm.core.errors import ArmError
 from arm.core.paths import CONF_DIR
-from arm.run.job import Paths
+from arm.core.specs import TrajectorySpec
+from arm.run.stages import Paths
 from arm.trajectory.trainer_sft import ensure_hf_trajectory
 
 
@@ -26,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("arm.trajectory.trainer_sft: error: this model has an `arch:` block (trained from scratch by arm/trajectory/sft.py, `arm ...`)", file=sys.stderr)
         return 2
     try:
-        folder = ensure_hf_trajectory(cfg, Paths.from_cfg(cfg).cache)
+        folder = ensure_hf_trajectory(TrajectorySpec.from_config(cfg), Paths.from_cfg(cfg).cache)
     except ArmError as exc:
         print(f"arm.trajectory.trainer_sft: error: {exc}", file=sys.stderr)
         return 2

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from arm.core.cache import atomic_write_json, build_once, content_key, read_json, source_digest, to_plain
+from arm.core.cache import atomic_write_json, build_once, content_key, read_json, source_digest
 from arm.core.errors import ConfigError, InputError
 from arm.core.refs import ModelRef, Trajectory
+from arm.core.specs import TrajectorySpec
 from arm.data.domains import corpus
 from arm.data.splits import DomainData
 from arm.trajectory import pretrain, tiny
 from arm.trajectory import sft as sft_module
 from arm.trajectory import trainer_sft as sft_hf
-from arm.trajectory.sft import resolve_sft_config, sft_config, train_trajectory
+from arm.trajectory.sft import resolve_sft_config, train_trajectory
 
 log = logging.getLogger(__name__)
 
@@ -120,33 +121,28 @@ def from_folder(
 # Training the trajectory (embedded default)
 
 
-def pretrained_base(cfg: Mapping, cache_dir: Path | None) -> tuple[Path | None, str | None]:
+def pretrained_base(spec: TrajectorySpec, cache_dir: Path | None) -> tuple[Path | None, str | None]:
     """(folder, recipe key) of the model's pretrained base (model.pretrain), or (None, None) for a model
     that SFT trains from a random initialisation. With cache_dir None only the key is computed."""
-
-    model_cfg = to_plain(cfg["model"])
-    rec = pretrain.recipe(model_cfg)
+    rec = pretrain.recipe(spec.model)
     if rec is None:
         return None, None
     if cache_dir is None:
-        return None, pretrain.recipe_key(model_cfg, rec)
-    return pretrain.ensure_base(model_cfg, cache_dir)
+        return None, pretrain.recipe_key(spec.model, rec)
+    return pretrain.ensure_base(spec.model, cache_dir)
 
 
-def warn_if_not_held_out(cfg: Mapping) -> None:
+def warn_if_not_held_out(spec: TrajectorySpec) -> None:
     """Log a warning when the domain's data block differs from the one the pretrained base's corpus held
     out, counting the validation/test problems that the corpus did not exclude (they may be in it)."""
-
-    rec = pretrain.recipe(to_plain(cfg["model"]))
+    rec = pretrain.recipe(spec.model)
     if rec is None:
         return
-    domain = cfg["domain"]
-    generator = domain.get("generator")
+    generator = spec.domain.get("generator")
     held = pretrain.held_out_data(rec["held_out"])
-    given = dict(to_plain(domain.get("data") or {}))
+    given = dict(spec.domain.get("data") or {})
     if generator not in held or given == held[generator]:
         return
-
     excluded = corpus.held_out_keys({generator: held[generator]})
     current = corpus.held_out_keys({generator: given})
     kind = "math" if generator == "math_synth" else "code"
@@ -154,64 +150,60 @@ def warn_if_not_held_out(cfg: Mapping) -> None:
     if outside:
         log.warning("domain.data differs from the data block the pretrained base's corpus was built against "
                     "(conf/domain/%s.yaml): %d of %d validation/test problems were not excluded from the corpus "
-                    "and may have been seen in pretraining", domain["name"], outside, len(current[kind]))
+                    "and may have been seen in pretraining", spec.domain_name, outside, len(current[kind]))
 
 
-def trajectory_key(cfg: Mapping, data: DomainData) -> str:
-    sft = sft_config(cfg)
-    sft.pop("early_steps", None)  # which checkpoints feed the merge does not change the training run
-    model = to_plain(cfg["model"])
-    model.pop("sft", None)
-
+def trajectory_key(spec: TrajectorySpec, data: DomainData) -> str:
+    """The tiny trajectory's content key: the spec's key fields (TrajectorySpec.key_parts), the data's key,
+    the seed, the SFT loop's and the tiny model's code, and the pretrained base's recipe key."""
+    model, sft = spec.key_parts()
     code = source_digest(sft_module, tiny)
-    _, base_key = pretrained_base(cfg, None)
-    parts: list[Any] = ["trajectory", model, sft, data.key, int(cfg.get("seed", 0)), code]
+    _, base_key = pretrained_base(spec, None)
+    parts: list[Any] = ["trajectory", model, sft, data.key, spec.seed, code]
     if base_key is not None:  # a from-scratch model keeps the keys it always had
         parts.append({"base": base_key})
     return content_key(*parts)
 
 
-def ensure_trajectory(cfg: Mapping, data: DomainData | None, cache_dir: Path) -> Trajectory:
-    traj_cfg = cfg.get("trajectory") or {}
-    early_override = traj_cfg.get("early_steps")
-    if traj_cfg.get("path"):
+def ensure_trajectory(spec: TrajectorySpec, data: DomainData | None, cache_dir: Path) -> Trajectory:
+    """The job's trajectory: read from `trajectory.path`, trained by the Trainer SFT (real models), or
+    trained by the tiny SFT loop (the embedded default), each cached under its key."""
+    early_override = spec.early_steps
+    if spec.path:
         return from_folder(
-            Path(traj_cfg["path"]),
-            base=traj_cfg.get("base"),
-            early_steps=to_plain(early_override) if early_override is not None else to_plain(cfg["model"].get("sft", {}).get("early_steps")),
-            converged_step=traj_cfg.get("converged_step"),
+            Path(spec.path),
+            base=spec.base,
+            early_steps=early_override if early_override is not None else (spec.model.get("sft") or {}).get("early_steps"),
+            converged_step=spec.converged_step,
         )
-    if cfg["model"].get("arch") is None:
+    if spec.model.get("arch") is None:
         # A pretrained model (the Qwen3 sizes): transformers' Trainer SFT on the domain's SFT data (arm/trajectory/trainer_sft.py).
-
-        folder = sft_hf.ensure_hf_trajectory(cfg, cache_dir)
-        early = to_plain(early_override) if early_override is not None else sft_hf.resolve_sft_config(sft_config(cfg))["early_steps"]
-        return from_folder(folder, base=None, early_steps=early or None, converged_step=traj_cfg.get("converged_step"),
-                           key=sft_hf.trajectory_key(cfg))
+        folder = sft_hf.ensure_hf_trajectory(spec, cache_dir)
+        early = early_override if early_override is not None else sft_hf.resolve_sft_config(spec.sft)["early_steps"]
+        return from_folder(folder, base=None, early_steps=early or None, converged_step=spec.converged_step,
+                           key=sft_hf.trajectory_key(spec))
     if data is None:
-        raise ConfigError("trajectory.path", f"domain '{cfg['domain']['name']}' has no synthetic data: set trajectory.path to an SFT output folder")
-    key = trajectory_key(cfg, data)
-    folder = Path(cache_dir) / "trajectories" / f"{cfg['model']['name']}-{cfg['domain']['name']}-{key}"
-    sft = sft_config(cfg)
+        raise ConfigError("trajectory.path", f"domain '{spec.domain_name}' has no synthetic data: set trajectory.path to an SFT output folder")
+    key = trajectory_key(spec, data)
+    folder = Path(cache_dir) / "trajectories" / f"{spec.model_name}-{spec.domain_name}-{key}"
+    sft = spec.sft
     splits = {name: data.split(name) for name in ("train", "validation")}
-
     try:  # every SFT key is checked before any training starts
         resolve_sft_config(sft, len(splits["train"]))
     except ValueError as exc:
         raise ConfigError("model.sft", str(exc)) from exc
 
-    warn_if_not_held_out(cfg)
+    warn_if_not_held_out(spec)
 
     def build(tmp: Path) -> None:
-
-        base_path, base_key = pretrained_base(cfg, cache_dir)  # only when the trajectory is not cached
-        log.info("training the %s trajectory on %s (%d examples) into %s", cfg["model"]["name"], data.name, len(splits["train"]), folder)
-        manifest = train_trajectory(to_plain(cfg["model"]), sft, splits, tmp, seed=int(cfg.get("seed", 0)), init_from=base_path)
+        base_path, base_key = pretrained_base(spec, cache_dir)  # only when the trajectory is not cached
+        log.info("training the %s trajectory on %s (%d examples) into %s", spec.model_name, data.name, len(splits["train"]), folder)
+        manifest = train_trajectory(spec.model, sft, splits, tmp, seed=spec.seed, init_from=base_path)
         manifest.update({"domain": data.name, "data_key": data.key, "key": key, "base_recipe_key": base_key})
         atomic_write_json(tmp / "manifest.json", manifest)
 
     built = build_once(folder, build, is_complete=lambda p: (p / "manifest.json").is_file())
     if not built:
         log.info("reusing trajectory %s", folder)
-    early = to_plain(early_override) if early_override is not None else sft.get("early_steps")
-    return from_folder(folder, base=None, early_steps=early, converged_step=traj_cfg.get("converged_step"), key=key)
+    early = early_override if early_override is not None else sft.get("early_steps")
+    return from_folder(folder, base=None, early_steps=early, converged_step=spec.converged_step, key=key)

@@ -22,7 +22,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from arm.core.cache import to_plain
 from arm.trajectory.tiny import build_model, build_tokenizer, greedy_generation_config
 
 IGNORE_INDEX = -100
@@ -460,15 +459,6 @@ def _train(model_cfg, cfg, splits, out_dir: Path, seed: int, log_fn, init_from: 
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def sft_config(cfg: Mapping) -> dict:
-    """model.sft merged with domain.sft (domain wins)."""
-    from omegaconf import OmegaConf
-
-    model_sft = cfg["model"].get("sft") or {}
-    domain_sft = cfg["domain"].get("sft") or {}
-    return to_plain(OmegaConf.merge(OmegaConf.create(to_plain(model_sft)), OmegaConf.create(to_plain(domain_sft))))
 
 
 def _load_conf(path: Path) -> dict:

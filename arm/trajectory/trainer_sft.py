@@ -34,9 +34,10 @@ from typing import Any
 
 from arm.core.cache import content_key, file_lock, source_digest, to_plain
 from arm.core.errors import ConfigError, InputError
+from arm.core.specs import TrajectorySpec
 from arm.data import sft_data
 from arm.data.sft_data import load_sft_records
-from arm.trajectory.sft import IGNORE_INDEX, encode_example, sft_config
+from arm.trajectory.sft import IGNORE_INDEX, encode_example
 
 log = logging.getLogger(__name__)
 
@@ -132,23 +133,19 @@ def resolve_model_source(model_cfg: Mapping[str, Any]) -> Path:
 # --------------------------------------------------------------------------- trajectory folder and key
 
 
-def trajectory_key(cfg: Mapping[str, Any]) -> str:
+def trajectory_key(spec: TrajectorySpec) -> str:
     """Content key of a real-model trajectory: model identity, SFT recipe, SFT data, seed, code."""
-
-
-    model = to_plain(cfg["model"])
-    identity = {k: model.get(k) for k in ("name", "hub_id", "path", "tokenizer")}
-    sft = resolve_sft_config(sft_config(cfg))
+    identity = {k: spec.model.get(k) for k in ("name", "hub_id", "path", "tokenizer")}
+    sft = resolve_sft_config(spec.sft)
     sft.pop("early_steps", None)  # which checkpoints feed the merge does not change the training run
     sft.pop("num_threads", None)
-    domain = to_plain(cfg["domain"])
-    data = {k: domain.get(k) for k in ("name", "sft_data", "prompt_template", "response_template")}
+    data = {k: spec.domain.get(k) for k in ("name", "sft_data", "prompt_template", "response_template")}
     code = source_digest(sys.modules[__name__], sft_data)
-    return content_key("trajectory-hf", identity, sft, data, int(cfg.get("seed", 0)), code)
+    return content_key("trajectory-hf", identity, sft, data, spec.seed, code)
 
 
-def trajectory_folder(cfg: Mapping[str, Any], cache_dir: Path) -> Path:
-    return Path(cache_dir) / "trajectories" / f"{cfg['model']['name']}-{cfg['domain']['name']}-{trajectory_key(cfg)}"
+def trajectory_folder(spec: TrajectorySpec, cache_dir: Path) -> Path:
+    return Path(cache_dir) / "trajectories" / f"{spec.model_name}-{spec.domain_name}-{trajectory_key(spec)}"
 
 
 def is_complete(folder: Path) -> bool:
@@ -366,7 +363,7 @@ def _warmup_kwarg(args_cls, ratio: float) -> dict[str, float]:
 # --------------------------------------------------------------------------- the pipeline's entry
 
 
-def check_world_size(cfg: Mapping[str, Any], sft: Mapping[str, Any], folder: Path) -> None:
+def check_world_size(spec: TrajectorySpec, sft: Mapping[str, Any], folder: Path) -> None:
     """Refuse to train with another number of processes than `model.sft.num_gpus`.
 
     `num_gpus` is part of the global batch (per_device_batch_size × grad_accum × num_gpus) and of the
@@ -378,7 +375,7 @@ def check_world_size(cfg: Mapping[str, Any], sft: Mapping[str, Any], folder: Pat
     want = int(sft["num_gpus"])
     if world == want:
         return
-    model, domain = cfg["model"]["name"], cfg["domain"]["name"]
+    model, domain = spec.model_name, spec.domain_name
     batch = sft["per_device_batch_size"] * sft["grad_accum"] * want
     raise ConfigError(
         "model.sft.num_gpus",
@@ -390,22 +387,21 @@ def check_world_size(cfg: Mapping[str, Any], sft: Mapping[str, Any], folder: Pat
         f"or point trajectory.path at an SFT run you already have")
 
 
-def ensure_hf_trajectory(cfg: Mapping[str, Any], cache_dir: Path) -> Path:
-    """Train (or resume) the real-model trajectory of `cfg` unless its manifest exists; return the folder."""
-
-    sft = resolve_sft_config(sft_config(cfg))
-    folder = trajectory_folder(cfg, cache_dir)
+def ensure_hf_trajectory(spec: TrajectorySpec, cache_dir: Path) -> Path:
+    """Train (or resume) the real-model trajectory of `spec` unless its manifest exists; return the folder."""
+    sft = resolve_sft_config(spec.sft)
+    folder = trajectory_folder(spec, cache_dir)
     if is_complete(folder):
         return folder
-    check_world_size(cfg, sft, folder)  # before any data or model is loaded
-    resolve_model_source(cfg["model"])  # fail on an unreachable model before loading any data
-    records = load_sft_records(cfg["domain"], sft["max_examples"], seed=int(cfg.get("seed", 0)))
+    check_world_size(spec, sft, folder)  # before any data or model is loaded
+    resolve_model_source(spec.model)  # fail on an unreachable model before loading any data
+    records = load_sft_records(spec.domain, sft["max_examples"], seed=spec.seed)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:  # every rank trains; the folder is shared by construction
-        train(cfg["model"], sft, records, folder, seed=int(cfg.get("seed", 0)))
+        train(spec.model, sft, records, folder, seed=spec.seed)
         return folder
     with file_lock(folder.with_name(folder.name + ".lock")):
         if not is_complete(folder):
-            log.info("SFT of %s on %s (%d examples) into %s", cfg["model"]["name"], cfg["domain"]["name"], len(records), folder)
-            train(cfg["model"], sft, records, folder, seed=int(cfg.get("seed", 0)))
+            log.info("SFT of %s on %s (%d examples) into %s", spec.model_name, spec.domain_name, len(records), folder)
+            train(spec.model, sft, records, folder, seed=spec.seed)
     return folder
