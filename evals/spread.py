@@ -143,7 +143,6 @@ def to_json(spread: Spread) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-
     parser = argparse.ArgumentParser(prog="python -m evals.spread", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="folders (searched recursively) or results.json files")
     parser.add_argument("--out", type=Path, default=None, help="markdown file to write (default: stdout only)")

@@ -294,7 +294,6 @@ SUFFIXES = {"md": "md", "csv": "csv", "latex": "tex"}
 
 
 def load(paths: Sequence[Path], from_wandb: str | None = None, group: str | None = None) -> list[dict[str, Any]]:
-
     if from_wandb:
         results = load_wandb_results(from_wandb, group)
         if not results:

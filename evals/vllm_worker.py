@@ -44,7 +44,6 @@ class VllmWorker:
     """One long-lived `python -m evals.vllm_serve` process of the vLLM CPU venv."""
 
     def __init__(self, python: Path) -> None:
-
         env = cpu_runtime_env()
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
         env["PYTHONUNBUFFERED"] = "1"

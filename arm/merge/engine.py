@@ -220,7 +220,6 @@ def merge_identity(merge_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_rule(name: str, params: Mapping[str, Any], n_checkpoints: int) -> TensorRule:
-
     cls = get_method(name)
     if not issubclass(cls, TensorRule):
         raise MergeConfigError(f"merge.name: {name!r} is not a per-tensor rule")
@@ -572,7 +571,6 @@ class _WorkerPool:
         self._lock = threading.Lock()
 
     def _resources(self) -> tuple[list[TensorReader], _Buffers]:
-
         res = getattr(self._local, "res", None)
         if res is None:
             res = ([TensorReader() for _ in self.used], _Buffers(len(self.used), self.chunk, self.device))

@@ -237,7 +237,6 @@ class _InputSource:
     """Reads θ0, c_1..c_m of one tensor (float32, on ``device``) and forms c_m and the direction g."""
 
     def __init__(self, plan: Any, params: ARMParams, steps: Sequence[int] | None, device: torch.device):
-
         self.plan, self.params, self.steps, self.device = plan, params, steps, device
         self.n_ck = len(next(iter(plan.inputs.values()))) - 1
         n_ck = self.n_ck
@@ -276,7 +275,6 @@ class _ModelTensors:
     tensor by tensor when asked for; NaN/Inf is an error naming the file. Callable: name -> tensor."""
 
     def __init__(self, plan: Any, index: int, device: torch.device):
-
         self.plan, self.index, self.device = plan, index, device
         self.reader = TensorReader()
 
@@ -361,7 +359,6 @@ class _Converged:
     """Streams the converged checkpoint c* to measure cos(θ − c_m, c* − c_m) and ‖θ − c*‖/‖c_m − c*‖."""
 
     def __init__(self, path: Path, names: Sequence[str], tied: bool):
-
         folder = ModelFolder(path)
         self.infos = _alias_tied([folder], tied)[0]
         missing = [n for n in names if n not in self.infos]
@@ -901,7 +898,6 @@ class ARM(WholeModelMethod):
 
 
 def _read_tensor(info: Any) -> torch.Tensor:
-
     with TensorReader() as reader:
         return reader.read(info)
 

@@ -25,7 +25,6 @@ def _is_int(value: Any) -> bool:
 
 
 def check_values(cfg: Mapping[str, Any]) -> None:
-
     seed = cfg.get("seed", 0)
     if not _is_int(seed):
         raise ConfigError("seed", f"expected an integer, got {seed!r}")

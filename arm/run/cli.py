@@ -27,7 +27,6 @@ log = logging.getLogger("arm")
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def _app(cfg: DictConfig) -> dict | None:
-
     try:
         return run_job(cfg)
     except ArmError as exc:

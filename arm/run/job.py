@@ -140,8 +140,11 @@ def plot_job(trajectory: Trajectory, results: list[dict[str, Any]], cfg: Mapping
 
 
 def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
-    """Run one job and return {"results": [...], "table": markdown, "run_dir": ...}."""
+    """Run one job and return {"results": [...], "table": markdown, "run_dir": ...}.
 
+    The config is resolved once, here, into plain mappings and specs (arm/core/specs.py): nothing below
+    this layer sees a Hydra DictConfig."""
+    cfg = to_plain(cfg)
     validate(cfg)
     if not cfg["domain"].get("synthetic"):  # real tasks against the installed lm-eval, before SFT or any model loading
         check_real_tasks(task_specs(cfg["domain"]), unsafe_code=bool(cfg["domain"].get("unsafe_code", False)))

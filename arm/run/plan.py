@@ -115,13 +115,11 @@ def visible_devices(cfg: Mapping[str, Any], *, allow_torch: bool) -> tuple[list[
 
 
 def _shapes(model_cfg: Mapping[str, Any]):
-
     shapes = model_cfg.get("shapes")
     return Shapes.from_cfg(shapes) if shapes else None
 
 
 def _early_steps(cfg: Mapping[str, Any]) -> list[int]:
-
     override = (cfg.get("trajectory") or {}).get("early_steps")
     if override is not None:
         return [int(s) for s in to_plain(override)]
@@ -175,7 +173,6 @@ def _trajectory(cfg: Mapping[str, Any], cache: Path, data) -> tuple[Any, Path | 
 
 
 def _eval_stage(cfg: Mapping[str, Any], name: str, folder: Path | None, shapes, memory: Mapping | None) -> Stage:
-
     eval_cfg = effective_eval_cfg(cfg["eval"], cfg["domain"])
     backend = eval_cfg.get("backend", "hf")
     cached = folder is not None and (folder / "results.json").is_file()
@@ -198,7 +195,6 @@ def _eval_stage(cfg: Mapping[str, Any], name: str, folder: Path | None, shapes, 
 
 
 def _sft_stage(cfg: Mapping[str, Any], folder: Path | None, done: bool, shapes, memory: Mapping | None) -> Stage:
-
     model, domain = cfg["model"]["name"], cfg["domain"]["name"]
     if cfg["model"].get("arch") is not None:
         return Stage("sft (tiny, arm/trajectory/sft.py)", done, "this job, CPU", "cpu", 0, folder=str(folder) if folder else None)

@@ -138,7 +138,6 @@ class Runner:
             return compose(config_name="config", overrides=[*self.overrides, *overrides])
 
     def run(self, run_dir: Path, overrides: Sequence[str]) -> list[dict[str, Any]]:
-
         cfg = self.compose(overrides)
         log.info("job %s: %s", run_dir.relative_to(self.out), " ".join(overrides))
         return run_job(cfg, run_dir=run_dir)["results"]

@@ -14,6 +14,10 @@ from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import OmegaConf
 
+from arm.core.errors import ArmError
+from arm.run.plan import JobPlan, format_arrays, job_plan, print_plans
+from arm.run.slurm_launcher import explicit_launcher_keys, group_by_resources, job_resources, sbatch_resources
+
 log = logging.getLogger(__name__)
 
 
@@ -21,13 +25,6 @@ class PerModelSlurmLauncher(SlurmLauncher):
     """hydra-submitit-launcher's SlurmLauncher, one job array per distinct `model.slurm.job` spec."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from arm.run.slurm_launcher import (
-            explicit_launcher_keys,
-            group_by_resources,
-            job_resources,
-            sbatch_resources,
-        )
-
         assert self.config is not None and self.hydra_context is not None
         configs = [self.hydra_context.config_loader.load_sweep_config(self.config, list(o)) for o in job_overrides]
         explicit = explicit_launcher_keys(list(self.config.hydra.overrides.hydra))
@@ -69,9 +66,6 @@ class PerModelSlurmLauncher(SlurmLauncher):
         return [jobs[i].results()[0] for i in range(len(job_overrides))]
 
     def _plan(self, job_overrides, initial_job_idx, configs, groups) -> list[JobReturn]:
-        from arm.core.errors import ArmError
-        from arm.run.plan import JobPlan, format_arrays, job_plan, print_plans
-
         plans = []
         for cfg in configs:
             try:

@@ -338,7 +338,6 @@ def code_program(prediction: str, doc: Mapping[str, Any]) -> str:
 
 
 def score_code(prediction: str, doc: Mapping[str, Any]) -> float:
-
     """1.0 when ``doc["code_prefix"] + prediction`` passes every test in ``doc["tests"]``, else 0.0."""
     result = run_program(code_program(prediction, doc), [str(t) for t in doc["tests"]])
     return 1.0 if result.passed else 0.0
