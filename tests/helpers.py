@@ -34,6 +34,19 @@ SMALL = [
 ]
 REFERENCES = ["base", "sft@6", "sft@12", "sft_converged"]
 
+# The architecture of the unit tests' tiny model (a few thousand parameters; builds and trains in
+# milliseconds): tests/test_tiny.py and tests/test_sft.py.
+TEST_ARCH = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": True,
+}
+
 
 # --------------------------------------------------------------------------- tensors of a folder
 def load_tensors(folder: Path, dtype: Any = None) -> dict[str, Any]:
@@ -80,19 +93,27 @@ def check_result_against_samples(result_dir: Path, records: Mapping[Any, Mapping
     number of documents, each sample's own score, and the metric under its key in ``metrics``. Returns
     {task: recomputed value}."""
     result = json.loads((Path(result_dir) / "results.json").read_text())
-    samples = read_jsonl(Path(result_dir) / "samples.jsonl")
     records = records if records is not None else domain_records(result)
+    return check_evaluation_against_samples(result, Path(result_dir) / "samples.jsonl", records, expected_n)
+
+
+def check_evaluation_against_samples(evaluation: Mapping[str, Any], samples_path: Path,
+                                     records: Mapping[Any, Mapping[str, Any]],
+                                     expected_n: int | None = None) -> dict[str, float]:
+    """The check of `check_result_against_samples` on what evals.runner.evaluate returned (its
+    ``primary`` and ``metrics``) and the samples.jsonl it wrote; ``records`` by id."""
+    samples = read_jsonl(samples_path)
     values = {}
-    for task, primary in result["primary"].items():
+    for task, primary in evaluation["primary"].items():
         scores = recomputed_scores(samples, records, task)
         written = [float(s["score"]) for s in samples if s["task"] == task]
-        assert scores == written, f"{result_dir}: {task}: the per-sample scores differ from the scorer's"
-        assert len(scores) == primary["n"] > 0, (result_dir, task, len(scores), primary["n"])
+        assert scores == written, f"{samples_path}: {task}: the per-sample scores differ from the scorer's"
+        assert len(scores) == primary["n"] > 0, (samples_path, task, len(scores), primary["n"])
         if expected_n is not None:
-            assert primary["n"] == expected_n, (result_dir, task, primary["n"])
+            assert primary["n"] == expected_n, (samples_path, task, primary["n"])
         value = sum(scores) / len(scores)
-        assert math.isclose(primary["value"], value, abs_tol=1e-9), (result_dir, task, primary["value"], value)
-        assert math.isclose(result["metrics"][task][primary["metric"]], value, abs_tol=1e-9), (result_dir, task)
+        assert math.isclose(primary["value"], value, abs_tol=1e-9), (samples_path, task, primary["value"], value)
+        assert math.isclose(evaluation["metrics"][task][primary["metric"]], value, abs_tol=1e-9), (samples_path, task)
         metric = get_metric_name(task)
         assert primary["metric"] == f"{metric},none", (task, primary["metric"])
         values[task] = value

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,11 +20,11 @@ from arm.merge.engine import (
     plan_merge,
     validate_merge_config,
 )
-from arm.merge.tensor_io import ModelFolder, TensorReader
 from arm.method.activations import collect_inputs, find_linear_groups, prepare_calibration
 from arm.method.iteration import ARMParams, _DiskInputs
 from arm.method.layerwise import LayerwiseModel
 from arm.trajectory.sft import _loss_sums
+from tests.helpers import load_tensors
 from tests.merge_fixtures import make_tokenizer, make_trajectory
 
 CALIB = {"n_sequences": 24, "max_length": 32, "holdout_fraction": 0.25, "seed": 0, "max_tokens": 256}
@@ -39,12 +38,6 @@ def records(n: int = 24) -> list[dict]:
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
 def traj(request, tmp_path_factory):
     return make_trajectory(tmp_path_factory.mktemp("lw"), n_checkpoints=2, hidden=32, layers=3, tie=request.param)
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    f = ModelFolder(folder)
-    with TensorReader() as r:
-        return {n: r.read(info) for n, info in f.tensors.items()}
 
 
 def test_layerwise_statistics_and_loss_equal_the_whole_model(traj) -> None:
@@ -110,7 +103,7 @@ def test_layerwise_merge_equals_the_whole_model_merge(traj, tmp_path, params, mo
         cfg = {"name": "arm", "device": "cpu", "rank": 4, "calibration": CALIB, "statistics": mode, **params}
         summary = merge_from_config(cfg, traj.base, traj.checkpoints, tmp_path / mode, progress=False, context=ctx)
         assert summary["statistics"] == mode
-        out[mode] = tensors(tmp_path / mode)
+        out[mode] = load_tensors(tmp_path / mode)
     assert sorted(out["model"]) == sorted(out["layerwise"])
     for name, value in out["model"].items():
         torch.testing.assert_close(out["layerwise"][name], value, rtol=1e-4, atol=1e-5, msg=name)

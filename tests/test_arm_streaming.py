@@ -19,9 +19,9 @@ from arm.merge.engine import (
     merge_from_config,
     validate_merge_config,
 )
-from arm.merge.tensor_io import ModelFolder, TensorReader
 from arm.method.iteration import ARM, parse_params
 from arm.method.schedules import lr_schedule
+from tests.helpers import load_tensors
 from tests.merge_fixtures import make_trajectory
 
 ROTATED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -47,12 +47,6 @@ def records(n: int = 24) -> list[dict]:
     return [{"prompt": f"Q{i}: {i} + {i + 3} = ", "response": f"{2 * i + 3}. done"} for i in range(n)]
 
 
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    f = ModelFolder(folder)
-    with TensorReader() as r:
-        return {n: r.read(info) for n, info in f.tensors.items()}
-
-
 def arm(traj, out: Path, context: MergeContext | None = None, **params) -> dict:
     cfg = {"name": "arm", "device": "cpu", "rank": 4, "calibration": {"n_sequences": 24, "max_length": 32,
            "holdout_fraction": 0.25, "seed": 0, "max_tokens": 256}, **params}
@@ -61,12 +55,12 @@ def arm(traj, out: Path, context: MergeContext | None = None, **params) -> dict:
 
 def expo(traj, out: Path, alpha: float) -> dict[str, torch.Tensor]:
     merge_from_config({"name": "expo", "alpha": alpha, "device": "cpu"}, traj.base, traj.checkpoints, out, progress=False)
-    return tensors(out)
+    return load_tensors(out)
 
 
 def test_rotation_none_is_exactly_expo(traj, tmp_path) -> None:
     arm(traj, tmp_path / "arm", rotation="none", direction="task_vector", schedule="constant", lr=0.3, iterations=3)
-    ours, ref = tensors(tmp_path / "arm"), expo(traj, tmp_path / "expo", 3 * 0.3)
+    ours, ref = load_tensors(tmp_path / "arm"), expo(traj, tmp_path / "expo", 3 * 0.3)
     assert sorted(ours) == sorted(ref)
     for name in ref:
         assert torch.equal(ours[name], ref[name]), name
@@ -82,7 +76,7 @@ def test_unrotated_parameters_move_by_exactly_eta_g_and_rotations_start_at_ident
     ctx = MergeContext(calibration=records(), converged=traj.converged, log=logged.append)
     arm(traj, tmp_path / "arm", ctx, rotation="procrustes", schedule="linear", lr=0.4, iterations=3)
     alpha = math.fsum(lr_schedule(0.4, 3, "linear"))  # c_m + Σ_t η_t g
-    ours, ref = tensors(tmp_path / "arm"), expo(traj, tmp_path / "expo", alpha)
+    ours, ref = load_tensors(tmp_path / "arm"), expo(traj, tmp_path / "expo", alpha)
     rotated = [n for n in ref if any(f"{k}.weight" in n for k in ROTATED)]
     assert len(rotated) == 2 * 7
     for name in ref:
@@ -113,15 +107,15 @@ def test_select_best_loss_returns_the_lowest_loss_iterate(traj, tmp_path, no_plo
     assert summary["calibration_loss"] == losses[best]
     # the written weights are that iterate: the same run stopped there gives the same tensors
     arm(traj, tmp_path / "stop", ctx, rotation="geodesic", lr=3.0, iterations=best, select="last")
-    a, b = tensors(tmp_path / "best"), tensors(tmp_path / "stop")
+    a, b = load_tensors(tmp_path / "best"), load_tensors(tmp_path / "stop")
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
 def test_ema_direction_on_checkpoint_steps(traj, tmp_path, no_plot) -> None:
     arm(traj, tmp_path / "ema", rotation="none", direction="ema", beta=0.5, lr=1.0, iterations=1)
-    out = tensors(tmp_path / "ema")
+    out = load_tensors(tmp_path / "ema")
     name = "model.norm.weight"
-    base, *cks = [tensors(p)[name] for p in (traj.base, *traj.checkpoints)]  # steps 10, 20, 30
+    base, *cks = [load_tensors(p)[name] for p in (traj.base, *traj.checkpoints)]  # steps 10, 20, 30
     d = [(cks[0] - base) / 10, (cks[1] - cks[0]) / 10, (cks[2] - cks[1]) / 10]
     e = 0.25 * d[0] + 0.25 * d[1] + 0.5 * d[2]
     assert torch.allclose(out[name], cks[2] + 10 * e, atol=1e-6)
@@ -194,7 +188,7 @@ def test_merge_cli_takes_calibration_and_converged(traj, tmp_path, no_plot) -> N
     assert merge_cli.main([*common, "--calibration", str(calib), "--converged", str(traj.converged),
                            "--out", str(tmp_path / "cli")]) == 0
     arm(traj, tmp_path / "api", MergeContext(calibration=records(), converged=traj.converged))
-    cli, api = tensors(tmp_path / "cli"), tensors(tmp_path / "api")
+    cli, api = load_tensors(tmp_path / "cli"), load_tensors(tmp_path / "api")
     assert cli.keys() == api.keys() and all(torch.equal(cli[k], api[k]) for k in cli)
     history = json.loads((tmp_path / "cli" / "diagnostics.json").read_text())["history"]
     assert "cos_to_converged" in history[-1]

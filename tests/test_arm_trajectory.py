@@ -29,7 +29,6 @@ import torch
 
 from arm.merge.contract import MergeConfigError
 from arm.merge.engine import ENGINE_KEYS, MergeContext, merge_from_config, validate_merge_config
-from arm.merge.tensor_io import ModelFolder, TensorReader
 from arm.method.activations import LinearGroup
 from arm.method.formulations import (
     input_covariance,
@@ -42,6 +41,7 @@ from arm.method.formulations import (
 from arm.method.iteration import ARMParams, Inputs, iterate
 from arm.method.rotations import RotationFlow, procrustes, rotation_log, trajectory_flow
 from arm.method.schedules import lr_schedule
+from tests.helpers import load_tensors
 from tests.merge_fixtures import make_trajectory
 
 ROTATED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -116,12 +116,6 @@ def _run(net: _TwoLayerLinear, last: dict, g: dict, previous: dict | None, span:
     result = iterate(None, inputs, p, calib=_Calib(net.Z.shape[0]), layerwise=net,
                      previous=(previous.__getitem__ if previous is not None else None), span=span)
     return {n: result.state[n] for n in last}, result.diagnostics
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    f = ModelFolder(folder)
-    with TensorReader() as r:
-        return {n: r.read(info).to(torch.float32) for n, info in f.tensors.items()}
 
 
 def records(n: int = 24) -> list[dict]:
@@ -329,7 +323,7 @@ def arm(traj, out: Path, context: MergeContext | None = None, checkpoints=None, 
 def expo(traj, out: Path, alpha: float, checkpoints=None) -> dict[str, torch.Tensor]:
     merge_from_config({"name": "expo", "alpha": alpha, "device": "cpu"}, traj.base, checkpoints or traj.checkpoints,
                       out, progress=False)
-    return tensors(out)
+    return load_tensors(out, torch.float32)
 
 
 @pytest.mark.parametrize("params", [
@@ -339,7 +333,7 @@ def expo(traj, out: Path, alpha: float, checkpoints=None) -> dict[str, torch.Ten
 def test_without_rotation_each_formulation_is_exactly_expo(traj, tmp_path, params, no_plot) -> None:
     etas = lr_schedule(0.4, 3, "linear")
     arm(traj, tmp_path / "arm", MergeContext(calibration=records()), schedule="linear", lr=0.4, iterations=3, **params)
-    ours, ref = tensors(tmp_path / "arm"), expo(traj, tmp_path / "expo", math.fsum(etas))
+    ours, ref = load_tensors(tmp_path / "arm", torch.float32), expo(traj, tmp_path / "expo", math.fsum(etas))
     assert sorted(ours) == sorted(ref)
     for name in ref:
         assert torch.equal(ours[name], ref[name]), name
@@ -351,7 +345,7 @@ def test_proximal_with_lambda_zero_is_exactly_the_iterate_rotation(traj, tmp_pat
     ctx = MergeContext(calibration=records())
     arm(traj, tmp_path / "prox", ctx, formulation="proximal", prox_lambda=0.0, lr=0.5, iterations=3)
     arm(traj, tmp_path / "iter", ctx, formulation="iterate_rotation", lr=0.5, iterations=3)
-    a, b = tensors(tmp_path / "prox"), tensors(tmp_path / "iter")
+    a, b = load_tensors(tmp_path / "prox", torch.float32), load_tensors(tmp_path / "iter", torch.float32)
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
@@ -362,7 +356,7 @@ def test_no_activation_change_gives_expo_to_float_rounding(traj, tmp_path, no_pl
     cks = [traj.checkpoints[0], copy, traj.checkpoints[-1]]
     arm(traj, tmp_path / "arm", MergeContext(calibration=records()), checkpoints=cks,
         formulation="trajectory_rotation", lr=0.5, iterations=2)
-    ours, ref = tensors(tmp_path / "arm"), expo(traj, tmp_path / "expo", 1.0, checkpoints=cks)
+    ours, ref = load_tensors(tmp_path / "arm", torch.float32), expo(traj, tmp_path / "expo", 1.0, checkpoints=cks)
     for name in ref:
         torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=1e-5, msg=name)
     diag = json.loads((tmp_path / "arm" / "diagnostics.json").read_text())
@@ -403,7 +397,7 @@ def test_formulations_on_real_folders_in_memory_and_layer_by_layer(traj, tmp_pat
     for mode in ("model", "layerwise"):
         summary = arm(traj, tmp_path / mode, ctx, lr=0.5, iterations=3, statistics=mode, **params)
         assert summary["statistics"] == mode
-        out[mode] = tensors(tmp_path / mode)
+        out[mode] = load_tensors(tmp_path / mode, torch.float32)
     for name, value in out["model"].items():
         torch.testing.assert_close(out["layerwise"][name], value, rtol=1e-4, atol=1e-5, msg=name)
     diag = json.loads((tmp_path / "model" / "diagnostics.json").read_text())
@@ -411,9 +405,9 @@ def test_formulations_on_real_folders_in_memory_and_layer_by_layer(traj, tmp_pat
     assert diag["formulation"] == params["formulation"] and diag["selected_iteration"] == diag_lw["selected_iteration"]
     sel = diag["selected_iteration"]
     alpha = math.fsum(diag["etas"][:sel])
-    last = tensors(traj.checkpoints[-1])
+    last = load_tensors(traj.checkpoints[-1], torch.float32)
     if params.get("direction") == "delta":  # straight extrapolation along the same g = c_m − c_{m−1}
-        prev = tensors(traj.checkpoints[-2])
+        prev = load_tensors(traj.checkpoints[-2], torch.float32)
         ref = {n: torch.mul(last[n] - prev[n], alpha).add_(last[n]) for n in last}
     else:  # the expo baseline
         ref = expo(traj, tmp_path / "expo", alpha)
@@ -472,7 +466,7 @@ def test_formulations_from_the_hydra_config_and_the_merge_cli(compose, traj, tmp
     for form in ("trajectory_rotation", "proximal"):
         assert merge_cli.main([*common, "--set", f"formulation={form}", "--out", str(tmp_path / f"cli-{form}")]) == 0
         arm(traj, tmp_path / f"api-{form}", MergeContext(calibration=records()), formulation=form)
-        a, b = tensors(tmp_path / f"cli-{form}"), tensors(tmp_path / f"api-{form}")
+        a, b = load_tensors(tmp_path / f"cli-{form}", torch.float32), load_tensors(tmp_path / f"api-{form}", torch.float32)
         assert all(torch.equal(a[n], b[n]) for n in a)
 
 

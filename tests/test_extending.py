@@ -19,7 +19,7 @@ import evals.runner
 from arm.merge import registry
 from arm.merge.engine import merge_from_config
 from tests.conftest import REPO
-from tests.helpers import SMALL, check_result_against_samples
+from tests.helpers import SMALL, check_result_against_samples, load_tensors
 from tests.merge_fixtures import make_trajectory
 
 RULE = '''
@@ -88,15 +88,6 @@ def plugin_dir(tmp_path, monkeypatch):
         del sys.modules[name]
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
 def test_recipe_a_per_tensor_rule(plugin_dir, tmp_path, monkeypatch, compose):
     (plugin_dir / "toy_midpoint.py").write_text(textwrap.dedent(RULE))  # baselines/midpoint.py
     monkeypatch.setitem(registry.METHODS, "midpoint", "toy_midpoint:Midpoint")  # its registry line
@@ -105,7 +96,7 @@ def test_recipe_a_per_tensor_rule(plugin_dir, tmp_path, monkeypatch, compose):
     summary = merge_from_config({"name": "midpoint", "share": 0.25, "dtype": "float32"}, traj.base, traj.checkpoints, out,
                                 progress=False)
     assert summary["params"] == {"share": 0.25}
-    merged, base, last = _tensors(out), _tensors(traj.base), _tensors(traj.checkpoints[-1])
+    merged, base, last = load_tensors(out), load_tensors(traj.base), load_tensors(traj.checkpoints[-1])
     assert set(merged) == set(base)
     for name, value in merged.items():
         expected = 0.75 * base[name].float() + 0.25 * last[name].float()
@@ -122,7 +113,7 @@ def test_recipe_a_whole_model_method(plugin_dir, tmp_path, monkeypatch):
     out = tmp_path / "merged"
     summary = merge_from_config({"name": "copy_last", "scale": 2.0}, traj.base, traj.checkpoints, out, progress=False)
     assert summary["params"] == {"scale": 2.0}
-    merged, last = _tensors(out), _tensors(traj.checkpoints[-1])
+    merged, last = load_tensors(out), load_tensors(traj.checkpoints[-1])
     assert set(merged) == set(last)
     for name, value in merged.items():
         assert torch.equal(value, last[name] * 2.0), name

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from arm.merge.engine import ENGINE_KEYS, MergeConfigError, MergeInputError, merge_from_config
 from arm.merge.registry import get_method, method_names
+from tests.helpers import load_tensors
 from tests.merge_fixtures import Trajectory, make_trajectory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,13 +25,6 @@ CONF = REPO / "conf"
 def tiny_trajectory(tmp_path_factory: pytest.TempPathFactory) -> Trajectory:
     """float32, tied embeddings, 3 checkpoints; shared by the tests of this module: never modify it."""
     return make_trajectory(tmp_path_factory.mktemp("traj"))
-
-
-def _state(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def _copy(traj: Trajectory, root: Path) -> Trajectory:
@@ -61,8 +55,8 @@ def test_each_method_writes_a_loadable_model(
     assert tok.decode(tok("12 + 3")["input_ids"]) == "12 + 3"
     # the on-disk result equals the rule applied to the loaded tensors
     rule = get_method(method).from_params({}, len(traj.checkpoints))
-    base, cks = _state(traj.base), [_state(c) for c in traj.checkpoints]
-    merged = _state(out)
+    base, cks = load_tensors(traj.base), [load_tensors(c) for c in traj.checkpoints]
+    merged = load_tensors(out)
     assert sorted(merged) == sorted(base)
     for name in merged:
         expected = rule.apply(name, base[name], [c[name] for c in cks])
@@ -78,7 +72,7 @@ def test_sharded_bf16_output(tiny_trajectory: Trajectory, tmp_path: Path) -> Non
     merge_from_config(cfg, tiny_trajectory.base, tiny_trajectory.checkpoints, out, progress=False)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    assert all(t.dtype == torch.bfloat16 for t in _state(out).values())
+    assert all(t.dtype == torch.bfloat16 for t in load_tensors(out).values())
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert (out / "generation_config.json").is_file()
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
@@ -88,7 +82,7 @@ def test_bf16_inputs_keep_dtype_and_tokenizer_falls_back(tmp_path: Path) -> None
     traj = make_trajectory(tmp_path / "in", n_checkpoints=2, dtype="bfloat16", tokenizer_in_base=False)
     out = tmp_path / "out"
     merge_from_config({"name": "ties", "density": 0.4}, traj.base, traj.checkpoints, out, progress=False)
-    assert {t.dtype for t in _state(out).values()} == {torch.bfloat16}
+    assert {t.dtype for t in load_tensors(out).values()} == {torch.bfloat16}
     assert (out / "tokenizer.json").read_bytes() == (traj.checkpoints[-1] / "tokenizer.json").read_bytes()
 
 
@@ -247,12 +241,12 @@ def test_cli_is_light_and_works(tiny_trajectory: Trajectory, tmp_path: Path) -> 
 def test_write_state_dict_round_trips(tiny_trajectory: Trajectory, tmp_path: Path) -> None:
     from arm.merge.engine import EngineSettings, write_state_dict
 
-    state = {k: v * 2 for k, v in _state(tiny_trajectory.checkpoints[-1]).items()}
+    state = {k: v * 2 for k, v in load_tensors(tiny_trajectory.checkpoints[-1]).items()}
     out = tmp_path / "w"
     settings = EngineSettings(dtype="bfloat16", shard_size=30_000)
     summary = write_state_dict(state, tiny_trajectory.base, tiny_trajectory.checkpoints, out, settings)
     assert summary["shards"] > 1
-    written = _state(out)
+    written = load_tensors(out)
     assert sorted(written) == sorted(state)
     for k, v in state.items():
         assert torch.equal(written[k], v.to(torch.bfloat16))
@@ -277,7 +271,7 @@ def test_chunking_and_threads_do_not_change_the_result(
     monkeypatch.setattr(baselines.ties, "_EXACT_BELOW", 500)  # and the sampled threshold selection
     monkeypatch.setattr(baselines.ties, "_IN_MEMORY", 2000)  # and TIES' streaming path for big tensors
     merge_from_config({"name": method}, traj.base, traj.checkpoints, tmp_path / "many", progress=False)
-    one, many = _state(tmp_path / "one"), _state(tmp_path / "many")
+    one, many = load_tensors(tmp_path / "one"), load_tensors(tmp_path / "many")
     for name, tensor in one.items():
         assert torch.equal(many[name], tensor), name
 

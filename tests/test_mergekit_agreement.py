@@ -75,10 +75,6 @@ def _mergekit_yaml(traj: Trajectory, spec: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _load(folder: Path) -> dict[str, Any]:
-    return load_tensors(folder)
-
-
 @pytest.fixture(scope="module")
 def mergekit_bin() -> Path:
     return ensure_mergekit()
@@ -115,7 +111,7 @@ def test_agrees_with_mergekit_with_the_production_thresholds(
     """TIES as shipped (_EXACT_BELOW, _SAMPLE, _IN_MEMORY untouched: exact selection, in memory here)."""
     import baselines.ties
 
-    small = max(t.numel() for t in _load(untied_trajectory.base).values())
+    small = max(t.numel() for t in load_tensors(untied_trajectory.base).values())
     assert small < baselines.ties._EXACT_BELOW and small < baselines.ties._IN_MEMORY
     _compare(case, mergekit_bin, untied_trajectory, tmp_path)
 
@@ -138,7 +134,7 @@ def _compare(case: str, mergekit_bin: Path, traj: Trajectory, tmp_path: Path) ->
         {**ours_cfg, "device": "cpu", "dtype": "float32"}, traj.base, traj.checkpoints, ours, progress=False
     )
 
-    theirs, mine = _load(mk_out), _load(ours)
+    theirs, mine = load_tensors(mk_out), load_tensors(ours)
     assert sorted(mine) == sorted(theirs)
     for name, t in theirs.items():
         assert mine[name].dtype == torch.float32

@@ -15,20 +15,9 @@ from arm.trajectory.sft import (
     train_trajectory,
 )
 from arm.trajectory.tiny import build_char_tokenizer
+from tests.helpers import TEST_ARCH
 
-MODEL_CFG = {
-    "name": "tiny-test",
-    "arch": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 8,
-        "max_position_embeddings": 128,
-        "tie_word_embeddings": True,
-    },
-}
+MODEL_CFG = {"name": "tiny-test", "arch": dict(TEST_ARCH)}
 # The small override the harness tests use: ~20 steps on ~200 examples, a few seconds.
 SFT_CFG = {
     "lr": 3e-3,
@@ -150,10 +139,17 @@ def test_quick_scores_and_plot(trajectory, splits, tmp_path):
     from evals.trajectory_report import format_table, plot_trajectory, quick_scores
 
     out, manifest, _ = trajectory
-    result = quick_scores(out, "math_synth", "test", records=splits["test"][:8], batch_size=4)
+    from arm.data.domains import get_generator
+
+    records = splits["test"][:5]  # quick_scores keeps the first 5 predictions: here every one
+    result = quick_scores(out, "math_synth", "test", records=records, batch_size=4)
     assert [m["step"] for m in result["models"]] == [0, 4, 8, 12]
-    assert all(0.0 <= m["score"] <= 1.0 for m in result["models"])
-    assert result["n"] == 8 and result["early_steps"] == [4, 8] and result["converged_step"] == 12
+    assert result["n"] == 5 and result["early_steps"] == [4, 8] and result["converged_step"] == 12
+    score = get_generator("math_synth").score
+    for m in result["models"]:  # each model's score recomputed from its predictions with the domain's scorer
+        samples = result["samples"][m["name"]]
+        assert [s["prompt"] for s in samples] == [r["prompt"] for r in records]
+        assert m["score"] == pytest.approx(sum(float(score(s["prediction"], r)) for s, r in zip(samples, records, strict=True)) / 5)
     plot_trajectory(manifest, result, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 0
     assert "| checkpoint-12 | 12 |" in format_table(result)

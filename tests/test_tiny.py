@@ -7,17 +7,9 @@ import string
 import pytest
 
 from arm.trajectory.tiny import EOS_TOKEN, PAD_TOKEN, build_char_tokenizer, build_model
+from tests.helpers import TEST_ARCH
 
-ARCH = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 8,
-    "max_position_embeddings": 128,
-    "tie_word_embeddings": True,
-}
+ARCH = dict(TEST_ARCH)
 
 
 @pytest.fixture(scope="module")
