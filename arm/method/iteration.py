@@ -1002,7 +1002,7 @@ def plot_diagnostics(diagnostics: Mapping[str, Any], out: Path) -> Path | None:
     axes[4].set_title("‖θ − θ_ExPO‖ / ‖θ_ExPO − c_m‖")
     for ax in axes:
         ax.set_xlabel("iteration")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.04, right=0.995, bottom=0.16, top=0.88, wspace=0.28)  # tight_layout: 0.5 s more
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
