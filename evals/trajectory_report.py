@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from arm.core.paths import CONF_DIR
+from arm.core.paths import CONF_DIR, read_config
 from arm.data.domains import generate_splits, read_split
 from arm.data.domains.formats import apply_format
 from arm.trajectory.sft import greedy_generate
@@ -69,7 +69,7 @@ def domain_split(domain: str, split: str, data_dir: Path | None = None, prompt_f
     conf = DOMAIN_CONF_DIR / f"{domain}.yaml"
     if not conf.exists():
         raise ValueError(f"no domain config {conf}; pass --data-dir")
-    data = dict(_load_yaml(conf).get("data") or {})
+    data = dict(read_config(conf).get("data") or {})
     seed = int(data.pop("seed", 0))
     return apply_format(domain, generate_splits(domain, data, seed)[split], prompt_format)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from arm.core.errors import InputError
+
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # arm/
 SOURCE_ROOT = PACKAGE_DIR.parent  # the checkout, or site-packages: holds arm/, baselines/, evals/
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -21,3 +23,28 @@ def _conf_dir() -> Path:
 
 
 CONF_DIR = _conf_dir()
+
+
+def read_config(path: Path) -> dict:
+    """One config file of conf/ as a plain dict (YAML, no Hydra composition: `defaults:` lists and
+    interpolations are left as written). The one reader of single config files; whole job configs are
+    composed by Hydra (arm/run). A missing or malformed file is an error naming it."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def group_file(group: str, name: str) -> Path:
+    """conf/<group>/<name>.yaml."""
+    return CONF_DIR / group / f"{name}.yaml"

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from arm.core.paths import CONF_DIR
+from arm.core.paths import CONF_DIR, read_config
 
 GB = 1e9
 # merge.statistics=auto goes layer by layer when the ARM-in-memory estimate exceeds this share of the GPU
@@ -173,20 +173,16 @@ def stage_memory(shapes: Shapes, model_cfg: Mapping[str, Any], arm_cfg: Mapping[
 
 def load_models(conf_dir: Path = CONF_MODEL) -> dict[str, dict[str, Any]]:
     """Model configs with a `shapes:` block, by name (read as YAML: no Hydra needed)."""
-    from omegaconf import OmegaConf
-
     models = {}
     for path in sorted(conf_dir.glob("*.yaml")):
-        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        cfg = read_config(path)
         if isinstance(cfg, dict) and cfg.get("shapes"):
             models[cfg["name"]] = cfg
     return dict(sorted(models.items(), key=lambda kv: Shapes.from_cfg(kv[1]["shapes"]).params))
 
 
 def arm_defaults() -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.load(CONF_MODEL.parent / "merge" / "arm.yaml"), resolve=False)
+    return read_config(CONF_MODEL.parent / "merge" / "arm.yaml")
 
 
 def table(gpu_gb: float = 80.0) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from arm.core.cache import atomic_write_json
 from arm.core.errors import ConfigError
-from arm.core.paths import CONF_DIR
+from arm.core.paths import CONF_DIR, read_config
 from arm.trajectory.pretrain import (
     MANIFEST_NAME,
     ensure_base,
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not path.is_file():
             raise ConfigError("--model", f"no model config {path}")
-        model_cfg = yaml.safe_load(path.read_text()) or {}
+        model_cfg = read_config(path)
         if args.set:
             if args.ship:
                 raise ConfigError("--set", "a base pretrained with overrides is not the recipe of the config: do not ship it")

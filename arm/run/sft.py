@@ -8,10 +8,11 @@ from pathlib import Path
 
 from arm.core.errors import ArmError
 from arm.core.paths import CONF_DIR as root
+from arm.core.paths import read_config
 from arm.data.domains import generate_splits
 from arm.data.domains.formats import apply_format
 from arm.trajectory.pretrain import ensure_base
-from arm.trajectory.sft import _load_conf, train_trajectory
+from arm.trajectory.sft import train_trajectory
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,8 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import yaml
 
-        model_cfg = _load_conf(root / "model" / f"{args.model}.yaml")
-        domain_cfg = _load_conf(root / "domain" / f"{args.domain}.yaml")
+        model_cfg = read_config(root / "model" / f"{args.model}.yaml")
+        domain_cfg = read_config(root / "domain" / f"{args.domain}.yaml")
         sft = {**(model_cfg.pop("sft", None) or {}), **(domain_cfg.get("sft") or {})}
         for item in args.set:
             key, _, value = item.partition("=")

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from arm.core.errors import ArmError, InputError
-from arm.core.paths import CONF_DIR
+from arm.core.paths import CONF_DIR, read_config
 from arm.run.job import run_job, validate
 from evals.report import write_outputs
 from evals.results import load_results
@@ -55,17 +55,10 @@ STAGES = ("select", "ablations", "test")
 
 def load_spec(path: Path) -> dict[str, Any]:
     """Read and check a tuning spec (conf/tuning/*.yaml); errors name the file and the key."""
-    from omegaconf import OmegaConf
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: tuning spec not found")
-    try:
-        spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception as exc:  # noqa: BLE001 - YAML errors of every kind
-        raise InputError(f"{path}: not a readable YAML file ({exc})") from exc
-    if not isinstance(spec, dict):
-        raise InputError(f"{path}: expected a mapping at the top level")
+    spec = read_config(path)  # errors name the file
     domains = spec.get("domains")
     if not isinstance(domains, list) or not domains or not all(isinstance(d, str) for d in domains):
         raise InputError(f"{path}: key 'domains' must be a non-empty list of domain names")

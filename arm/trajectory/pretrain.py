@@ -36,7 +36,7 @@ from typing import Any
 
 from arm.core.cache import atomic_write_json, build_once, content_key, source_digest, to_plain
 from arm.core.errors import ConfigError
-from arm.core.paths import ASSETS_DIR, CONF_DIR
+from arm.core.paths import ASSETS_DIR, CONF_DIR, read_config
 from arm.data.domains import code_synth, common, corpus, generate_splits, math_synth
 from arm.data.domains.code_synth import score_code
 from arm.data.domains.formats import apply_format
@@ -95,14 +95,12 @@ def recipe(model_cfg: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def held_out_data(names: Sequence[str], conf_dir: Path = CONF_DIR) -> dict[str, dict[str, Any]]:
     """{generator: data block} of the held-out domains, read from conf/domain/<name>.yaml."""
-    import yaml
-
     out = {}
     for name in names:
         path = Path(conf_dir) / "domain" / f"{name}.yaml"
         if not path.is_file():
             raise ConfigError("model.pretrain.held_out", f"no domain config {path}")
-        conf = yaml.safe_load(path.read_text()) or {}
+        conf = read_config(path)
         if not conf.get("synthetic"):
             raise ConfigError("model.pretrain.held_out", f"domain '{name}' is not synthetic (no generated splits to hold out)")
         out[str(conf.get("generator", name))] = dict(conf.get("data") or {})

@@ -461,12 +461,6 @@ def _train(model_cfg, cfg, splits, out_dir: Path, seed: int, log_fn, init_from: 
 # --------------------------------------------------------------------------- command line
 
 
-def _load_conf(path: Path) -> dict:
-    import yaml
-
-    if not path.exists():
-        raise ValueError(f"config file {path} does not exist")
-    return yaml.safe_load(path.read_text()) or {}
 
 
 def greedy_generate(
