@@ -2,8 +2,9 @@
 
 The session fixture installs slurm-wlm, munge, slurmdbd and MariaDB when missing, starts a
 single-node cluster (slurm/local_cluster.sh) and stops its daemons by their PIDs afterwards. The
-sweep has four jobs: references and TIES on a 24-step trajectory, each once with the trajectory
-trained here and once with a planted bad checkpoint path. The bad jobs must surface as FAILED with
+sweep has four jobs: references and TIES on a 24-step trajectory, each once with the session's shared
+small trajectory (tests/conftest.py `small_math_job`: experiment=smoke is the same job, and the Slurm jobs
+read and fill the shared cache folder from their own processes) and once with a planted bad checkpoint path. The bad jobs must surface as FAILED with
 their error message, the launch must return (not hang), the good jobs' results.json and the sweep's
 table must agree, and launching the same sweep again must reuse every finished stage and rerun (and
 again report) the failed jobs.
@@ -25,9 +26,9 @@ import pytest
 from evals.results import load_result
 from tests import slurm_cluster
 from tests.conftest import REPO, group_options
+from tests.helpers import REFERENCES, check_result_against_samples
 
 BAD_PATH = "/nonexistent/sft-run"
-REFERENCES = ["base", "sft@6", "sft@12", "sft_converged"]
 LAUNCH_TIMEOUT = 420  # seconds for one launch of the sweep (it takes well under two minutes in CI)
 
 
@@ -47,9 +48,9 @@ def cluster():
         shutil.rmtree(started.state, ignore_errors=True)
 
 
-def launch(cluster, root: Path) -> tuple[subprocess.CompletedProcess, float]:
+def launch(cluster, root: Path, cache: Path) -> tuple[subprocess.CompletedProcess, float]:
     cmd = [sys.executable, "-m", "arm", "-m", "experiment=smoke", "hydra/launcher=slurm_local", f"paths.root={root}",
-           "logger=wandb", f"trajectory.path=null,{BAD_PATH}"]
+           f"paths.cache={cache}", "logger=wandb", f"trajectory.path=null,{BAD_PATH}"]
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     return proc, time.monotonic() - start
@@ -75,12 +76,16 @@ def array_tasks(cluster, sweep: Path) -> dict[int, tuple[str, str, str]]:
 
 
 @pytest.mark.slow
-def test_smoke_sweep_on_slurm_reports_failures_and_resumes(cluster, tmp_path):
+def test_smoke_sweep_on_slurm_reports_failures_and_resumes(cluster, tmp_path, shared_root, small_math_job):
     root = tmp_path / "outputs"
     sweep = root / "runs" / "sweeps" / "smoke"
+    cache = shared_root / "cache"  # experiment=smoke is tests.helpers.SMALL on math_synth: the shared trajectory
+    shared = Path(small_math_job["trajectory"])
+    trained = (shared / "manifest.json").stat().st_mtime_ns
+    trajectories = sorted(p.name for p in (cache / "trajectories").iterdir())
 
     # 1. Launch: the launcher returns with an error naming the failed job and its message.
-    proc, wall = launch(cluster, root)
+    proc, wall = launch(cluster, root, cache)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-3000:]
     assert BAD_PATH in output and "FAILED" in output, output[-3000:]
@@ -110,7 +115,10 @@ def test_smoke_sweep_on_slurm_reports_failures_and_resumes(cluster, tmp_path):
         assert names == sorted(REFERENCES + ([method] if method else [])), (dirs[n], names)
         for name in names:
             result = load_result(dirs[n] / "results" / name / "results.json")
-            assert result["model"] == "tiny" and result["domain"] == "math_synth" and result["primary"]["math_synth"]["n"] == 24
+            assert result["model"] == "tiny" and result["domain"] == "math_synth"
+            check_result_against_samples(dirs[n] / "results" / name, expected_n=24)  # recomputed from samples.jsonl
+            if result["role"] == "reference" and name != "base":
+                assert str(result["model_path"]).startswith(str(shared)), result["model_path"]  # the shared trajectory
         methods[n] = method
         assert list((dirs[n] / "wandb").glob("offline-run-*"))  # the job's W&B run, offline
     assert sorted(methods.values(), key=str) == [None, "ties"]
@@ -132,23 +140,23 @@ def test_smoke_sweep_on_slurm_reports_failures_and_resumes(cluster, tmp_path):
     assert float(rows["ties"]["delta_vs_sft"]) == pytest.approx(float(rows["ties"]["value"]) - converged, abs=1e-3)
 
     # 4. Launch the same sweep again: finished stages come from the cache, failed jobs run again.
-    manifests = list((root / "cache" / "trajectories").glob("*/manifest.json"))
-    assert len(manifests) == 1
-    trained = manifests[0].stat().st_mtime_ns
-    evaluated = sorted(p.name for p in (root / "cache" / "evals").iterdir())
-    merged = sorted(p.name for p in (root / "cache" / "merged").iterdir())
+    assert sorted(p.name for p in (cache / "trajectories").iterdir()) == trajectories  # nothing trained by the sweep
+    assert (shared / "manifest.json").stat().st_mtime_ns == trained
+    evaluated = sorted(p.name for p in (cache / "evals").iterdir())
+    merged = sorted(p.name for p in (cache / "merged").iterdir())
     created = {f: load_result(f)["created"] for n in good for f in (dirs[n] / "results").glob("*/results.json")}
 
-    proc2, wall2 = launch(cluster, root)
+    proc2, wall2 = launch(cluster, root, cache)
     output2 = proc2.stdout + proc2.stderr
     assert proc2.returncode != 0 and BAD_PATH in output2 and "FAILED" in output2, output2[-3000:]
     cluster.wait_until_drained(timeout=300)
     tasks2 = array_tasks(cluster, sweep)
     assert {n: t[1] for n, t in tasks2.items()} == {n: "COMPLETED" if n in good else "FAILED" for n in range(4)}
     assert {t[0] for t in tasks2.values()}.isdisjoint(t[0] for t in tasks.values())  # new submissions
-    assert manifests[0].stat().st_mtime_ns == trained  # not trained again
-    assert sorted(p.name for p in (root / "cache" / "evals").iterdir()) == evaluated  # nothing evaluated again
-    assert sorted(p.name for p in (root / "cache" / "merged").iterdir()) == merged
+    assert (shared / "manifest.json").stat().st_mtime_ns == trained  # not trained again
+    assert sorted(p.name for p in (cache / "trajectories").iterdir()) == trajectories
+    assert sorted(p.name for p in (cache / "evals").iterdir()) == evaluated  # nothing evaluated again
+    assert sorted(p.name for p in (cache / "merged").iterdir()) == merged
     assert {f: load_result(f)["created"] for f in created} == created
     print(f"\nslurm smoke sweep: first launch {wall:.0f}s, relaunch {wall2:.0f}s")
 
@@ -274,6 +282,9 @@ def sacct_rows(cluster, job_ids: list[str]) -> dict[str, dict[str, str]]:
 
 @pytest.mark.slow
 def test_a_sweep_over_sizes_submits_each_size_with_its_own_resources(cluster, tmp_path):
+    # Its own cache, not the shared one: the two sizes are other models (their own names and slurm.job
+    # blocks enter the trajectory key, from the from-scratch tiny base), so nothing of the shared
+    # trajectory would be reused, and its cache would only grow by two trajectories no other test reads.
     conf = write_size_configs(tmp_path / "conf")
     root = tmp_path / "outputs"
     cmd = [sys.executable, "-m", "arm", "-m", "experiment=smoke", "hydra/launcher=slurm_local", "model=tiny_res_a,tiny_res_b",
@@ -304,4 +315,6 @@ def test_a_sweep_over_sizes_submits_each_size_with_its_own_resources(cluster, tm
     for job_dir in (p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()):
         result = load_result(job_dir / "results" / "base" / "results.json")
         assert (job_dir / "results" / "linear" / "results.json").is_file() is job_dir.name.endswith("-linear")
+        for results in (job_dir / "results").glob("*/results.json"):
+            check_result_against_samples(results.parent, expected_n=8)  # eval.limit=8, recomputed from samples
         assert result["model"] in {n.replace("_", "-") for n in SIZES} and job_dir.name.split("-", 1)[1].startswith(result["model"])

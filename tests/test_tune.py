@@ -10,7 +10,7 @@ import pytest
 
 from arm.run import tune
 from evals.results import load_results
-from tests.test_pipeline import SMALL
+from tests.helpers import SMALL, check_result_against_samples
 
 SPEC = """
 domains: [math_synth]
@@ -40,11 +40,19 @@ def write_spec(tmp_path: Path, text: str = SPEC) -> Path:
 
 
 @pytest.mark.slow
-def test_select_ablate_and_test(tmp_path, capsys):
+def test_select_ablate_and_test(tmp_path, capsys, shared_root, small_math_job):
+    # On the shared cache (tests.helpers.SMALL on math_synth, as `small_math_job`): the data splits and the
+    # base are reused. Seed 0 is meant to be the shared trajectory too, but its jobs still get another
+    # trajectory key than `small_math_job` although their recorded model/domain/seed/trajectory configs are
+    # equal (an open question for arm/, see the issue 17 note), so the reuse is not asserted here yet.
+    cache = shared_root / "cache"
+    shared = Path(small_math_job["trajectory"])
+    trained = (shared / "manifest.json").stat().st_mtime_ns
+    common = [*SMALL, f"paths.root={tmp_path}", f"paths.cache={cache}", "logger=none"]
     out = tmp_path / "headline"
-    rc = tune.main(["--spec", str(write_spec(tmp_path)), "--out", str(out), *SMALL, f"paths.root={tmp_path}",
-                    "logger=none"])
+    rc = tune.main(["--spec", str(write_spec(tmp_path)), "--out", str(out), *common])
     assert rc == 0
+    assert (shared / "manifest.json").stat().st_mtime_ns == trained  # the shared trajectory is left as it was
 
     # The choice is the argmax of the validation grid, first point on ties.
     rows = list(csv.DictReader((out / "validation.csv").open()))
@@ -86,6 +94,13 @@ def test_select_ablate_and_test(tmp_path, capsys):
     assert "| expo | alpha=" in (out / "selected.md").read_text()
     assert "sft_converged" in capsys.readouterr().out
 
+    # Every score, on either split, recomputed from the written predictions with the scorer, as reported.
+    result_dirs = sorted(p.parent for p in out.glob("**/results/*/results.json"))
+    stages = [d.relative_to(out).parts[0] for d in result_dirs]
+    assert set(stages) == {"select", "ablations", "test"}, stages  # each job's own copy of its references too
+    for result_dir, stage in zip(result_dirs, stages, strict=True):
+        check_result_against_samples(result_dir, expected_n=24 if stage == "test" else 32)  # n_test, n_validation
+
     # The test stage ran every row once per SFT seed; spread.md/json summarise the per-seed values.
     assert {r["config"]["seed"] for r in test_results} == {0, 1}
     assert len([r for r in test_results if r["role"] == "merge"]) == 2 * 3
@@ -100,10 +115,9 @@ def test_select_ablate_and_test(tmp_path, capsys):
     assert "over 2 SFT seed(s) [0, 1]" in (out / "spread.md").read_text()
 
     # A second run reuses every merge and evaluation (nothing is rebuilt).
-    before = sorted(p.name for p in (tmp_path / "cache" / "evals").iterdir())
-    assert tune.main(["--spec", str(write_spec(tmp_path)), "--out", str(out), "--stages", "test", *SMALL,
-                      f"paths.root={tmp_path}", "logger=none"]) == 0
-    assert sorted(p.name for p in (tmp_path / "cache" / "evals").iterdir()) == before
+    before = sorted(p.name for p in (cache / "evals").iterdir())
+    assert tune.main(["--spec", str(write_spec(tmp_path)), "--out", str(out), "--stages", "test", *common]) == 0
+    assert sorted(p.name for p in (cache / "evals").iterdir()) == before
 
 
 def test_bad_spec_fails_before_any_job(tmp_path, capsys):

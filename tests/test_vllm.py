@@ -2,8 +2,9 @@
 
 The slow test builds `.venv-vllm` when it is missing (evals/vllm_env.py, ~5 min once; reused after),
 then runs the pipeline on a small trajectory of each synthetic domain twice, with eval=vllm and with
-eval=hf, both in float32: trajectory and merge come from the cache the first job filled, the
-evaluations run through lm-eval (vllm: in the venv's interpreter, evals/vllm_worker.py).
+eval=hf, both in float32: trajectory and merge come from the session's shared cache (tests/conftest.py
+`shared_root`: math_synth's is `small_math_job`'s, code_synth's the one tests/test_pipeline.py's code job
+uses), the evaluations run through lm-eval (vllm: in the venv's interpreter, evals/vllm_worker.py).
 """
 
 from __future__ import annotations
@@ -16,21 +17,24 @@ import pytest
 
 from evals.results import load_result
 from tests.conftest import REPO
-from tests.test_pipeline import REFERENCES, SMALL
+from tests.helpers import REFERENCES, SMALL, check_result_against_samples
 
 MODEL: list[str] = []  # the embedded default's tiny model (its shipped pretrained base)
-# A `vllm:` block for the tiny model (the real sizes have theirs in conf/model/); the memory share is one
-# vLLM would not pick by itself, so reading it back from the engine shows it was passed. max_model_len:
+# The engine settings the real sizes keep in their model config's `vllm:` block (conf/model/), given here
+# through the eval config's `vllm:` block, which overrides it key by key (evals/backends/vllm.py): a
+# `model.vllm` block would enter the trajectory's content key (TrajectorySpec.key_parts keeps every model
+# key but `sft`) and train a trajectory of its own instead of reusing the shared one. The memory share is
+# one vLLM would not pick by itself, so reading it back from the engine shows it was passed. max_model_len:
 # the checkpoint's context, as the hf backend uses it (a shorter one would truncate differently).
-VLLM_MODEL = [
-    "++model.vllm.tensor_parallel_size=1",
-    "++model.vllm.data_parallel_size=1",
-    "++model.vllm.max_model_len=${model.arch.max_position_embeddings}",
-    "++model.vllm.gpu_memory_utilization=0.35",
+VLLM_ENGINE = [
+    "++eval.vllm.tensor_parallel_size=1",
+    "++eval.vllm.data_parallel_size=1",
+    "++eval.vllm.max_model_len=${model.arch.max_position_embeddings}",
+    "++eval.vllm.gpu_memory_utilization=0.35",
 ]
 FLOAT32 = ["eval.dtype=float32"]  # dtype=auto lets vLLM run a float32 checkpoint in bfloat16
 # The CPU recommendation for small models: no torch.compile warm-up (~45 s per engine start on 2 cores).
-VLLM_EVAL = ["eval=vllm", "eval.vllm.enforce_eager=true"]
+VLLM_EVAL = ["eval=vllm", "eval.vllm.enforce_eager=true", *VLLM_ENGINE]
 
 
 def task_generation(task: str) -> dict:
@@ -97,19 +101,26 @@ def _predictions(run_dir: Path, name: str) -> list[tuple]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("domain", ["math_synth", "code_synth"])
-def test_vllm_matches_hf_through_the_pipeline(vllm_venv, compose, tmp_path, domain):
+def test_vllm_matches_hf_through_the_pipeline(vllm_venv, compose, tmp_path, shared_root, request, domain):
     from arm.run.job import run_job
     from evals.runner import effective_eval_cfg, model_args_for
 
-    common = [*MODEL, *SMALL, *VLLM_MODEL, *FLOAT32, f"domain={domain}", "merge=linear", "logger=none", f"paths.root={tmp_path}"]
+    cache = shared_root / "cache"
+    common = [*MODEL, *SMALL, *FLOAT32, f"domain={domain}", "merge=linear", "logger=none", f"paths.root={tmp_path}",
+              f"paths.cache={cache}"]
     vllm_cfg = compose(*common, *VLLM_EVAL)
     out_vllm = run_job(vllm_cfg, run_dir=tmp_path / "runs" / "vllm")
-    trajectories = list((tmp_path / "cache" / "trajectories").glob("*/manifest.json"))
-    merged = list((tmp_path / "cache" / "merged").glob("*/merge_summary.json"))
+    if domain == "math_synth":  # the session's shared trajectory, not one of its own
+        assert out_vllm["trajectory"] == request.getfixturevalue("small_math_job")["trajectory"]
+    trajectories = sorted((cache / "trajectories").glob("*/manifest.json"))
+    merged = sorted((cache / "merged").glob("*/merge_summary.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in [*trajectories, *merged]}
     out_hf = run_job(compose(*common, "eval=hf"), run_dir=tmp_path / "runs" / "hf")
     # The hf job reused the trajectory and the merge: the same models were evaluated twice.
-    assert list((tmp_path / "cache" / "trajectories").glob("*/manifest.json")) == trajectories and len(trajectories) == 1
-    assert list((tmp_path / "cache" / "merged").glob("*/merge_summary.json")) == merged and len(merged) == 1
+    assert out_hf["trajectory"] == out_vllm["trajectory"]
+    assert sorted((cache / "trajectories").glob("*/manifest.json")) == trajectories
+    assert sorted((cache / "merged").glob("*/merge_summary.json")) == merged
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
     vllm_dir, hf_dir = Path(out_vllm["run_dir"]), Path(out_hf["run_dir"])
     names = [*REFERENCES, "linear"]
@@ -156,6 +167,8 @@ def test_vllm_matches_hf_through_the_pipeline(vllm_venv, compose, tmp_path, doma
         assert len(predictions) == 24
         assert predictions == _predictions(hf_dir, name), name
         assert v["metrics"] == h["metrics"] and v["primary"] == h["primary"]
+        for run_dir in (vllm_dir, hf_dir):  # each score recomputed from its written predictions with the scorer
+            check_result_against_samples(run_dir / "results" / name, expected_n=24)
         per_model.add(tuple(p[2] for p in predictions))
     # Not a vacuous comparison: the models answer something, and not all the same.
     assert len(per_model) >= 2 and any(p.strip() for answers in per_model for p in answers)
