@@ -18,8 +18,6 @@ from evals.results import load_result
 from tests.conftest import REPO
 from tests.helpers import REFERENCES, SMALL, assert_git_revision, check_result_against_samples
 
-__all__ = ["REFERENCES", "SMALL"]  # imported by test_tune and test_vllm
-
 
 def run(compose, tmp_path: Path, *overrides: str, run_name: str = "run") -> dict:
     from arm.run.job import run_job
@@ -91,8 +89,10 @@ def test_math_job_end_to_end_and_cache_reuse(compose, shared_root, small_math_jo
 
 
 @pytest.mark.slow
-def test_code_job_end_to_end(compose, tmp_path):
-    out = run(compose, tmp_path, "domain=code_synth", "logger=none")
+def test_code_job_end_to_end(compose, tmp_path, shared_root):
+    # On the shared cache: the small code_synth trajectory and its references are also those of
+    # tests/test_vllm.py's code_synth comparison (whichever runs first trains and evaluates).
+    out = run(compose, tmp_path, "domain=code_synth", "logger=none", f"paths.cache={shared_root / 'cache'}")
     for name in REFERENCES:  # pass@1 recomputed from the written completions in the sandbox, as reported
         result = load_result(Path(out["run_dir"]) / "results" / name / "results.json")
         assert result["primary"]["code_synth"]["metric"] == "pass@1,none"
