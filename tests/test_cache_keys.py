@@ -114,3 +114,22 @@ def test_source_digest_of_modules_functions_and_files(tmp_path):
     assert source_digest(path) == source_digest(str(path))
     assert source_digest(source_digest) != source_digest(normalized_source)
     assert source_digest(sys.modules[__name__]) == source_digest(Path(__file__))
+
+
+def test_trajectory_key_follows_training_not_serving(compose):
+    """What SFT trains is in the trajectory key (TrajectorySpec.key_parts); how the model is served or scheduled
+    (model.vllm, model.slurm) and which checkpoints feed the merge are not."""
+    from arm.core.specs import TrajectorySpec
+    from arm.data.splits import data_ref
+    from arm.trajectory.build import trajectory_key
+
+    def key(*overrides: str) -> str:
+        spec = TrajectorySpec.from_config(compose("domain=math_synth", *overrides))
+        return trajectory_key(spec, data_ref(spec.domain, Path("/nonexistent"), spec.model["prompt_format"]))
+
+    base = key()
+    for neutral in ("++model.vllm.enforce_eager=true", "++model.slurm.time=60", "model.sft.early_steps=[15,30]",
+                    "merge=ties", "eval.batch_size=3"):
+        assert key(neutral) == base, neutral
+    for changed in ("model.sft.lr=1e-4", "seed=1", "model.arch.hidden_size=64", "domain.data.n_train=100"):
+        assert key(changed) != base, changed

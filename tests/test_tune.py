@@ -41,10 +41,8 @@ def write_spec(tmp_path: Path, text: str = SPEC) -> Path:
 
 @pytest.mark.slow
 def test_select_ablate_and_test(tmp_path, capsys, shared_root, small_math_job):
-    # On the shared cache (tests.helpers.SMALL on math_synth, as `small_math_job`): the data splits and the
-    # base are reused. Seed 0 is meant to be the shared trajectory too, but its jobs still get another
-    # trajectory key than `small_math_job` although their recorded model/domain/seed/trajectory configs are
-    # equal (an open question for arm/, see the issue 17 note), so the reuse is not asserted here yet.
+    # On the shared cache (tests.helpers.SMALL on math_synth, as `small_math_job`): the data splits, the base
+    # and seed 0's trajectory are reused (seed 1 trains its own).
     cache = shared_root / "cache"
     shared = Path(small_math_job["trajectory"])
     trained = (shared / "manifest.json").stat().st_mtime_ns
@@ -53,6 +51,8 @@ def test_select_ablate_and_test(tmp_path, capsys, shared_root, small_math_job):
     rc = tune.main(["--spec", str(write_spec(tmp_path)), "--out", str(out), *common])
     assert rc == 0
     assert (shared / "manifest.json").stat().st_mtime_ns == trained  # the shared trajectory is left as it was
+    seed0 = [r for r in load_results([out / "test" / "seed-0"]) if r["role"] == "reference" and r["name"] != "base"]
+    assert seed0 and all(Path(r["model_path"]).parent == shared for r in seed0)  # seed 0 is the shared trajectory
 
     # The choice is the argmax of the validation grid, first point on ties.
     rows = list(csv.DictReader((out / "validation.csv").open()))

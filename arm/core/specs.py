@@ -19,6 +19,11 @@ from arm.core.cache import to_plain
 from arm.core.errors import ConfigError
 
 
+SERVING_KEYS = ("vllm", "slurm", "shapes")
+"""Blocks of a model config that say how it is served, scheduled or sized for memory, not what SFT trains:
+outside the trajectory key (a memory share or a Slurm time limit must not retrain anything)."""
+
+
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """`override` over `base`, mappings merged key by key, everything else replaced (OmegaConf.merge's rule)."""
     out = copy.deepcopy(dict(base))
@@ -80,10 +85,10 @@ class TrajectorySpec:
 
     def key_parts(self) -> list[Any]:
         """The fields that decide what SFT trains (the trajectory's content key): the model without its
-        `sft:` block, the merged SFT keys without `early_steps` (which checkpoints feed the merge does not
+        `sft:` block and its serving/scheduling blocks (SERVING_KEYS), the merged SFT keys without `early_steps` (which checkpoints feed the merge does not
         change the run), and the seed. The data's key, the base's key and the code join them in
         arm/trajectory/build.py."""
-        model = {k: v for k, v in self.model.items() if k != "sft"}
+        model = {k: v for k, v in self.model.items() if k not in ("sft", *SERVING_KEYS)}
         sft = {k: v for k, v in self.sft.items() if k != "early_steps"}
         return [model, sft]
 
