@@ -18,7 +18,6 @@ from typing import Any
 from arm.core.cache import to_plain
 from arm.core.errors import ConfigError
 
-
 SERVING_KEYS = ("vllm", "slurm", "shapes")
 """Blocks of a model config that say how it is served, scheduled or sized for memory, not what SFT trains:
 outside the trajectory key (a memory share or a Slurm time limit must not retrain anything)."""
@@ -33,6 +32,12 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def plain_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The job's config as plain, resolved mappings, without Hydra's own `hydra:` node (which a launcher's
+    config carries, with values such as hydra.job.num that exist only once a job runs)."""
+    return {str(k): to_plain(cfg[k]) for k in cfg if k != "hydra"}
 
 
 def _int_or_none(value: Any, key: str) -> int | None:
@@ -58,7 +63,7 @@ class TrajectorySpec:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> TrajectorySpec:
-        plain = to_plain(cfg)
+        plain = plain_config(cfg)
         seed = plain.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError("seed", f"expected an integer, got {seed!r}")
@@ -115,7 +120,7 @@ class JobSpec:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> JobSpec:
-        plain = to_plain(cfg)
+        plain = plain_config(cfg)
         refs = plain.get("references") or {}
         return cls(trajectory=TrajectorySpec.from_config(plain), merge=dict(plain["merge"]), eval=dict(plain["eval"]),
                    references={k: bool(refs.get(k, True)) for k in ("base", "early", "converged")},

@@ -23,7 +23,7 @@ from arm.core.cache import (
 )
 from arm.core.errors import InputError
 from arm.core.refs import ModelRef, Trajectory
-from arm.core.specs import TrajectorySpec
+from arm.core.specs import TrajectorySpec, plain_config
 from arm.data.sft_data import ensure_calibration_data
 from arm.data.splits import DomainData, ensure_data
 from arm.merge.engine import MergeContext, merge_from_config
@@ -144,7 +144,7 @@ def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, An
 
     The config is resolved once, here, into plain mappings and specs (arm/core/specs.py): nothing below
     this layer sees a Hydra DictConfig."""
-    cfg = to_plain(cfg)
+    cfg = plain_config(cfg)
     validate(cfg)
     if not cfg["domain"].get("synthetic"):  # real tasks against the installed lm-eval, before SFT or any model loading
         check_real_tasks(task_specs(cfg["domain"]), unsafe_code=bool(cfg["domain"].get("unsafe_code", False)))
