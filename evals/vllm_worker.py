@@ -30,10 +30,11 @@ from typing import Any
 
 from arm.core.cache import to_plain
 from arm.core.errors import ArmError, ConfigError
+from arm.core.paths import SOURCE_ROOT
 from evals.vllm_env import cpu_runtime_env, is_ready, venv_dir, venv_python
 
 MARKER = "@@arm-vllm@@ "
-REPO = Path(__file__).resolve().parents[1]
+REPO = SOURCE_ROOT  # the checkout the worker imports the project from (arm/core/paths.py)
 
 
 class VllmWorkerError(RuntimeError):
