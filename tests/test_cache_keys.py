@@ -26,8 +26,18 @@ def _trajectory() -> Trajectory:
     return Trajectory(base=base, early=early, converged=None, folder=Path("/nonexistent"))
 
 
+_COMPOSED: dict[tuple[str, ...], object] = {}
+
+
+def _composed(compose, *overrides: str):
+    """A Hydra composition per set of overrides, once per test run (keys are recomputed every time)."""
+    if overrides not in _COMPOSED:
+        _COMPOSED[overrides] = compose(*overrides)
+    return _COMPOSED[overrides]
+
+
 def _merge_key(compose, method: str, *overrides: str) -> str:
-    cfg = compose(f"merge={method}", *overrides)
+    cfg = _composed(compose, f"merge={method}", *overrides)
     key, _ = merge_folder(_trajectory(), cfg, Paths(Path("/tmp/r"), Path("/tmp/c"), Path("/tmp/r/run")))
     return key
 

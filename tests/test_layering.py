@@ -10,6 +10,7 @@ Read from the source with `ast`: nothing is imported.
 from __future__ import annotations
 
 import ast
+import functools
 import sys
 from pathlib import Path
 
@@ -59,6 +60,11 @@ def resolve(target: str) -> str | None:
 
 def imports(path: Path) -> list[tuple[str, int, bool]]:
     """(project module, line, inside a function?) of every import in the file."""
+    return _imports(path, tuple(sorted(MODULES)))
+
+
+@functools.lru_cache(maxsize=None)
+def _imports(path: Path, modules: tuple[str, ...]) -> list[tuple[str, int, bool]]:
     tree = ast.parse(path.read_text(), filename=str(path))
     out = []
 
@@ -81,7 +87,17 @@ def imports(path: Path) -> list[tuple[str, int, bool]]:
 
 def heavy_at_import(module: str, seen: set[str] | None = None) -> bool:
     """Whether importing `module` imports a heavy library (directly or through project modules)."""
-    seen = set() if seen is None else seen
+    if seen is None:
+        return _heavy(module, tuple(sorted(MODULES)))
+    return _heavy_walk(module, seen)
+
+
+@functools.lru_cache(maxsize=None)
+def _heavy(module: str, modules: tuple[str, ...]) -> bool:
+    return _heavy_walk(module, set())
+
+
+def _heavy_walk(module: str, seen: set[str]) -> bool:
     if module in seen:
         return False
     seen.add(module)
@@ -92,7 +108,7 @@ def heavy_at_import(module: str, seen: set[str] | None = None) -> bool:
         for name in names:
             if name.split(".")[0] in HEAVY:
                 return True
-    return any(heavy_at_import(target, seen) for target, _, inner in imports(MODULES[module]) if not inner)
+    return any(_heavy_walk(target, seen) for target, _, inner in imports(MODULES[module]) if not inner)
 
 
 def test_the_layout_has_the_layers():
