@@ -63,7 +63,7 @@ def imports(path: Path) -> list[tuple[str, int, bool]]:
     return _imports(path, tuple(sorted(MODULES)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _imports(path: Path, modules: tuple[str, ...]) -> list[tuple[str, int, bool]]:
     tree = ast.parse(path.read_text(), filename=str(path))
     out = []
@@ -92,7 +92,7 @@ def heavy_at_import(module: str, seen: set[str] | None = None) -> bool:
     return _heavy_walk(module, seen)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _heavy(module: str, modules: tuple[str, ...]) -> bool:
     return _heavy_walk(module, set())
 
