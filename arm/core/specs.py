@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from arm.core.cache import to_plain
@@ -96,36 +95,3 @@ class TrajectorySpec:
         model = {k: v for k, v in self.model.items() if k not in ("sft", *SERVING_KEYS)}
         sft = {k: v for k, v in self.sft.items() if k != "early_steps"}
         return [model, sft]
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Where a job writes: the outputs root, the cache, and its own run folder (absolute)."""
-
-    root: Path
-    cache: Path
-    run_dir: Path
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """One job, parsed: its trajectory, the merge (`merge.*`, validated by the method), the evaluation
-    (`eval.*`, validated by the backend), which reference rows to report, and the rest of the run."""
-
-    trajectory: TrajectorySpec
-    merge: dict[str, Any]
-    eval: dict[str, Any]
-    references: dict[str, bool] = field(default_factory=lambda: {"base": True, "early": True, "converged": True})
-    label: str | None = None
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> JobSpec:
-        plain = plain_config(cfg)
-        refs = plain.get("references") or {}
-        return cls(trajectory=TrajectorySpec.from_config(plain), merge=dict(plain["merge"]), eval=dict(plain["eval"]),
-                   references={k: bool(refs.get(k, True)) for k in ("base", "early", "converged")},
-                   label=str(plain["label"]) if plain.get("label") else None)
-
-    @property
-    def seed(self) -> int:
-        return self.trajectory.seed
