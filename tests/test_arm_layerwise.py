@@ -94,9 +94,6 @@ def test_layerwise_statistics_and_loss_equal_the_whole_model(traj) -> None:
     ids=["procrustes", "geodesic-best_loss-alignment"],
 )
 def test_layerwise_merge_equals_the_whole_model_merge(traj, tmp_path, params, monkeypatch) -> None:
-    import arm.method.iteration
-
-    monkeypatch.setattr(arm.method.iteration, "plot_diagnostics", lambda diagnostics, out: None)
     ctx = MergeContext(calibration=records(), converged=traj.base)
     out = {}
     for mode in ("model", "layerwise"):

@@ -35,14 +35,6 @@ def traj(tmp_path_factory):
     return t
 
 
-@pytest.fixture
-def no_plot(monkeypatch):
-    """Skip the PNG (matplotlib is ~1 s per merge); test_rotation_none_is_exactly_expo checks it."""
-    import arm.method.iteration
-
-    monkeypatch.setattr(arm.method.iteration, "plot_diagnostics", lambda diagnostics, out: None)
-
-
 def records(n: int = 24) -> list[dict]:
     return [{"prompt": f"Q{i}: {i} + {i + 3} = ", "response": f"{2 * i + 3}. done"} for i in range(n)]
 
@@ -68,10 +60,10 @@ def test_rotation_none_is_exactly_expo(traj, tmp_path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "arm")  # a loadable HF folder (+ diagnostics)
     assert model.config.tie_word_embeddings
-    assert (tmp_path / "arm" / "diagnostics.json").is_file() and (tmp_path / "arm" / "diagnostics.png").is_file()
+    assert (tmp_path / "arm" / "diagnostics.json").is_file()
 
 
-def test_unrotated_parameters_move_by_exactly_eta_g_and_rotations_start_at_identity(traj, tmp_path, no_plot) -> None:
+def test_unrotated_parameters_move_by_exactly_eta_g_and_rotations_start_at_identity(traj, tmp_path) -> None:
     logged: list[dict] = []
     ctx = MergeContext(calibration=records(), converged=traj.converged, log=logged.append)
     arm(traj, tmp_path / "arm", ctx, rotation="procrustes", schedule="linear", lr=0.4, iterations=3)
@@ -97,7 +89,7 @@ def test_unrotated_parameters_move_by_exactly_eta_g_and_rotations_start_at_ident
     assert {"arm/eta", "arm/loss", "arm/mean_angle_deg", "arm/rot_dist", "arm/cos_to_converged"} <= set(logged[0])
 
 
-def test_select_best_loss_returns_the_lowest_loss_iterate(traj, tmp_path, no_plot) -> None:
+def test_select_best_loss_returns_the_lowest_loss_iterate(traj, tmp_path) -> None:
     ctx = MergeContext(calibration=records())
     summary = arm(traj, tmp_path / "best", ctx, rotation="geodesic", lr=3.0, iterations=3, select="best_loss")
     hist = json.loads((tmp_path / "best" / "diagnostics.json").read_text())["history"]
@@ -111,7 +103,7 @@ def test_select_best_loss_returns_the_lowest_loss_iterate(traj, tmp_path, no_plo
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_ema_direction_on_checkpoint_steps(traj, tmp_path, no_plot) -> None:
+def test_ema_direction_on_checkpoint_steps(traj, tmp_path) -> None:
     arm(traj, tmp_path / "ema", rotation="none", direction="ema", beta=0.5, lr=1.0, iterations=1)
     out = load_tensors(tmp_path / "ema")
     name = "model.norm.weight"
@@ -167,7 +159,7 @@ def test_bad_inputs_fail_before_writing(traj, tmp_path) -> None:
     assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
 
 
-def test_layer_scale_alignment_scales_each_group_by_its_subspace_alignment(traj, tmp_path, no_plot) -> None:
+def test_layer_scale_alignment_scales_each_group_by_its_subspace_alignment(traj, tmp_path) -> None:
     arm(traj, tmp_path / "ls", MergeContext(calibration=records()), layer_scale="alignment", lr=1.0, iterations=2)
     hist = json.loads((tmp_path / "ls" / "diagnostics.json").read_text())["history"]
     assert all(g["scale"] == pytest.approx(1.0, abs=1e-5) for g in hist[1]["groups"].values())  # R = I at t = 1
@@ -175,7 +167,7 @@ def test_layer_scale_alignment_scales_each_group_by_its_subspace_alignment(traj,
     assert min(g["scale"] for g in hist[2]["groups"].values()) < 1 - 1e-6
 
 
-def test_merge_cli_takes_calibration_and_converged(traj, tmp_path, no_plot) -> None:
+def test_merge_cli_takes_calibration_and_converged(traj, tmp_path) -> None:
     """The light CLI runs ARM with rotations from a JSONL calibration file, as the pipeline does."""
     from arm.merge import cli as merge_cli
 

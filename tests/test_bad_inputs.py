@@ -111,25 +111,27 @@ def test_arm_diverging_is_a_clean_error(traj, tmp_path, capsys) -> None:
 def test_arm_folder_is_published_only_with_its_diagnostics(traj, tmp_path, monkeypatch) -> None:
     import arm.method.iteration
     from arm.merge.engine import merge_from_config
+    from arm.method.iteration import ARM
 
     out = tmp_path / "arm"
-    seen = []
-
-    def plot(diagnostics, path):
-        seen.append((path.parent.name, out.exists()))
-        path.write_bytes(b"png")
-        return path
-
-    monkeypatch.setattr(arm.method.iteration, "plot_diagnostics", plot)
     cfg = {"name": "arm", "device": "cpu", "rotation": "none", "lr": 0.5, "iterations": 1}
     merge_from_config(cfg, traj.base, traj.checkpoints, out, progress=False)
-    assert seen and seen[0][0] != "arm" and seen[0][1] is False  # written in the temporary folder, before the rename
-    assert (out / "diagnostics.png").is_file() and (out / "diagnostics.json").is_file()
+    assert (out / "diagnostics.json").is_file() and not (out / "diagnostics.png").exists()  # the plot is a report
+    assert ARM.write_report(out) == [out / "diagnostics.png"] and (out / "diagnostics.png").stat().st_size > 0
+    assert ARM.write_report(out) == []  # kept, not redrawn
+    assert _debris(tmp_path) == []
 
-    def killed(diagnostics, path):
-        raise KeyboardInterrupt  # killed between the weights and the plot
+    real = arm.method.iteration.write_state_dict
 
-    monkeypatch.setattr(arm.method.iteration, "plot_diagnostics", killed)
+    def killed_in_publish(*args, before_publish, **kwargs):
+        def hook(folder):
+            before_publish(folder)
+            assert (folder / "diagnostics.json").is_file() and folder.name != "arm2"  # in the temporary folder
+            raise KeyboardInterrupt  # killed after the weights and the diagnostics, before the rename
+
+        return real(*args, before_publish=hook, **kwargs)
+
+    monkeypatch.setattr(arm.method.iteration, "write_state_dict", killed_in_publish)
     with pytest.raises(KeyboardInterrupt):
         merge_from_config(cfg, traj.base, traj.checkpoints, tmp_path / "arm2", progress=False)
     assert not (tmp_path / "arm2").exists() and _debris(tmp_path) == []

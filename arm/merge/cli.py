@@ -24,6 +24,7 @@ from typing import Any
 
 from arm.data.domains import read_split
 from arm.merge.engine import MergeContext, merge_from_config
+from arm.merge.registry import get_method
 from arm.merge.tensor_io import parse_size
 
 
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # anything else the file system refused, e.g. reading an input
         print(f"error: {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
         return 1
+    report = get_method(args.method).write_report(args.out)   # figures from the written files, after the merge
+    if report:
+        summary = {**summary, "report": [str(f) for f in report]}
     print(json.dumps(summary))
     return 0
 

@@ -142,6 +142,7 @@ class MergeMethod(ABC):
       (raise :class:`MergeConfigError` naming ``merge.<key>``);
     - ``uses_calibration(params)``: whether its weights depend on calibration data (the job then passes
       the domain's train split and puts the data's key into the merge key);
+    - ``write_report(out_dir)``: figures drawn from the written merge (optional; not part of the merge).
     - ``code_modules()``: the code that defines its merged weights, part of the merge key: by default
       the module defining the class (wherever it lives), every project module it uses (outside
       arm.core), and the engine.
@@ -162,6 +163,13 @@ class MergeMethod(ABC):
     @classmethod
     def uses_calibration(cls, params: Mapping[str, Any]) -> bool:
         return False
+
+    @classmethod
+    def write_report(cls, out_dir: Path) -> list[Path]:
+        """Figures drawn from a finished merge's files (ARM: diagnostics.png from diagnostics.json), by the
+        job and the merge CLI after the merge. Not part of the merge (nor of its cost, as SFT's curves are
+        not part of SFT's): the merged weights do not depend on it. Returns the files it wrote."""
+        return []
 
     @classmethod
     def code_modules(cls) -> list[ModuleType]:

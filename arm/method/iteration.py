@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -721,6 +722,22 @@ class ARM(WholeModelMethod):
         return parse_params(params)
 
     @classmethod
+    def write_report(cls, out_dir: Path) -> list[Path]:
+        """diagnostics.png from the merge's diagnostics.json (written next to it, atomically; kept if present)."""
+        out_dir = Path(out_dir)
+        png, source = out_dir / DIAGNOSTICS_PNG, out_dir / DIAGNOSTICS_JSON
+        if png.is_file() or not source.is_file():
+            return []
+        tmp = png.with_name(f".{png.stem}.{os.getpid()}.png")
+        try:
+            if plot_diagnostics(json.loads(source.read_text()), tmp) is None:
+                return []
+            os.replace(tmp, png)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return [png]
+
+    @classmethod
     def uses_calibration(cls, params: Mapping[str, Any]) -> bool:
         return parse_params(params).uses_calibration()
 
@@ -870,7 +887,6 @@ class ARM(WholeModelMethod):
                 result.diagnostics["inputs"] = {"base": str(base), "checkpoints": [str(c) for c in checkpoints],
                                                 "steps": steps, "converged": str(conv_path) if conv_path else None}
                 (folder / DIAGNOSTICS_JSON).write_text(json.dumps(result.diagnostics, indent=2, default=float) + "\n")
-                plot_diagnostics(result.diagnostics, folder / DIAGNOSTICS_PNG)
 
             written = write_state_dict(state, base, checkpoints, out_dir, settings, before_publish=diagnostics)
         finally:

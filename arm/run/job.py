@@ -27,6 +27,7 @@ from arm.core.specs import TrajectorySpec, plain_config
 from arm.data.sft_data import ensure_calibration_data
 from arm.data.splits import DomainData, ensure_data
 from arm.merge.engine import MergeContext, merge_from_config
+from arm.merge.registry import get_method
 from arm.run.plan import check_devices, run_plan
 from arm.run.stages import Paths, calibration_size, eval_folder, merge_folder, takes_calibration, validate
 from arm.run.tracking import start_tracker
@@ -119,6 +120,7 @@ def merge_cached(
                 atomic_write_json(summary_file, summary)
 
     summary = read_json(summary_file)
+    get_method(method).write_report(folder)   # e.g. ARM's diagnostics.png: drawn after the merge, not timed with it
     return ModelRef(method, folder, key), summary
 
 
