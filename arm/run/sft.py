@@ -9,6 +9,7 @@ from pathlib import Path
 from arm.core.errors import ArmError
 from arm.core.paths import CONF_DIR as root
 from arm.core.paths import read_config
+from arm.core.specs import deep_merge
 from arm.data.domains import generate_splits
 from arm.data.domains.formats import apply_format
 from arm.trajectory.pretrain import ensure_base
@@ -36,6 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         model_cfg = read_config(root / "model" / f"{args.model}.yaml")
         domain_cfg = read_config(root / "domain" / f"{args.domain}.yaml")
+        special = root / "model_domain" / f"{args.model}_{args.domain}.yaml"   # as conf/config.yaml composes it
+        if special.is_file():
+            extra = read_config(special)
+            model_cfg = deep_merge(model_cfg, extra.get("model") or {})
+            domain_cfg = deep_merge(domain_cfg, extra.get("domain") or {})
         sft = {**(model_cfg.pop("sft", None) or {}), **(domain_cfg.get("sft") or {})}
         for item in args.set:
             key, _, value = item.partition("=")
