@@ -44,13 +44,18 @@ run: $(STAMP) sandbox
 	@echo "W&B runs (offline):       $(RUN_DIR)/*/wandb  (upload: .venv/bin/wandb sync <run folder>)"
 	@echo "trajectories and cache:   outputs/cache"
 
+# Two pytest workers (pytest-xdist), each test file on one worker (--dist loadfile: a file's module and
+# session fixtures, e.g. the Slurm cluster or the vLLM venv, stay in one process). PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
+
 test: $(STAMP) sandbox
-	$(BIN)/python -m pytest -q $(TESTS)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) $(TESTS)
 
 # The suite without the tests marked slow (they train a trajectory, evaluate it with lm-eval, build the
 # mergekit venv, start Slurm or vLLM): a few minutes, for the edit-test loop. CI runs `make test` (all).
 test-fast: $(STAMP) sandbox
-	$(BIN)/python -m pytest -q -m "not slow" $(TESTS)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) -m "not slow" $(TESTS)
 
 # GPU machines get another transformers: the vllm extra (0.32.x) needs transformers>=5.16.1,<5.20,
 # while this CPU install takes the newest 5.x. The tests that drive transformers (tiny and Trainer SFT,
