@@ -84,3 +84,26 @@ def test_typos_fail_fast_naming_the_key(override, expected, tmp_path):
     assert proc.returncode != 0
     assert expected in proc.stderr + proc.stdout
     assert not (tmp_path / "cache").exists(), "nothing may be written for a config typo"
+
+
+def test_model_domain_settings_apply_to_their_pair_only_and_yield_to_the_command_line(compose, tmp_path):
+    """conf/model_domain/<model>_<domain>.yaml (tiny_math_synth: math_synth's longer SFT on the tiny model) is
+    composed for that pair only, command-line overrides win over it, and `python -m arm.run.sft` reads the
+    same file (same SFT keys as the composed job)."""
+    import yaml
+
+    from arm.core.specs import TrajectorySpec
+
+    special = yaml.safe_load((REPO / "conf" / "model_domain" / "tiny_math_synth.yaml").read_text())["model"]["sft"]
+    tiny = yaml.safe_load((REPO / "conf" / "model" / "tiny.yaml").read_text())["sft"]
+    math = TrajectorySpec.from_config(compose("model=tiny", "domain=math_synth")).sft
+    assert {k: math[k] for k in special} == special and math["lr"] == tiny["lr"]
+    for overrides in (["model=tiny", "domain=code_synth"], ["model=tiny_scratch", "domain=math_synth"]):
+        sft = TrajectorySpec.from_config(compose(*overrides)).sft
+        assert sft["save_steps"] != special["save_steps"] and sft["epochs"] != special["epochs"], overrides
+    ours = TrajectorySpec.from_config(compose("domain=math_synth", "model.sft.epochs=2", "model.sft.early_steps=[6,12]")).sft
+    assert ours["epochs"] == 2 and ours["early_steps"] == [6, 12] and ours["max_train_examples"] == special["max_train_examples"]
+    # the SFT CLI: a bad --set value is refused only after the same merged keys were read
+    proc = subprocess.run([sys.executable, "-m", "arm.run.sft", "--domain", "math_synth", "--out", str(tmp_path / "t"),
+                           "--set", "save_steps=[99999]"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2 and "2656" in proc.stderr, proc.stderr
