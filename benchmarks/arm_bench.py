@@ -6,9 +6,10 @@ like `make run`), and for each ARM formulation (conf/merge/arm.yaml with ``formu
 headline rows of conf/tuning/embedded.yaml set it):
 
 - ``arm_merge_s``: ARM's own work in a fresh process whose libraries (torch, transformers and the
-  Qwen3 model class, matplotlib) are already imported: read the inputs and the calibration set, run
-  ARM (statistics, rotations, every iteration, diagnostics and their plot) and write the merged
-  folder; median of ``--runs`` runs. ``arm_wall_s``: the whole process, imports included;
+  Qwen3 model class) are already imported: read the inputs and the calibration set, run ARM
+  (statistics, rotations, every iteration, diagnostics.json) and write the merged folder; median of
+  ``--runs`` runs. (diagnostics.png is drawn from the JSON after the merge, by the job or the merge
+  CLI, as a report: not timed, as SFT's plots are not.) ``arm_wall_s``: the whole process, imports included;
   ``arm_peak_rss_mib``: ru_maxrss of that process (max over runs);
 - ``sft_remaining_wall_s``: the SFT that ARM replaces — from the last early checkpoint c_m to the
   converged step — *re-timed in this run*: a fresh process loads c_m and trains a measured slice of
@@ -63,9 +64,6 @@ start = time.perf_counter()
 from pathlib import Path
 import torch, transformers  # the libraries ARM imports lazily, timed apart from its own work (imports_s)
 import transformers.models.qwen3.modeling_qwen3  # the model class from_pretrained imports on first use
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot  # the diagnostics plot's library
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from arm.merge.engine import MergeContext, merge_from_config
 from arm.data.splits import DomainData
