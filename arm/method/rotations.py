@@ -121,8 +121,7 @@ def principal_directions(X: torch.Tensor, rank: int, name: str = "layer") -> tor
 
     Computed as the top eigenvectors of the Gram matrix XᵀX in float64 (in × in, in ≤ a few thousand):
     the same subspace as the SVD of X (squaring the condition number costs nothing at float64 for the
-    top directions), at a fraction of the cost when tokens ≫ in (docs/results.md §5: 0.86 s of SVDs per
-    code_synth merge became milliseconds)."""
+    top directions), at about half the cost of the SVD when tokens ≫ in (docs/results.md §5)."""
     import torch
 
     n, d = X.shape
