@@ -216,40 +216,57 @@ class DeltaCombiner:
                 torch.hardshrink(x, level, out=x)
             if w != 1.0:
                 x.mul_(w)
-        mx = buf("ties.mixed", self._size)[:m]
         if self.consensus:
-            ss, sg, dv, ind = (buf(f"ties.{k}", self._size)[:m] for k in ("sum", "sign", "div", "agree"))
-            if len(deltas) > 1:
-                torch.add(deltas[0], deltas[1], out=ss)
-                for x in deltas[2:]:
-                    ss.add_(x)
-            else:
-                ss.copy_(deltas[0])
-            torch.copysign(ind.fill_(1.0), ss, out=sg)  # +1 where the sum is >= 0, -1 elsewhere
-            mx.zero_()
-            if self.normalize:
-                dv.zero_()
-            for x, w in zip(deltas, self.weights, strict=True):
-                x.mul_(sg).clamp_min_(0)  # |x| where x agrees with the elected sign, else 0
-                mx.add_(x)
-                if self.normalize:
-                    dv.add_(torch.sign(x, out=ind), alpha=w)  # + w_i where it agrees
-            mx.mul_(sg)
-            if self.normalize:
-                if self.all_positive:
-                    dv.clamp_min_(min(self.weights))  # exact: a non-zero divisor is >= min(w)
-                else:
-                    dv.masked_fill_(dv == 0, 1.0)
-                mx.div_(dv)
-        else:
-            mx.copy_(deltas[0])
-            for x in deltas[1:]:
-                mx.add_(x)
-            if self.normalize and abs(self.total) >= 1e-8:
-                mx.div_(self.total)
+            return self._consensus(base, deltas, m)
+        mx = buf("ties.mixed", self._size)[:m]
+        mx.copy_(deltas[0])
+        for x in deltas[1:]:
+            mx.add_(x)
+        if self.normalize and abs(self.total) >= 1e-8:
+            mx.div_(self.total)
         if self.lam != 1.0:
             mx.mul_(self.lam)
         return base.add_(mx)
+
+    def _consensus(self, base: torch.Tensor, deltas: list[torch.Tensor], m: int) -> torch.Tensor:
+        """Sign election and disjoint sum; the first delta's storage accumulates the sum, and the
+        elected sign is folded into the divisor (22 passes for three inputs, not 28)."""
+        import torch
+
+        buf = self._scratch
+        ss, sg, dv, ind = (buf(f"ties.{k}", self._size)[:m] for k in ("sum", "sign", "div", "agree"))
+        if len(deltas) > 1:
+            torch.add(deltas[0], deltas[1], out=ss)
+            for x in deltas[2:]:
+                ss.add_(x)
+        else:
+            ss.copy_(deltas[0])
+        torch.copysign(torch.ones((), dtype=ss.dtype), ss, out=sg)  # +1 where the sum is >= 0, -1 elsewhere
+        mx = deltas[0]
+        for i, (x, w) in enumerate(zip(deltas, self.weights, strict=True)):
+            x.mul_(sg).clamp_min_(0)  # |x| where x agrees with the elected sign, else 0
+            if self.normalize:  # + w_i where it agrees
+                if i == 0:
+                    torch.sign(x, out=dv)
+                    if w != 1.0:
+                        dv.mul_(w)
+                else:
+                    dv.add_(torch.sign(x, out=ind), alpha=w)
+            if i:
+                mx.add_(x)
+        if not self.normalize:
+            mx.mul_(sg)
+            if self.lam != 1.0:
+                mx.mul_(self.lam)
+            return base.add_(mx)
+        if self.all_positive:
+            dv.clamp_min_(min(self.weights))  # exact: a non-zero divisor is >= min(w)
+        else:
+            dv.masked_fill_(dv == 0, 1.0)
+        dv.mul_(sg)  # mx / (dv·sg) == (mx·sg) / dv, bit for bit
+        if self.lam == 1.0:
+            return base.addcdiv_(mx, dv)
+        return base.add_(mx.div_(dv).mul_(self.lam))
 
 
 def sample_deltas(inputs: TensorInputs, size: int, seed: int) -> list[torch.Tensor]:
