@@ -271,9 +271,18 @@ def test_chunking_and_threads_do_not_change_the_result(
     monkeypatch.setattr(baselines.ties, "_EXACT_BELOW", 500)  # and the sampled threshold selection
     monkeypatch.setattr(baselines.ties, "_IN_MEMORY", 2000)  # and TIES' streaming path for big tensors
     merge_from_config({"name": method}, traj.base, traj.checkpoints, tmp_path / "many", progress=False)
-    one, many = load_tensors(tmp_path / "one"), load_tensors(tmp_path / "many")
-    for name, tensor in one.items():
-        assert torch.equal(many[name], tensor), name
+    # the look-ahead budget: none (each finished tensor written before another starts) and ample
+    monkeypatch.setenv(arm.merge.engine.HELD_ENV, "0")
+    merge_from_config({"name": method}, traj.base, traj.checkpoints, tmp_path / "held0", progress=False)
+    monkeypatch.setenv(arm.merge.engine.THREADS_ENV, "2")
+    monkeypatch.setenv(arm.merge.engine.HELD_ENV, "4096")
+    merge_from_config({"name": method}, traj.base, traj.checkpoints, tmp_path / "held", progress=False)
+    one = load_tensors(tmp_path / "one")
+    for other in ("many", "held0", "held"):
+        merged = load_tensors(tmp_path / other)
+        assert sorted(merged) == sorted(one), other
+        for name, tensor in one.items():
+            assert torch.equal(merged[name], tensor), (other, name)
 
 
 def test_validate_merge_config_and_identity() -> None:
