@@ -86,10 +86,45 @@ def untied_trajectory(tmp_path_factory: pytest.TempPathFactory) -> Trajectory:
     return make_trajectory(tmp_path_factory.mktemp("mk"), hidden=64, tie=False, seed=3)
 
 
+# mergekit-yaml's main (mergekit/scripts/run_yaml.py), once per config, in one interpreter of mergekit's
+# venv: its import (torch, transformers) is paid once for every case, not once per case.
+_RUN_YAML = """
+import sys, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+
+options = MergeOptions(copy_tokenizer=False, quiet=True, device="cpu")  # --no-copy-tokenizer --quiet --device cpu
+options.apply_global_options()
+for config_file, out_path in zip(sys.argv[1::2], sys.argv[2::2]):
+    with open(config_file, encoding="utf-8") as file:
+        source = file.read()
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(source)), out_path, options=options,
+              config_source=source)
+"""
+
+
+@pytest.fixture(scope="module")
+def mergekit_outputs(mergekit_bin: Path, untied_trajectory: Trajectory, tmp_path_factory) -> dict[str, Path]:
+    """Every case merged by mergekit (one process of its venv), by case name."""
+    root = tmp_path_factory.mktemp("mergekit")
+    args, outs = [], {}
+    for case in sorted(CASES):
+        config = root / f"{case}.yml"
+        config.write_text(_mergekit_yaml(untied_trajectory, CASES[case][1]))
+        outs[case] = root / case
+        args += [str(config), str(outs[case])]
+    proc = subprocess.run([str(mergekit_bin.parent / "python"), "-c", _RUN_YAML, *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for case, out in outs.items():
+        assert sorted(out.glob("*.safetensors")), f"mergekit wrote no tensors for {case}"
+    return outs
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_agrees_with_mergekit(
     case: str,
-    mergekit_bin: Path,
+    mergekit_outputs: dict[str, Path],
     untied_trajectory: Trajectory,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -101,34 +136,25 @@ def test_agrees_with_mergekit(
     monkeypatch.setattr(baselines.ties, "_SAMPLE", 512)
     if case == "ties":  # TIES' streaming path (used for tensors above _IN_MEMORY entries)
         monkeypatch.setattr(baselines.ties, "_IN_MEMORY", 1000)
-    _compare(case, mergekit_bin, untied_trajectory, tmp_path)
+    _compare(case, mergekit_outputs[case], untied_trajectory, tmp_path)
 
 
 @pytest.mark.parametrize("case", ["ties", "ties_unnormalized"])
 def test_agrees_with_mergekit_with_the_production_thresholds(
-    case: str, mergekit_bin: Path, untied_trajectory: Trajectory, tmp_path: Path
+    case: str, mergekit_outputs: dict[str, Path], untied_trajectory: Trajectory, tmp_path: Path
 ) -> None:
     """TIES as shipped (_EXACT_BELOW, _SAMPLE, _IN_MEMORY untouched: exact selection, in memory here)."""
     import baselines.ties
 
     small = max(t.numel() for t in load_tensors(untied_trajectory.base).values())
     assert small < baselines.ties._EXACT_BELOW and small < baselines.ties._IN_MEMORY
-    _compare(case, mergekit_bin, untied_trajectory, tmp_path)
+    _compare(case, mergekit_outputs[case], untied_trajectory, tmp_path)
 
 
-def _compare(case: str, mergekit_bin: Path, traj: Trajectory, tmp_path: Path) -> None:
+def _compare(case: str, mk_out: Path, traj: Trajectory, tmp_path: Path) -> None:
     import torch
 
-    ours_cfg, mk_spec = CASES[case]
-    config = tmp_path / "mergekit.yml"
-    config.write_text(_mergekit_yaml(traj, mk_spec))
-    mk_out = tmp_path / "mergekit"
-    proc = subprocess.run(
-        [str(mergekit_bin), str(config), str(mk_out), "--no-copy-tokenizer", "--quiet", "--device", "cpu"],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours_cfg, _ = CASES[case]
     ours = tmp_path / "ours"
     merge_from_config(
         {**ours_cfg, "device": "cpu", "dtype": "float32"}, traj.base, traj.checkpoints, ours, progress=False
