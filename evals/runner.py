@@ -119,17 +119,69 @@ def synthetic_templates() -> list[str]:
 
 
 _LM_EVAL_INDEX: dict[str, Any] = {}
+INDEX_ENV = "ARM_LM_EVAL_INDEX"
+"""The folder of the on-disk copy of lm-eval's task index (default: $XDG_CACHE_HOME/arm, else ~/.cache/arm)."""
 
 
-def lm_eval_task_index() -> Any:
-    """lm-eval's TaskManager over its built-in tasks and evals/tasks/code/, built once per process.
+@dataclass(frozen=True)
+class IndexedTask:
+    yaml_path: str
 
-    Offline: it only reads the task YAMLs (10-20 s on a small machine: lm-eval ships ~15k tasks)."""
-    if "manager" not in _LM_EVAL_INDEX:
+
+@dataclass(frozen=True)
+class TaskIndex:
+    """Task name -> its YAML file, for lm-eval's built-in tasks and evals/tasks/code/ (what the real-task
+    check reads of lm-eval's TaskManager; only tasks defined by a YAML file are kept)."""
+
+    task_index: dict[str, IndexedTask]
+    source: str  # "built" (by lm-eval's TaskManager in this process) or the file it was read from
+
+
+def _index_file() -> Path:
+    """Where this lm-eval's index is kept: its name carries lm-eval's version and install folder and the
+    names, sizes and modification times of evals/tasks/code/'s files, so any change builds a new one."""
+    import hashlib
+    import importlib.metadata
+
+    import lm_eval
+
+    parts = [importlib.metadata.version("lm_eval"), str(Path(lm_eval.__file__).resolve().parent)]
+    for f in sorted(CODE_TASK_DIR.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            parts.append(f"{f.relative_to(CODE_TASK_DIR)}:{st.st_size}:{st.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    folder = os.environ.get(INDEX_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "arm"
+    return Path(folder) / f"lm_eval-task-index-{digest}.json"
+
+
+def lm_eval_task_index() -> TaskIndex:
+    """lm-eval's task index over its built-in tasks and evals/tasks/code/, built once per installed
+    lm-eval (and evals/tasks/code/): lm-eval's TaskManager reads ~15k task YAMLs (10-20 s on a small
+    machine), so the result is kept in a JSON file (:func:`_index_file`) and read back in ~0.1 s.
+    Offline either way. A file that cannot be read or written is rebuilt or skipped, never an error."""
+    if "index" in _LM_EVAL_INDEX:
+        return _LM_EVAL_INDEX["index"]
+    path = _index_file()
+    try:
+        tasks = json.loads(path.read_text())["tasks"]
+        index = TaskIndex({name: IndexedTask(p) for name, p in tasks.items()}, str(path))
+    except (OSError, ValueError, KeyError, TypeError):
         from lm_eval.tasks import TaskManager
 
-        _LM_EVAL_INDEX["manager"] = TaskManager(include_path=str(CODE_TASK_DIR))
-    return _LM_EVAL_INDEX["manager"]
+        manager = TaskManager(include_path=str(CODE_TASK_DIR))
+        tasks = {name: str(entry.yaml_path) for name, entry in manager.task_index.items()
+                 if getattr(entry, "yaml_path", None) is not None}
+        index = TaskIndex({name: IndexedTask(p) for name, p in tasks.items()}, "built")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"lm_eval": versions().get("lm_eval"), "tasks": tasks}))
+            os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+        except OSError as err:
+            log.warning("lm-eval's task index not saved to %s (%s): it is built again next time", path, err)
+    _LM_EVAL_INDEX["index"] = index
+    return index
 
 
 def task_metric_keys(task_config: Mapping[str, Any]) -> list[str]:
@@ -151,7 +203,7 @@ def check_real_tasks(specs: Sequence[TaskSpec], *, unsafe_code: bool, manager: A
     manager = manager if manager is not None else lm_eval_task_index()
     problems = []
     for spec in specs:
-        entry = manager.task_index.get(spec.name)
+        entry = manager.task_index.get(spec.name)  # a TaskIndex or lm-eval's TaskManager
         if entry is None or entry.yaml_path is None:
             problems.append(f"the installed lm-eval ({versions().get('lm_eval', '?')}) has no task '{spec.name}'")
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# lm-eval's task index (evals.runner.lm_eval_task_index) is built once per test run, shared by the
+# run's processes (pytest-xdist workers, the CLI subprocesses) through a folder of the run's own.
+os.environ["ARM_LM_EVAL_INDEX"] = str(
+    Path(tempfile.gettempdir()) / f"arm-tests-lm-eval-index-{os.environ.get('PYTEST_XDIST_TESTRUNUID') or os.getpid()}"
+)
 
 
 def group_options(group: str) -> list[str]:
@@ -39,7 +45,8 @@ def compose():
 @pytest.fixture(scope="session")
 def lm_eval_index():
     """lm-eval's task index (its built-in tasks and evals/tasks/code/), built once per test run: the same
-    object the job's real-task check uses (evals.runner.lm_eval_task_index caches it per process)."""
+    object the job's real-task check uses (evals.runner.lm_eval_task_index: kept per process and in
+    $ARM_LM_EVAL_INDEX, set above)."""
     from evals.runner import lm_eval_task_index
 
     return lm_eval_task_index()

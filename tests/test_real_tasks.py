@@ -8,6 +8,9 @@ are marked unsafe, so the wiring matters: refused without the opt-in, accepted w
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -92,3 +95,34 @@ def test_unsafe_code_opt_in_accepts_lm_evals_own_code_tasks(compose, lm_eval_ind
     with pytest.raises(ConfigError, match="humaneval.*unisolated.*mbpp.*unisolated"):
         check_real_tasks(specs, unsafe_code=False, manager=lm_eval_index)
     check_real_tasks(specs, unsafe_code=True, manager=lm_eval_index)
+
+
+def test_the_index_is_kept_on_disk_and_read_back_by_another_process(lm_eval_index, tmp_path, monkeypatch) -> None:
+    """What the job's check reads in a fresh process (an `arm` run, a Slurm job) is the index lm-eval built,
+    read from its file; and the file is named after evals/tasks/code/'s contents, so a changed task
+    there builds a new index instead of reading a stale one."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from evals import runner
+    from tests.conftest import REPO
+
+    path = runner._index_file()
+    assert path.parent == Path(os.environ[runner.INDEX_ENV]) and path.is_file()
+    saved = json.loads(path.read_text())["tasks"]
+    assert saved == {name: entry.yaml_path for name, entry in lm_eval_index.task_index.items()}
+    assert len(saved) > 1000 and {"gsm8k_cot_zeroshot", "humaneval_sandboxed"} <= set(saved)
+    probe = ("from evals.runner import lm_eval_task_index as f; i = f(); "
+             "print(i.source, len(i.task_index), i.task_index['minerva_math500'].yaml_path)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert out.split() == [str(path), str(len(saved)), saved["minerva_math500"]]
+
+    copy = tmp_path / "code"
+    shutil.copytree(runner.CODE_TASK_DIR, copy)
+    monkeypatch.setattr(runner, "CODE_TASK_DIR", copy)
+    assert runner._index_file() == path  # the same files: the same index
+    victim = next(p for p in sorted(copy.rglob("*.yaml")))
+    victim.write_text(victim.read_text() + "\n")
+    assert runner._index_file() != path
