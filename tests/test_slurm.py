@@ -295,9 +295,10 @@ def test_a_sweep_over_sizes_submits_each_size_with_its_own_resources(cluster, tm
     cluster.wait_until_drained(timeout=120)
 
     sweep = root / "runs" / "sweeps" / "smoke"
-    submitted = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+    # one submission per size, one job each (an array of several tasks: the smoke sweep above); a
+    # one-job submission's folder is named <id>, an array task's <id>_<task>
+    submitted = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name))
     arrays = sorted({n.split("_")[0] for n in submitted}, key=int)
-    # one job array per size (the smoke sweep above shows an array of several tasks), one job each
     assert len(submitted) == 2 and len(arrays) == 2, submitted
     rows = sacct_rows(cluster, submitted)
     print("\nsacct -X -o JobID,JobName,AllocCPUS,ReqMem,Timelimit,State,ExitCode:")
