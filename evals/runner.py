@@ -9,6 +9,7 @@ into the evaluation's own folder, so each result keeps the exact task definition
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from arm.core import sandbox
-from arm.core.cache import to_plain
+from arm.core.cache import file_lock, to_plain
 from arm.core.errors import ConfigError, InputError
 from arm.core.provenance import versions
 from arm.merge.tensor_io import ModelFolder, TensorIOError
@@ -158,30 +159,48 @@ def _index_file() -> Path:
 def lm_eval_task_index() -> TaskIndex:
     """lm-eval's task index over its built-in tasks and evals/tasks/code/, built once per installed
     lm-eval (and evals/tasks/code/): lm-eval's TaskManager reads ~15k task YAMLs (10-20 s on a small
-    machine), so the result is kept in a JSON file (:func:`_index_file`) and read back in ~0.1 s.
+    machine), so the result is kept in a JSON file (:func:`_index_file`) and read back in ~0.04 s.
     Offline either way. A file that cannot be read or written is rebuilt or skipped, never an error."""
     if "index" in _LM_EVAL_INDEX:
         return _LM_EVAL_INDEX["index"]
     path = _index_file()
-    try:
-        tasks = json.loads(path.read_text())["tasks"]
-        index = TaskIndex({name: IndexedTask(p) for name, p in tasks.items()}, str(path))
-    except (OSError, ValueError, KeyError, TypeError):
-        from lm_eval.tasks import TaskManager
-
-        manager = TaskManager(include_path=str(CODE_TASK_DIR))
-        tasks = {name: str(entry.yaml_path) for name, entry in manager.task_index.items()
-                 if getattr(entry, "yaml_path", None) is not None}
-        index = TaskIndex({name: IndexedTask(p) for name, p in tasks.items()}, "built")
+    index = _read_index(path)
+    if index is None:
+        lock_path = path.with_name(path.name + ".lock")  # concurrent jobs: one builds, the others wait and read
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"lm_eval": versions().get("lm_eval"), "tasks": tasks}))
-            os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
-        except OSError as err:
-            log.warning("lm-eval's task index not saved to %s (%s): it is built again next time", path, err)
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            lock_path.touch()
+            lock: Any = file_lock(lock_path)
+        except OSError:  # a read-only cache folder: build in this process, without the file
+            lock = contextlib.nullcontext()
+        with lock:
+            index = _read_index(path) or _build_index(path)
     _LM_EVAL_INDEX["index"] = index
     return index
+
+
+def _read_index(path: Path) -> TaskIndex | None:
+    try:
+        tasks = json.loads(path.read_text())["tasks"]
+        return TaskIndex({name: IndexedTask(str(p)) for name, p in tasks.items()}, str(path))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _build_index(path: Path) -> TaskIndex:
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(CODE_TASK_DIR))
+    tasks = {name: str(entry.yaml_path) for name, entry in manager.task_index.items()
+             if getattr(entry, "yaml_path", None) is not None}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"lm_eval": versions().get("lm_eval"), "tasks": tasks}))
+        os.replace(tmp, path)  # atomic: a concurrent reader sees no file or the whole file
+    except OSError as err:
+        log.warning("lm-eval's task index not saved to %s (%s): it is built again next time", path, err)
+    return TaskIndex({name: IndexedTask(p) for name, p in tasks.items()}, "built")
 
 
 def task_metric_keys(task_config: Mapping[str, Any]) -> list[str]:
