@@ -63,7 +63,8 @@ def test_model_configs_carry_the_published_shapes(compose, model):
 
 
 def test_every_real_model_and_domain_composes_and_validates(compose):
-    """Every real model × domain passes the pipeline's checks (test_config.py composes the full product)."""
+    """Every real model × domain (× merge none, arm, ties) passes the pipeline's checks (test_config.py composes
+    every pair of options of all models, domains and merges)."""
     from arm.run.job import validate
 
     for model in REAL_MODELS:
