@@ -158,7 +158,7 @@ def _index_file() -> Path:
 
 def lm_eval_task_index() -> TaskIndex:
     """lm-eval's task index over its built-in tasks and evals/tasks/code/, built once per installed
-    lm-eval (and evals/tasks/code/): lm-eval's TaskManager reads ~15k task YAMLs (10-20 s on a small
+    lm-eval (and evals/tasks/code/): lm-eval's TaskManager reads ~14k task YAMLs (10-20 s on a small
     machine), so the result is kept in a JSON file (:func:`_index_file`) and read back in ~0.04 s.
     Offline either way. A file that cannot be read or written is rebuilt or skipped, never an error."""
     if "index" in _LM_EVAL_INDEX:
@@ -193,12 +193,14 @@ def _build_index(path: Path) -> TaskIndex:
     manager = TaskManager(include_path=str(CODE_TASK_DIR))
     tasks = {name: str(entry.yaml_path) for name, entry in manager.task_index.items()
              if getattr(entry, "yaml_path", None) is not None}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"lm_eval": versions().get("lm_eval"), "tasks": tasks}))
         os.replace(tmp, path)  # atomic: a concurrent reader sees no file or the whole file
     except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         log.warning("lm-eval's task index not saved to %s (%s): it is built again next time", path, err)
     return TaskIndex({name: IndexedTask(p) for name, p in tasks.items()}, "built")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -283,6 +284,18 @@ def test_chunking_and_threads_do_not_change_the_result(
         assert sorted(merged) == sorted(one), other
         for name, tensor in one.items():
             assert torch.equal(merged[name], tensor), (other, name)
+
+
+@pytest.mark.parametrize("env, value", [("ARM_MERGE_HELD_MIB", "lots"), ("ARM_MERGE_HELD_MIB", "-1"),
+                                        ("ARM_MERGE_THREADS", "two"), ("ARM_MERGE_THREADS", "1.5")])
+def test_a_bad_engine_setting_in_the_environment_is_named_and_nothing_is_written(
+    env: str, value: str, tiny_trajectory: Trajectory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(MergeConfigError, match=f"{env}='{re.escape(value)}'"):
+        merge_from_config({"name": "ties"}, tiny_trajectory.base, tiny_trajectory.checkpoints, tmp_path / "out",
+                          progress=False)
+    assert _only_out(tmp_path / "out") == []
 
 
 def test_validate_merge_config_and_identity() -> None:

@@ -478,6 +478,7 @@ def merge(
     plan = plan_merge(base_f, ck_f, settings.dtype)
     used = _used_slots(rule, len(ck_f))
 
+    budget = _held_budget()  # read (and checked) before anything is written or set
     pool: _WorkerPool | _NumpyPool
     threads = None
     workers = 1
@@ -491,8 +492,8 @@ def merge(
         chunk = GPU_CHUNK if device.type == "cuda" else CPU_CHUNK
         threads = torch.get_num_threads()
         if device.type == "cpu":
-            torch.set_num_threads(1)
             workers = _cpu_workers()
+            torch.set_num_threads(1)
         pool = _WorkerPool(rule, used, device, chunk)
     try:
         tmp = temp_sibling(out_dir)
@@ -514,9 +515,8 @@ def merge(
             from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
             # A tensor merged ahead of the one being written waits in memory (its output bytes):
-            # up to `workers` run at once, and finished ones are held while they fit in
-            # _held_budget(), so one long tensor (an embedding) does not idle the other threads.
-            budget = _held_budget()
+            # up to `workers` run at once, and finished ones are held while they fit in the
+            # budget, so one long tensor (an embedding) does not idle the other threads.
             with ThreadPoolExecutor(workers, thread_name_prefix="merge") as executor:
                 pending: deque = deque()  # (name, future, output bytes), in output order
                 todo = deque(jobs)
@@ -561,13 +561,24 @@ def merge(
     }
 
 
+def _env_number(name: str, default: str, kind: type) -> Any:
+    raw = os.environ.get(name, default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise MergeConfigError(f"{name}={raw!r}: expected a {'whole ' if kind is int else ''}number") from None
+    if value < 0:
+        raise MergeConfigError(f"{name}={raw!r}: expected a number >= 0")
+    return value
+
+
 def _held_budget() -> int:
     """Bytes of merged tensors that may wait in memory for their turn to be written."""
-    return max(0, int(float(os.environ.get(HELD_ENV, "512")) * 2**20))
+    return int(_env_number(HELD_ENV, "512", float) * 2**20)
 
 
 def _cpu_workers() -> int:
-    return max(1, int(os.environ.get(THREADS_ENV, "0")) or min(4, os.cpu_count() or 1))
+    return max(1, _env_number(THREADS_ENV, "0", int) or min(4, os.cpu_count() or 1))
 
 
 def _write_done(writer: ShardedWriter, bar: Any, name: str, future: Any) -> None:
