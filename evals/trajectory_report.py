@@ -214,7 +214,28 @@ def trajectory_geometry(trajectory_dir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- plot
 
 
+_PLOTS: dict[str, bytes] = {}  # this process's rendered plots by their inputs (a sweep's jobs plot the same ones)
+
+
 def plot_trajectory(manifest: Mapping, result: Mapping, out: Path, title: str | None = None) -> None:
+    """Loss along the trajectory over the references' scores (PNG at `out`). The same inputs in one process
+    (every job of a sweep on one trajectory) write the bytes rendered the first time."""
+    import hashlib
+
+    shown = {k: manifest.get(k) for k in ("history", "early_steps", "converged_step", "train_wall_s")}
+    key = hashlib.sha256(json.dumps([shown, result, title], sort_keys=True, default=str).encode()).hexdigest()
+    if key not in _PLOTS:
+        if len(_PLOTS) >= 16:
+            _PLOTS.pop(next(iter(_PLOTS)))
+        _PLOTS[key] = _render_trajectory(manifest, result, title)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(_PLOTS[key])
+
+
+def _render_trajectory(manifest: Mapping, result: Mapping, title: str | None) -> bytes:
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,10 +262,10 @@ def plot_trajectory(manifest: Mapping, result: Mapping, out: Path, title: str | 
     ax_score.set_ylim(0, 100)
     fig.suptitle(title or f"{result['domain']}: tiny SFT trajectory ({manifest.get('train_wall_s', 0):.0f} s train)")
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    return buffer.getvalue()
 
 
 def format_table(result: Mapping) -> str:

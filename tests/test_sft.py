@@ -135,7 +135,7 @@ def test_schedule():
     assert cfg["steps_per_epoch"] == 4 and cfg["total_steps"] == 12 and cfg["save_steps"] == [12]
 
 
-def test_quick_scores_and_plot(trajectory, splits, tmp_path):
+def test_quick_scores_and_plot(trajectory, splits, tmp_path, monkeypatch):
     from evals.trajectory_report import format_table, plot_trajectory, quick_scores
 
     out, manifest, _ = trajectory
@@ -151,8 +151,20 @@ def test_quick_scores_and_plot(trajectory, splits, tmp_path):
         assert [s["prompt"] for s in samples] == [r["prompt"] for r in records]
         assert m["score"] == pytest.approx(sum(float(score(s["prediction"], r)) for s, r in zip(samples, records, strict=True)) / 5)
     plot_trajectory(manifest, result, tmp_path / "plot.png")
-    assert (tmp_path / "plot.png").stat().st_size > 0
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
     assert "| checkpoint-12 | 12 |" in format_table(result)
+
+    # The same inputs again (another job of a sweep) write the same bytes without rendering; other ones render.
+    from evals import trajectory_report
+
+    rendered = []
+    real = trajectory_report._render_trajectory
+    monkeypatch.setattr(trajectory_report, "_render_trajectory", lambda *a: rendered.append(a) or real(*a))
+    plot_trajectory(manifest, result, tmp_path / "again" / "plot.png")
+    assert not rendered and (tmp_path / "again" / "plot.png").read_bytes() == (tmp_path / "plot.png").read_bytes()
+    plot_trajectory(manifest, {**result, "split": "validation"}, tmp_path / "validation.png")
+    plot_trajectory(manifest, result, tmp_path / "titled.png", title="another title")
+    assert len(rendered) == 2 and (tmp_path / "validation.png").read_bytes() != (tmp_path / "plot.png").read_bytes()
 
 
 def test_greedy_generate_stops_at_eos():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -37,6 +38,11 @@ def normalized_source(text: str) -> str:
     shipped base); a change in what the code does changes it. The code that an import brings in is
     keyed on its own where it matters (each stage lists the modules its output depends on). Built on
     `tokenize`, whose comment, NEWLINE and NAME tokens are the same in every Python 3 release."""
+    return _normalized(text)
+
+
+@functools.lru_cache(maxsize=1024)  # a pure function of the text: every job of a sweep keys the same modules
+def _normalized(text: str) -> str:
     import io
     import textwrap
     import tokenize

@@ -8,6 +8,8 @@ under a content key (the embedded default trains its own tiny trajectory).
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -143,14 +145,21 @@ def warn_if_not_held_out(spec: TrajectorySpec) -> None:
     given = dict(spec.domain.get("data") or {})
     if generator not in held or given == held[generator]:
         return
-    excluded = corpus.held_out_keys({generator: held[generator]})
-    current = corpus.held_out_keys({generator: given})
-    kind = "math" if generator == "math_synth" else "code"
-    outside = len(current[kind] - excluded[kind])
+    outside, total = _not_held_out(generator, json.dumps(held[generator], sort_keys=True), json.dumps(given, sort_keys=True))
     if outside:
         log.warning("domain.data differs from the data block the pretrained base's corpus was built against "
                     "(conf/domain/%s.yaml): %d of %d validation/test problems were not excluded from the corpus "
-                    "and may have been seen in pretraining", spec.domain_name, outside, len(current[kind]))
+                    "and may have been seen in pretraining", spec.domain_name, outside, total)
+
+
+@functools.lru_cache(maxsize=64)  # every job of a sweep asks again; the splits are regenerated to answer
+def _not_held_out(generator: str, held: str, given: str) -> tuple[int, int]:
+    """(validation/test problems of the `given` data block that the `held` one did not exclude, all of them);
+    both blocks as JSON."""
+    excluded = corpus.held_out_keys({generator: json.loads(held)})
+    current = corpus.held_out_keys({generator: json.loads(given)})
+    kind = "math" if generator == "math_synth" else "code"
+    return len(current[kind] - excluded[kind]), len(current[kind])
 
 
 def trajectory_key(spec: TrajectorySpec, data: DomainData) -> str:
