@@ -27,11 +27,18 @@ log() { echo "local_cluster: $*" >&2; }
 
 die() { log "error: $*"; exit 1; }
 
+alive() {  # the process runs: kill -0 answers, and it is not a zombie (one that init has yet to reap)
+  kill -0 "$1" 2>/dev/null || return 1
+  local stat; stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0  # no /proc: kill -0 is all there is
+  stat=${stat##*) }
+  [[ ${stat%% *} != Z ]]
+}
+
 pid_of() {  # the recorded PID of a daemon, if the process still runs
   local file="$STATE/run/$1.pid"
   [[ -s $file ]] || return 1
   local pid; pid=$(tr -dc '0-9' <"$file")
-  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+  [[ -n $pid ]] && alive "$pid" && echo "$pid"
 }
 
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
@@ -199,8 +206,8 @@ cmd_stop() {
     local daemon=${DAEMONS[i]} pid
     pid=$(pid_of "$daemon") || continue
     kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    if kill -0 "$pid" 2>/dev/null; then
+    for _ in $(seq 1 200); do alive "$pid" || break; sleep 0.1; done
+    if alive "$pid"; then
       log "$daemon (pid $pid) ignored SIGTERM for 20s: SIGKILL"
       kill -KILL "$pid" 2>/dev/null || rc=1
     fi
