@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,11 +19,34 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One id per test run, set by the first process (pytest, or pytest-xdist's controller) and inherited by
+# the run's other processes (the xdist workers, the CLI subprocesses).
+RUN_ID = os.environ.setdefault("ARM_TESTS_RUN_ID", f"{os.getpid()}-{os.urandom(3).hex()}")
 # lm-eval's task index (evals.runner.lm_eval_task_index) is built once per test run, shared by the
-# run's processes (pytest-xdist workers, the CLI subprocesses) through a folder of the run's own.
-os.environ["ARM_LM_EVAL_INDEX"] = str(
-    Path(tempfile.gettempdir()) / f"arm-tests-lm-eval-index-{os.environ.get('PYTEST_XDIST_TESTRUNUID') or os.getpid()}"
-)
+# run's processes through a folder of the run's own.
+os.environ["ARM_LM_EVAL_INDEX"] = str(Path(tempfile.gettempdir()) / f"arm-tests-lm-eval-index-{RUN_ID}")
+
+_INDEX_BUILD: list[subprocess.Popen] = []
+
+
+def pytest_sessionstart(session):
+    """The first process of the run starts building lm-eval's task index in the background (~17 s of one
+    core): the tests that read it (the real-task checks, plans of real domains) then find it built, or
+    wait on its file lock, instead of one worker building it while the other waits for it. Only for a run
+    of the whole suite (`make test`, `make test-fast`): a run of a few files builds it when it needs it."""
+    config = session.config
+    whole = not config.args or any(Path(a).resolve() == REPO / "tests" for a in config.args)
+    if hasattr(config, "workerinput") or config.option.collectonly or not whole:
+        return
+    code = "from evals.runner import lm_eval_task_index; lm_eval_task_index()"
+    _INDEX_BUILD.append(subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL))
+
+
+def pytest_sessionfinish(session):
+    for proc in _INDEX_BUILD:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
 
 
 def group_options(group: str) -> list[str]:
