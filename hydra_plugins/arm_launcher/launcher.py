@@ -21,6 +21,36 @@ from arm.run.slurm_launcher import explicit_launcher_keys, group_by_resources, j
 log = logging.getLogger(__name__)
 
 
+# Slurm states in which a job has ended for good without a result: a job that exits with an error code
+# (our `arm: error: ...` exits 2) writes no result file, and submitit's `results()` would first wait 15 s
+# for one (a slow shared file system's grace) before it reports the job.
+ENDED_WITHOUT_RESULT = ("FAILED", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
+RESULT_GRACE_S = 2.0
+
+
+def job_result(job: Any) -> JobReturn:
+    """The job's JobReturn once it has ended (submitit's `results()`), or, for a job Slurm reports ended
+    without a result, submitit's UncompletedJobError with its state and error stream after a grace of
+    RESULT_GRACE_S instead of 15 s."""
+    import time
+
+    from submitit.core.utils import UncompletedJobError
+
+    job.wait()  # its result file, or Slurm's accounting saying it has ended
+    deadline = time.monotonic() + RESULT_GRACE_S
+    while not job.paths.result_pickle.exists():
+        state = str(job.state).upper().split()[0]
+        if state not in ENDED_WITHOUT_RESULT:
+            break  # ended another way (e.g. COMPLETED): submitit's own wait and message
+        if time.monotonic() > deadline:
+            stderr = job.stderr() or f"(empty; see {job.paths.stdout})"
+            raise UncompletedJobError(f"Job {job.job_id} (task: {job.task_id}) with path {job.paths.result_pickle}\n"
+                                      f"has not produced any output (state: {state})\nError stream produced:\n"
+                                      f"{'-' * 40}\n{stderr}")
+        time.sleep(0.2)
+    return job.results()[0]
+
+
 class PerModelSlurmLauncher(SlurmLauncher):
     """hydra-submitit-launcher's SlurmLauncher, one job array per distinct `model.slurm.job` spec."""
 
@@ -63,7 +93,7 @@ class PerModelSlurmLauncher(SlurmLauncher):
                 job_params.append((list(job_overrides[i]), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
             for i, job in zip(members, executor.map_array(self, *zip(*job_params, strict=True)), strict=True):
                 jobs[i] = job
-        return [jobs[i].results()[0] for i in range(len(job_overrides))]
+        return [job_result(jobs[i]) for i in range(len(job_overrides))]
 
     def _plan(self, job_overrides, initial_job_idx, configs, groups) -> list[JobReturn]:
         plans = []
