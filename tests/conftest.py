@@ -79,22 +79,39 @@ def lm_eval_index():
 
 @pytest.fixture(scope="session")
 def shared_root(tmp_path_factory) -> Path:
-    """One outputs root for the whole test run: its cache holds the small math_synth trajectory (trained
-    once) and its reference evaluations, reused by every test that only needs *a* trajectory (their
-    jobs pass paths.cache=<shared_root>/cache; the content keys make them hits)."""
-    return tmp_path_factory.mktemp("shared")
+    """One outputs root for the whole test run, shared by its pytest-xdist workers (the folder above each
+    worker's own temporary root): its cache holds the small math_synth and code_synth trajectories, each
+    trained once, and their reference evaluations, reused by every test that only needs *a* trajectory
+    (their jobs pass paths.cache=<shared_root>/cache; the content keys make them hits; the cache's file
+    locks make a concurrent second build wait and read). The tests on it check their own entries (keys,
+    `created` times, modification times), never the folder's listing, which another worker may be adding
+    to. Never modify what it holds."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+    return root
 
 
 @pytest.fixture(scope="session")
 def small_math_job(shared_root):
     """The small math_synth job (tests.helpers.SMALL: 24 SFT steps, 4 references evaluated with lm-eval,
-    W&B offline), run once per test run in `shared_root`. Never modify its outputs."""
+    W&B offline), run once per test run in `shared_root` by the first worker that asks for it; the others
+    read what it returned (runs/math.json). Never modify its outputs."""
+    import json
+
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from arm.core.cache import atomic_write_json, file_lock
     from arm.run.job import run_job
     from tests.helpers import SMALL
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=[*SMALL, f"paths.root={shared_root}", "domain=math_synth", "logger=wandb"])
-    return run_job(cfg, run_dir=shared_root / "runs" / "math")
+    returned = shared_root / "runs" / "math.json"
+    with file_lock(shared_root / "small_math_job.lock"):
+        if not returned.is_file():
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                cfg = hydra_compose("config", overrides=[*SMALL, f"paths.root={shared_root}", "domain=math_synth",
+                                                         "logger=wandb"])
+            out = run_job(cfg, run_dir=shared_root / "runs" / "math")
+            atomic_write_json(returned, json.loads(json.dumps(out, default=str)))
+    return json.loads(returned.read_text())

@@ -30,6 +30,19 @@ def eval_folders(root: Path) -> list[str]:
     return sorted(p.name for p in (root / "cache" / "evals").iterdir() if p.is_dir())
 
 
+def evaluations(run_dir: Path) -> dict[str, tuple[str, str, str]]:
+    """{row: (its cached evaluation's folder name, created, primary scores)} of a job's results."""
+    out = {}
+    for path in sorted((run_dir / "results").glob("*/results.json")):
+        r = load_result(path)
+        out[r["name"]] = (f"{r['model']}-{r['domain']}-{r['name']}-{r['cache_key']}", r["created"], json.dumps(r["primary"]))
+    return out
+
+
+def keys(evaluated: dict[str, tuple[str, str, str]]) -> list[str]:
+    return [folder for folder, _, _ in evaluated.values()]
+
+
 @pytest.mark.slow
 def test_math_job_end_to_end_and_cache_reuse(compose, shared_root, small_math_job):
     out = small_math_job  # SMALL on math_synth with logger=wandb, run once per test run in shared_root
@@ -70,19 +83,22 @@ def test_math_job_end_to_end_and_cache_reuse(compose, shared_root, small_math_jo
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert (run_dir / "trajectory.png").stat().st_size > 1000
 
-    # Second job, same config: nothing is trained or evaluated again.
+    # Second job, same config: nothing is trained or evaluated again (each reference is the cached
+    # evaluation: the same key, created at the same time, the same scores). The shared cache's listing is
+    # not compared: another worker may be adding entries of its own to it meanwhile.
     trajectory_mtime = (Path(out["trajectory"]) / "manifest.json").stat().st_mtime_ns
-    before = eval_folders(tmp_path)
+    first = evaluations(run_dir)
+    assert sorted(first) == sorted(REFERENCES) and all(key in eval_folders(tmp_path) for key in keys(first))
     again = run(compose, tmp_path, "domain=math_synth", "logger=none", run_name="again")
+    assert again["trajectory"] == out["trajectory"]
     assert (Path(again["trajectory"]) / "manifest.json").stat().st_mtime_ns == trajectory_mtime
-    assert eval_folders(tmp_path) == before
-    first = load_result(run_dir / "results" / "sft@6" / "results.json")
-    second = load_result(Path(again["run_dir"]) / "results" / "sft@6" / "results.json")
-    assert first["created"] == second["created"] and first["primary"] == second["primary"]
+    assert evaluations(Path(again["run_dir"])) == first
 
     # A different evaluation setting is a different key: evaluated anew, trajectory reused.
     limited = run(compose, tmp_path, "domain=math_synth", "logger=none", "eval.limit=8", run_name="limited")
-    assert len(eval_folders(tmp_path)) == len(before) + len(REFERENCES)
+    anew = evaluations(Path(limited["run_dir"]))
+    assert sorted(anew) == sorted(REFERENCES) and set(keys(anew)).isdisjoint(keys(first))
+    assert all(key in eval_folders(tmp_path) for key in keys(anew))
     for name in REFERENCES:
         check_result_against_samples(Path(limited["run_dir"]) / "results" / name, expected_n=8)
     assert (Path(out["trajectory"]) / "manifest.json").stat().st_mtime_ns == trajectory_mtime
@@ -176,19 +192,26 @@ def test_multirun_over_merge_methods_adds_their_rows(tmp_path, shared_root, smal
     methods = ["linear", "task_arithmetic", "ties", "expo", "dare"]
     sweep = tmp_path / "sweep"
     cache = shared_root / "cache"
-    trajectories = sorted(p.parent for p in (cache / "trajectories").glob("*/manifest.json"))
-    trained = {p: (p / "manifest.json").stat().st_mtime_ns for p in trajectories}
-    references = set(eval_folders(shared_root))
+    shared = Path(small_math_job["trajectory"])
+    trained = (shared / "manifest.json").stat().st_mtime_ns
+    references = evaluations(Path(small_math_job["run_dir"]))
     proc = subprocess.run(
         [sys.executable, "-m", "arm", "-m", f"merge={','.join(methods)}", *SMALL, f"paths.root={tmp_path}",
          f"paths.cache={cache}", "logger=none", f"hydra.sweep.dir={sweep}"],
         capture_output=True, text=True, cwd=REPO, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.parent for p in (cache / "trajectories").glob("*/manifest.json")) == trajectories
-    assert {p: (p / "manifest.json").stat().st_mtime_ns for p in trajectories} == trained  # not trained again
-    evaluated = set(eval_folders(shared_root)) - references
-    assert sorted(name.split("-")[2] for name in evaluated) == sorted(methods), evaluated  # only the merges
+    assert (shared / "manifest.json").stat().st_mtime_ns == trained  # not trained again
+    jobs = sorted(p for p in sweep.iterdir() if (p / "results").is_dir())
+    assert len(jobs) == len(methods), jobs
+    for job in jobs:  # each job: the shared trajectory's references, the cached evaluations, and its merge
+        evaluated = evaluations(job)
+        merged = [name for name in evaluated if name not in references]
+        assert {name: evaluated[name] for name in references} == references, job  # not evaluated again
+        assert len(merged) == 1 and merged[0] in methods, (job, merged)
+        assert evaluated[merged[0]][0] in eval_folders(shared_root)  # its evaluation is kept in the shared cache
+        for name in references:
+            assert str(load_result(job / "results" / name / "results.json")["model_path"]).startswith(str(shared))
 
     from evals.results import load_results
     from evals.table import build_table

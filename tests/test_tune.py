@@ -114,10 +114,17 @@ def test_select_ablate_and_test(tmp_path, capsys, shared_root, small_math_job):
         assert cell["min"] - 1e-4 <= value <= cell["max"] + 1e-4
     assert "over 2 SFT seed(s) [0, 1]" in (out / "spread.md").read_text()
 
-    # A second run reuses every merge and evaluation (nothing is rebuilt).
-    before = sorted(p.name for p in (cache / "evals").iterdir())
+    # A second run reuses every merge and evaluation (nothing is rebuilt): each row is the cached evaluation,
+    # of the same key and created at the same time. (The shared cache's listing is not compared: another
+    # worker may be adding entries of its own to it meanwhile.)
+    def evaluated() -> dict:
+        return {(r["config"]["seed"], r.get("label") or r["name"]): (r["cache_key"], r["created"])
+                for r in load_results([out / "test"])}
+
+    before = evaluated()
+    assert len(before) == 2 * (4 + 3)  # per seed: the 4 references and the 3 rows
     assert tune.main(["--spec", str(write_spec(tmp_path)), "--out", str(out), "--stages", "test", *common]) == 0
-    assert sorted(p.name for p in (cache / "evals").iterdir()) == before
+    assert evaluated() == before
 
 
 def test_bad_spec_fails_before_any_job(tmp_path, capsys):

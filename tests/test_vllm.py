@@ -116,17 +116,17 @@ def test_vllm_matches_hf_through_the_pipeline(vllm_venv, compose, tmp_path, shar
     out_vllm = run_job(vllm_cfg, run_dir=tmp_path / "runs" / "vllm")
     if domain == "math_synth":  # the session's shared trajectory, not one of its own
         assert out_vllm["trajectory"] == request.getfixturevalue("small_math_job")["trajectory"]
-    trajectories = sorted((cache / "trajectories").glob("*/manifest.json"))
-    merged = sorted((cache / "merged").glob("*/merge_summary.json"))
-    stamps = {p: p.stat().st_mtime_ns for p in [*trajectories, *merged]}
+    vllm_dir = Path(out_vllm["run_dir"])
+    merge = Path(load_result(vllm_dir / "results" / "linear" / "results.json")["model_path"])
+    built = [Path(out_vllm["trajectory"]) / "manifest.json", merge / "merge_summary.json"]
+    stamps = {p: p.stat().st_mtime_ns for p in built}
     out_hf = run_job(compose(*common, "eval=hf"), run_dir=tmp_path / "runs" / "hf")
-    # The hf job reused the trajectory and the merge: the same models were evaluated twice.
+    hf_dir = Path(out_hf["run_dir"])
+    # The hf job reused the trajectory and the merge, as they were: the same models were evaluated twice.
     assert out_hf["trajectory"] == out_vllm["trajectory"]
-    assert sorted((cache / "trajectories").glob("*/manifest.json")) == trajectories
-    assert sorted((cache / "merged").glob("*/merge_summary.json")) == merged
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert Path(load_result(hf_dir / "results" / "linear" / "results.json")["model_path"]) == merge
+    assert {p: p.stat().st_mtime_ns for p in built} == stamps
 
-    vllm_dir, hf_dir = Path(out_vllm["run_dir"]), Path(out_hf["run_dir"])
     names = [*refs, "linear"]
     assert sorted(p.parent.name for p in (vllm_dir / "results").glob("*/results.json")) == sorted(names)
     per_model = set()
