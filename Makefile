@@ -45,17 +45,22 @@ run: $(STAMP) sandbox
 	@echo "trajectories and cache:   outputs/cache"
 
 # Two pytest workers (pytest-xdist), each test file on one worker (--dist loadfile: a file's module and
-# session fixtures, e.g. the Slurm cluster or the vLLM venv, stay in one process). PYTEST_WORKERS=0: one process.
+# session fixtures, e.g. the Slurm cluster or the vLLM venv, stay in one process), handed out in the
+# order of tests/conftest.py's LONGEST_FIRST (--no-loadscope-reorder: not by their number of tests).
+# PYTEST_WORKERS=0: one process. Bytecode is written (__pycache__/, ignored by git) even where the
+# environment sets PYTHONDONTWRITEBYTECODE: otherwise every worker and every `arm` subprocess compiles
+# the project again, and pytest rewrites every test module's asserts again (~5 s per process here).
 PYTEST_WORKERS ?= 2
-PYTEST_ARGS := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
+PYTEST_ARGS := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest
 
 test: $(STAMP) sandbox
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS) $(TESTS)
+	$(PYTEST) -q $(PYTEST_ARGS) $(TESTS)
 
 # The suite without the tests marked slow (they train a trajectory, evaluate it with lm-eval, build the
 # mergekit venv, start Slurm or vLLM): a few minutes, for the edit-test loop. CI runs `make test` (all).
 test-fast: $(STAMP) sandbox
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS) -m "not slow" $(TESTS)
+	$(PYTEST) -q $(PYTEST_ARGS) -m "not slow" $(TESTS)
 
 # GPU machines get another transformers: the vllm extra (0.32.x) needs transformers>=5.16.1,<5.20,
 # while this CPU install takes the newest 5.x. The tests that drive transformers (tiny and Trainer SFT,

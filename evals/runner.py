@@ -140,7 +140,8 @@ class TaskIndex:
 
 def _index_file() -> Path:
     """Where this lm-eval's index is kept: its name carries lm-eval's version and install folder and the
-    names, sizes and modification times of evals/tasks/code/'s files, so any change builds a new one."""
+    names, sizes and modification times of evals/tasks/code/'s files (not the bytecode Python writes
+    there), so any change builds a new one."""
     import hashlib
     import importlib.metadata
 
@@ -148,7 +149,7 @@ def _index_file() -> Path:
 
     parts = [importlib.metadata.version("lm_eval"), str(Path(lm_eval.__file__).resolve().parent)]
     for f in sorted(CODE_TASK_DIR.rglob("*")):
-        if f.is_file():
+        if f.is_file() and "__pycache__" not in f.relative_to(CODE_TASK_DIR).parts:  # not Python's bytecode
             st = f.stat()
             parts.append(f"{f.relative_to(CODE_TASK_DIR)}:{st.st_size}:{st.st_mtime_ns}")
     digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

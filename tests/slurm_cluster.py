@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "slurm" / "local_cluster.sh"
 BINARIES = ("slurmctld", "slurmd", "slurmdbd", "sbatch", "sacct", "squeue", "munged", "mariadbd", "mariadb-install-db")
 DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
+UNFINISHED = ("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
 
 
 def missing_binaries() -> list[str]:
@@ -96,12 +97,17 @@ class LocalCluster:
         return jobs
 
     def wait_until_drained(self, timeout: float) -> None:
-        """Until no job is pending or running (bounded: raises TimeoutError)."""
+        """Until no job is pending or running, in the queue and in accounting (slurmdbd records a job's end
+        a moment after it leaves the queue), bounded: raises TimeoutError."""
         deadline = time.monotonic() + timeout
         while self.run("squeue", "-h", "-o", "%i").strip():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"jobs still queued after {timeout}s:\n{self.run('squeue')}")
             time.sleep(1)
+        while unfinished := {j: s for j, (s, _) in self.jobs().items() if s in UNFINISHED}:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"accounting still shows {unfinished} after {timeout}s")
+            time.sleep(0.5)
 
     def cancel_all(self, timeout: float = 60) -> None:
         """Cancel every job still queued or running: a test that fails mid-sweep must not leave its jobs'

@@ -123,6 +123,61 @@ def test_the_index_is_kept_on_disk_and_read_back_by_another_process(lm_eval_inde
     shutil.copytree(runner.CODE_TASK_DIR, copy)
     monkeypatch.setattr(runner, "CODE_TASK_DIR", copy)
     assert runner._index_file() == path  # the same files: the same index
+    (copy / "__pycache__").mkdir(exist_ok=True)
+    (copy / "__pycache__" / "utils.cpython-311.pyc").write_bytes(b"bytecode")
+    assert runner._index_file() == path  # and Python's bytecode beside them is not one of them
     victim = next(p for p in sorted(copy.rglob("*.yaml")))
     victim.write_text(victim.read_text() + "\n")
     assert runner._index_file() != path
+
+
+def test_concurrent_first_reads_build_the_index_once(tmp_path, monkeypatch) -> None:
+    """Processes of one run (pytest-xdist workers, the suite's background build, a sweep's jobs) that find
+    no index file at once: one builds it under the file lock, the others wait for the lock and read the
+    file it wrote. Threads stand in for the processes (flock locks each open file, so they exclude one
+    another the same way), and a slow stand-in for lm-eval's TaskManager keeps the first builder inside
+    the lock while the others arrive."""
+    import json
+    import threading
+    import time
+
+    from evals import runner
+
+    class PerThread:  # the in-memory copy of each "process": one per thread, empty at first
+        def __init__(self):
+            self.local = threading.local()
+
+        def _kept(self) -> dict:
+            self.local.__dict__.setdefault("kept", {})
+            return self.local.kept
+
+        def __contains__(self, key):
+            return key in self._kept()
+
+        def __getitem__(self, key):
+            return self._kept()[key]
+
+        def __setitem__(self, key, value):
+            self._kept()[key] = value
+
+    monkeypatch.setenv(runner.INDEX_ENV, str(tmp_path / "index"))
+    monkeypatch.setattr(runner, "_LM_EVAL_INDEX", PerThread())
+    builds = []
+
+    def slow_build(path):
+        builds.append(path)
+        time.sleep(0.5)
+        path.write_text(json.dumps({"tasks": {"gsm8k_cot_zeroshot": "/lm_eval/tasks/gsm8k.yaml"}}))
+        return runner.TaskIndex({"gsm8k_cot_zeroshot": runner.IndexedTask("/lm_eval/tasks/gsm8k.yaml")}, "built")
+
+    monkeypatch.setattr(runner, "_build_index", slow_build)
+    got = []
+
+    threads = [threading.Thread(target=lambda: got.append(runner.lm_eval_task_index())) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert builds == [runner._index_file()]  # built once
+    assert sorted(i.source for i in got) == sorted(["built", str(builds[0]), str(builds[0])])  # the others read its file
+    assert all(i.task_index == got[0].task_index for i in got)
