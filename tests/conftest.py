@@ -42,19 +42,6 @@ def pytest_sessionstart(session):
     _INDEX_BUILD.append(subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL))
 
 
-# The test files that take longest (a minute or more each on 2 cores), in the order pytest-xdist hands
-# them out (`make test`: --dist loadfile --no-loadscope-reorder): started early, they do not leave one
-# worker running alone at the end. vLLM (whose engine binds its threads to the cores) comes first and
-# the Slurm sweeps last of them, so the two do not start together. Every other file follows in
-# collection order.
-LONGEST_FIRST = ("test_vllm.py", "test_pipeline.py", "test_tune.py", "test_plan.py", "test_slurm.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
-
-
 def pytest_sessionfinish(session):
     for proc in _INDEX_BUILD:
         if proc.poll() is None:
