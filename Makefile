@@ -45,9 +45,10 @@ run: $(STAMP) sandbox
 	@echo "trajectories and cache:   outputs/cache"
 
 # Two pytest workers (pytest-xdist), each test file on one worker (--dist loadfile: a file's module and
-# session fixtures, e.g. the Slurm cluster or the vLLM venv, stay in one process). Handing the longest
-# files out first was slower here (357-364 s against 347-352 s): they then run at the same time and
-# contend for the 2 cores (vLLM's engine binds its threads to them). PYTEST_WORKERS=0: one process. Bytecode is written (__pycache__/, ignored by git) even where the
+# session fixtures, e.g. the Slurm cluster or the vLLM venv, stay in one process), in xdist's order.
+# Handing the longest files out first was slower here (357-364 s against 347-352 s): they then run at
+# the same time and contend for the 2 cores (vLLM's engine binds its threads to them).
+# PYTEST_WORKERS=0: one process. Bytecode is written (__pycache__/, ignored by git) even where the
 # environment sets PYTHONDONTWRITEBYTECODE: otherwise every worker and every `arm` subprocess compiles
 # the project again, and pytest rewrites every test module's asserts again (~5 s per process here).
 PYTEST_WORKERS ?= 2

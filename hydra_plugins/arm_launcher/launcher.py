@@ -39,7 +39,7 @@ def job_result(job: Any) -> JobReturn:
     job.wait()  # its result file, or Slurm's accounting saying it has ended
     deadline = time.monotonic() + RESULT_GRACE_S
     while not job.paths.result_pickle.exists():
-        state = str(job.state).upper().split()[0]
+        state = (str(job.state).upper().split() or ["UNKNOWN"])[0]  # e.g. "CANCELLED by 0" -> CANCELLED
         if state not in ENDED_WITHOUT_RESULT:
             break  # ended another way (e.g. COMPLETED): submitit's own wait and message
         if time.monotonic() > deadline:
