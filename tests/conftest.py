@@ -22,7 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One id per test run, set by the first process (pytest, or pytest-xdist's controller) and inherited by
 # the run's other processes (the xdist workers, the CLI subprocesses).
 RUN_ID = os.environ.setdefault("ARM_TESTS_RUN_ID", f"{os.getpid()}-{os.urandom(3).hex()}")
-# lm-eval's task index (evals.runner.lm_eval_task_index) is built once per test run, shared by the
+# lm-eval's task index (evals.task_index.lm_eval_task_index) is built once per test run, shared by the
 # run's processes through a folder of the run's own.
 os.environ["ARM_LM_EVAL_INDEX"] = str(Path(tempfile.gettempdir()) / f"arm-tests-lm-eval-index-{RUN_ID}")
 
@@ -38,7 +38,7 @@ def pytest_sessionstart(session):
     whole = not config.args or any(Path(a).resolve() == REPO / "tests" for a in config.args)
     if hasattr(config, "workerinput") or config.option.collectonly or not whole:
         return
-    code = "from evals.runner import lm_eval_task_index; lm_eval_task_index()"
+    code = "from evals.task_index import lm_eval_task_index; lm_eval_task_index()"
     _INDEX_BUILD.append(subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL))
 
 
@@ -70,9 +70,9 @@ def compose():
 @pytest.fixture(scope="session")
 def lm_eval_index():
     """lm-eval's task index (its built-in tasks and evals/tasks/code/), built once per test run: the same
-    object the job's real-task check uses (evals.runner.lm_eval_task_index: kept per process and in
+    object the job's real-task check uses (evals.task_index.lm_eval_task_index: kept per process and in
     $ARM_LM_EVAL_INDEX, set above)."""
-    from evals.runner import lm_eval_task_index
+    from evals.task_index import lm_eval_task_index
 
     return lm_eval_task_index()
 

@@ -103,7 +103,7 @@ def test_mbpp_fewshot_examples_are_lm_evals() -> None:
 def test_lm_eval_knows_the_sandboxed_tasks() -> None:
     from lm_eval.tasks import TaskManager
 
-    from evals.runner import CODE_TASK_DIR
+    from evals.task_index import CODE_TASK_DIR
 
     # (the runner also includes lm-eval's own tasks; indexing all of them takes ~20-40 s here)
     manager = TaskManager(include_path=str(CODE_TASK_DIR), include_defaults=False)

@@ -35,7 +35,8 @@ def test_real_domains_are_found() -> None:
 
 @pytest.mark.parametrize("domain", REAL_DOMAINS)
 def test_every_task_of_a_real_domain_exists_generates_and_reports_its_metric(compose, lm_eval_index, domain) -> None:
-    from evals.runner import check_real_tasks, task_metric_keys, task_specs
+    from evals.runner import task_specs
+    from evals.task_index import check_real_tasks, task_metric_keys
 
     cfg = compose("model=qwen3-1.7b", f"domain={domain}")
     specs = task_specs(cfg.domain)
@@ -57,7 +58,7 @@ def test_the_benchmarks_named_in_the_docs_are_the_ones_configured(compose) -> No
 
 
 def test_metric_keys_read_from_the_yaml_are_lm_evals(lm_eval_index) -> None:
-    from evals.runner import task_metric_keys
+    from evals.task_index import task_metric_keys
 
     assert task_metric_keys(task_config(lm_eval_index, "gsm8k_cot_zeroshot")) == [
         "exact_match,strict-match", "exact_match,flexible-extract"]
@@ -85,7 +86,8 @@ def test_a_wrong_real_task_fails_the_job_before_any_work(compose, tmp_path, lm_e
 
 
 def test_unsafe_code_opt_in_accepts_lm_evals_own_code_tasks(compose, lm_eval_index) -> None:
-    from evals.runner import check_real_tasks, task_specs
+    from evals.runner import task_specs
+    from evals.task_index import check_real_tasks
 
     lm_eval_own = [{"name": "humaneval", "metric": "pass_at_k", "filter": "create_test"},
                    {"name": "mbpp", "metric": "pass_at_1"}]
@@ -106,29 +108,29 @@ def test_the_index_is_kept_on_disk_and_read_back_by_another_process(lm_eval_inde
     import subprocess
     import sys
 
-    from evals import runner
+    from evals import task_index
     from tests.conftest import REPO
 
-    path = runner._index_file()
-    assert path.parent == Path(os.environ[runner.INDEX_ENV]) and path.is_file()
+    path = task_index._index_file()
+    assert path.parent == Path(os.environ[task_index.INDEX_ENV]) and path.is_file()
     saved = json.loads(path.read_text())["tasks"]
     assert saved == {name: entry.yaml_path for name, entry in lm_eval_index.task_index.items()}
     assert len(saved) > 1000 and {"gsm8k_cot_zeroshot", "humaneval_sandboxed"} <= set(saved)
-    probe = ("from evals.runner import lm_eval_task_index as f; i = f(); "
+    probe = ("from evals.task_index import lm_eval_task_index as f; i = f(); "
              "print(i.source, len(i.task_index), i.task_index['minerva_math500'].yaml_path)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert out.split() == [str(path), str(len(saved)), saved["minerva_math500"]]
 
     copy = tmp_path / "code"
-    shutil.copytree(runner.CODE_TASK_DIR, copy)
-    monkeypatch.setattr(runner, "CODE_TASK_DIR", copy)
-    assert runner._index_file() == path  # the same files: the same index
+    shutil.copytree(task_index.CODE_TASK_DIR, copy)
+    monkeypatch.setattr(task_index, "CODE_TASK_DIR", copy)
+    assert task_index._index_file() == path  # the same files: the same index
     (copy / "__pycache__").mkdir(exist_ok=True)
     (copy / "__pycache__" / "utils.cpython-311.pyc").write_bytes(b"bytecode")
-    assert runner._index_file() == path  # and Python's bytecode beside them is not one of them
+    assert task_index._index_file() == path  # and Python's bytecode beside them is not one of them
     victim = next(p for p in sorted(copy.rglob("*.yaml")))
     victim.write_text(victim.read_text() + "\n")
-    assert runner._index_file() != path
+    assert task_index._index_file() != path
 
 
 def test_concurrent_first_reads_build_the_index_once(tmp_path, monkeypatch) -> None:
@@ -141,7 +143,7 @@ def test_concurrent_first_reads_build_the_index_once(tmp_path, monkeypatch) -> N
     import threading
     import time
 
-    from evals import runner
+    from evals import task_index
 
     class PerThread:  # the in-memory copy of each "process": one per thread, empty at first
         def __init__(self):
@@ -160,24 +162,24 @@ def test_concurrent_first_reads_build_the_index_once(tmp_path, monkeypatch) -> N
         def __setitem__(self, key, value):
             self._kept()[key] = value
 
-    monkeypatch.setenv(runner.INDEX_ENV, str(tmp_path / "index"))
-    monkeypatch.setattr(runner, "_LM_EVAL_INDEX", PerThread())
+    monkeypatch.setenv(task_index.INDEX_ENV, str(tmp_path / "index"))
+    monkeypatch.setattr(task_index, "_LM_EVAL_INDEX", PerThread())
     builds = []
 
     def slow_build(path):
         builds.append(path)
         time.sleep(0.5)
         path.write_text(json.dumps({"tasks": {"gsm8k_cot_zeroshot": "/lm_eval/tasks/gsm8k.yaml"}}))
-        return runner.TaskIndex({"gsm8k_cot_zeroshot": runner.IndexedTask("/lm_eval/tasks/gsm8k.yaml")}, "built")
+        return task_index.TaskIndex({"gsm8k_cot_zeroshot": task_index.IndexedTask("/lm_eval/tasks/gsm8k.yaml")}, "built")
 
-    monkeypatch.setattr(runner, "_build_index", slow_build)
+    monkeypatch.setattr(task_index, "_build_index", slow_build)
     got = []
 
-    threads = [threading.Thread(target=lambda: got.append(runner.lm_eval_task_index())) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: got.append(task_index.lm_eval_task_index())) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=30)
-    assert builds == [runner._index_file()]  # built once
+    assert builds == [task_index._index_file()]  # built once
     assert sorted(i.source for i in got) == sorted(["built", str(builds[0]), str(builds[0])])  # the others read its file
     assert all(i.task_index == got[0].task_index for i in got)

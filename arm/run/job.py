@@ -34,8 +34,9 @@ from arm.run.tracking import start_tracker
 from arm.trajectory.build import ensure_trajectory
 from evals import runner
 from evals.results import RESULTS_NAME, build_result, load_result, write_result
-from evals.runner import check_model_folder, check_real_tasks, read_samples, task_specs
+from evals.runner import check_model_folder, read_samples, task_specs
 from evals.table import build_table, to_markdown
+from evals.task_index import check_real_tasks
 from evals.trajectory_report import plot_trajectory
 
 log = logging.getLogger(__name__)
