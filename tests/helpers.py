@@ -120,6 +120,17 @@ def check_evaluation_against_samples(evaluation: Mapping[str, Any], samples_path
     return values
 
 
+def evaluations(run_dir: Path) -> dict[str, tuple[str, str, str]]:
+    """{row: (its cached evaluation's folder name, created, primary scores as JSON)} of a job's results:
+    which cached evaluation each row is. Two jobs with equal values reused the same evaluations."""
+    out = {}
+    for path in sorted((Path(run_dir) / "results").glob("*/results.json")):
+        r = json.loads(path.read_text())
+        out[r["name"]] = (f"{r['model']}-{r['domain']}-{r['name']}-{r['cache_key']}", r["created"],
+                          json.dumps(r["primary"], sort_keys=True))
+    return out
+
+
 def get_metric_name(task: str) -> str:
     from arm.data.domains import get_generator
 

@@ -16,7 +16,7 @@ import pytest
 from arm.core.errors import ArmError, ConfigError, InputError
 from evals.results import load_result
 from tests.conftest import REPO
-from tests.helpers import REFERENCES, SMALL, assert_git_revision, check_result_against_samples
+from tests.helpers import REFERENCES, SMALL, assert_git_revision, check_result_against_samples, evaluations
 
 
 def run(compose, tmp_path: Path, *overrides: str, run_name: str = "run") -> dict:
@@ -28,19 +28,6 @@ def run(compose, tmp_path: Path, *overrides: str, run_name: str = "run") -> dict
 
 def eval_folders(root: Path) -> list[str]:
     return sorted(p.name for p in (root / "cache" / "evals").iterdir() if p.is_dir())
-
-
-def evaluations(run_dir: Path) -> dict[str, tuple[str, str, str]]:
-    """{row: (its cached evaluation's folder name, created, primary scores)} of a job's results."""
-    out = {}
-    for path in sorted((run_dir / "results").glob("*/results.json")):
-        r = load_result(path)
-        out[r["name"]] = (f"{r['model']}-{r['domain']}-{r['name']}-{r['cache_key']}", r["created"], json.dumps(r["primary"]))
-    return out
-
-
-def keys(evaluated: dict[str, tuple[str, str, str]]) -> list[str]:
-    return [folder for folder, _, _ in evaluated.values()]
 
 
 @pytest.mark.slow
@@ -88,7 +75,7 @@ def test_math_job_end_to_end_and_cache_reuse(compose, shared_root, small_math_jo
     # not compared: another worker may be adding entries of its own to it meanwhile.
     trajectory_mtime = (Path(out["trajectory"]) / "manifest.json").stat().st_mtime_ns
     first = evaluations(run_dir)
-    assert sorted(first) == sorted(REFERENCES) and all(key in eval_folders(tmp_path) for key in keys(first))
+    assert sorted(first) == sorted(REFERENCES) and all(folder in eval_folders(tmp_path) for folder, _, _ in first.values())
     again = run(compose, tmp_path, "domain=math_synth", "logger=none", run_name="again")
     assert again["trajectory"] == out["trajectory"]
     assert (Path(again["trajectory"]) / "manifest.json").stat().st_mtime_ns == trajectory_mtime
@@ -97,8 +84,8 @@ def test_math_job_end_to_end_and_cache_reuse(compose, shared_root, small_math_jo
     # A different evaluation setting is a different key: evaluated anew, trajectory reused.
     limited = run(compose, tmp_path, "domain=math_synth", "logger=none", "eval.limit=8", run_name="limited")
     anew = evaluations(Path(limited["run_dir"]))
-    assert sorted(anew) == sorted(REFERENCES) and set(keys(anew)).isdisjoint(keys(first))
-    assert all(key in eval_folders(tmp_path) for key in keys(anew))
+    assert sorted(anew) == sorted(REFERENCES) and {f for f, _, _ in anew.values()}.isdisjoint(f for f, _, _ in first.values())
+    assert all(folder in eval_folders(tmp_path) for folder, _, _ in anew.values())
     for name in REFERENCES:
         check_result_against_samples(Path(limited["run_dir"]) / "results" / name, expected_n=8)
     assert (Path(out["trajectory"]) / "manifest.json").stat().st_mtime_ns == trajectory_mtime

@@ -26,7 +26,7 @@ import pytest
 from evals.results import load_result
 from tests import slurm_cluster
 from tests.conftest import REPO, group_options
-from tests.helpers import REFERENCES, check_result_against_samples
+from tests.helpers import REFERENCES, check_result_against_samples, evaluations
 
 BAD_PATH = "/nonexistent/sft-run"
 LAUNCH_TIMEOUT = 420  # seconds for one launch of the sweep (it takes well under two minutes in CI)
@@ -142,9 +142,8 @@ def test_smoke_sweep_on_slurm_reports_failures_and_resumes(cluster, tmp_path, sh
     # compared is the sweep's own entries of the shared cache (its listing may grow meanwhile: another
     # pytest-xdist worker's tests add theirs): the trajectory, the merge, and each evaluation's key and time.
     assert (shared / "manifest.json").stat().st_mtime_ns == trained  # nothing trained by the sweep
-    created = {f: (load_result(f)["cache_key"], load_result(f)["created"])
-               for n in good for f in (dirs[n] / "results").glob("*/results.json")}
-    (ties,) = {Path(r["model_path"]) for r in map(load_result, created) if r["name"] == "ties"}
+    evaluated = {n: evaluations(dirs[n]) for n in good}
+    (ties,) = {Path(load_result(f)["model_path"]) for n in good for f in dirs[n].glob("results/ties/results.json")}
     merged = (ties / "merge_summary.json").stat().st_mtime_ns
     assert ties.parent == cache / "merged"
 
@@ -157,7 +156,7 @@ def test_smoke_sweep_on_slurm_reports_failures_and_resumes(cluster, tmp_path, sh
     assert {t[0] for t in tasks2.values()}.isdisjoint(t[0] for t in tasks.values())  # new submissions
     assert (shared / "manifest.json").stat().st_mtime_ns == trained  # not trained again
     assert (ties / "merge_summary.json").stat().st_mtime_ns == merged  # not merged again
-    assert {f: (load_result(f)["cache_key"], load_result(f)["created"]) for f in created} == created  # nor evaluated
+    assert {n: evaluations(dirs[n]) for n in good} == evaluated  # nor evaluated
     print(f"\nslurm smoke sweep: first launch {wall:.0f}s, relaunch {wall2:.0f}s")
 
 
