@@ -46,7 +46,7 @@ run: $(STAMP) sandbox
 
 # Two pytest workers (pytest-xdist), each test file on one worker (--dist loadfile: a file's module and
 # session fixtures, e.g. the Slurm cluster or the vLLM venv, stay in one process), in xdist's order.
-# Handing the longest files out first was slower here (357-364 s in three runs, against 331-362 s for
+# Handing the longest files out first was no faster here (357-364 s in three runs, against 331-362 s for
 # `make test` in xdist's order, both writing bytecode): the heavy files then run at the same time and
 # contend for the 2 cores (vLLM's engine binds its threads to them).
 # PYTEST_WORKERS=0: one process. Bytecode is written (__pycache__/, ignored by git) even where the
