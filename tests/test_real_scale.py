@@ -339,7 +339,8 @@ def test_real_layout_model_through_trainer_sft_merge_and_hf_eval(compose, tmp_pa
     assert ("lm_head.weight" in load_tensors(base)) is (not tied)
 
     cfg = compose("model=qwen3-1.7b", "domain=math", f"model.path={base}", f"domain.sft_data.path={FIXTURES / 'metamathqa.jsonl'}",
-                  f"paths.root={tmp_path / 'out'}", *SFT_SMALL)
+                  f"paths.root={tmp_path / 'out'}", *SFT_SMALL,
+                  *([] if tied else ["model.sft.schedule=wsd", "model.sft.decay_fraction=0.5"]))
     cache = tmp_path / "out" / "cache"
     traj = ensure_trajectory(TrajectorySpec.from_config(cfg), None, cache)
     folder = traj.folder
@@ -354,6 +355,11 @@ def test_real_layout_model_through_trainer_sft_merge_and_hf_eval(compose, tmp_pa
         assert json.loads((ckpt / "config.json").read_text())["dtype"] == "bfloat16"
     assert not torch.equal(load_tensors(folder / "checkpoint-4")["model.norm.weight"], load_tensors(base)["model.norm.weight"]) or \
         not torch.equal(load_tensors(folder / "checkpoint-4")["model.layers.0.mlp.up_proj.weight"], load_tensors(base)["model.layers.0.mlp.up_proj.weight"])
+
+    if not tied:  # warmup-stable-decay through Trainer, the rate each step used: 2 stable steps, then a linear decay
+        # over 2 steps (transformers counts from 0: the decay's first step is at its start, 1e-3, the next at half)
+        history = json.loads((folder / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+        assert [h["learning_rate"] for h in history if "learning_rate" in h] == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4])
 
     # Resume: a run stopped after checkpoint-3 continues from it and ends at the same step.
     import shutil

@@ -22,7 +22,7 @@ from arm.core.refs import ModelRef, Trajectory
 from arm.core.specs import TrajectorySpec
 from arm.data.domains import corpus
 from arm.data.splits import DomainData
-from arm.trajectory import pretrain, tiny
+from arm.trajectory import pretrain, schedules, tiny
 from arm.trajectory import sft as sft_module
 from arm.trajectory import trainer_sft as sft_hf
 from arm.trajectory.sft import resolve_sft_config, train_trajectory
@@ -166,7 +166,7 @@ def trajectory_key(spec: TrajectorySpec, data: DomainData) -> str:
     """The tiny trajectory's content key: the spec's key fields (TrajectorySpec.key_parts), the data's key,
     the seed, the SFT loop's and the tiny model's code, and the pretrained base's recipe key."""
     model, sft = spec.key_parts()
-    code = source_digest(sft_module, tiny)
+    code = source_digest(sft_module, tiny, schedules)
     _, base_key = pretrained_base(spec, None)
     parts: list[Any] = ["trajectory", model, sft, data.key, spec.seed, code]
     if base_key is not None:  # a from-scratch model keeps the keys it always had

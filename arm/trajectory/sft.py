@@ -9,7 +9,8 @@ at regular intervals, and writes the trajectory the rest of the harness reads:
     out_dir/manifest.json         steps, losses, wall times, early (merge input) and converged steps
 
 The loop is plain PyTorch (no Trainer): a fixed-length epoch schedule, AdamW, linear warm-up then
-cosine decay to `min_lr_ratio * lr` at the last step. Deterministic for a given seed on one machine.
+the `schedule` (cosine decay to `min_lr_ratio * lr` at the last step by default; constant; wsd:
+arm/trajectory/schedules.py). Deterministic for a given seed on one machine.
 The `sft:` keys are documented in conf/model/tiny.yaml (`DEFAULT_SFT` below holds their defaults).
 """
 
@@ -22,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from arm.trajectory.schedules import check_schedule, lr_at  # noqa: F401 - lr_at: the loop's schedule, used here
 from arm.trajectory.tiny import build_model, build_tokenizer, greedy_generation_config
 
 IGNORE_INDEX = -100
@@ -31,7 +33,9 @@ TRAINER_STATE_NAME = "trainer_state.json"
 DEFAULT_SFT: dict[str, Any] = {
     "lr": 3e-3,
     "min_lr_ratio": 0.0,  # the learning rate at the last step, as a fraction of lr
-    "schedule": "cosine",  # cosine | linear | constant (after the warm-up)
+    "schedule": "cosine",  # cosine | linear | constant | wsd, after the warm-up (arm/trajectory/schedules.py)
+    "decay_fraction": 0.2,  # wsd: the share of the steps in the decay phase (the last ones)
+    "decay_shape": "linear",  # wsd: linear | cosine | 1-sqrt
     "warmup_steps": 50,
     "batch_size": 64,
     "epochs": 10,  # total steps = epochs * ceil(n_train / batch_size)
@@ -75,8 +79,7 @@ def resolve_sft_config(sft_cfg: Mapping[str, Any] | None, n_train: int) -> dict[
     for key in ("batch_size", "eval_every", "eval_batch_size"):
         if not isinstance(cfg[key], int) or cfg[key] <= 0:
             raise ValueError(f"sft.{key} must be a positive integer, got {cfg[key]!r}")
-    if cfg["schedule"] not in ("cosine", "linear", "constant"):
-        raise ValueError(f"sft.schedule must be cosine, linear or constant, got {cfg['schedule']!r}")
+    check_schedule(cfg)
     if float(cfg["lr"]) <= 0:
         raise ValueError(f"sft.lr must be positive, got {cfg['lr']!r}")
     steps_per_epoch = math.ceil(n_train / cfg["batch_size"])
@@ -131,20 +134,6 @@ def _int_list(value: Any, key: str) -> list[int]:
             raise ValueError(f"sft.{key} must be a list of integers, got {list(value)!r}")
         out.append(int(v))
     return out
-
-
-def lr_at(step: int, cfg: Mapping[str, Any]) -> float:
-    """Learning rate used for optimizer step `step` (1-based)."""
-    lr, warm, total = cfg["lr"], cfg["warmup_steps"], cfg["total_steps"]
-    floor = lr * float(cfg["min_lr_ratio"])
-    if warm and step <= warm:
-        return lr * step / warm
-    if cfg["schedule"] == "constant" or total <= warm:
-        return lr
-    progress = (step - warm) / (total - warm)
-    if cfg["schedule"] == "linear":
-        return floor + (lr - floor) * (1.0 - progress)
-    return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 # --------------------------------------------------------------------------- data

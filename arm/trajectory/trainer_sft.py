@@ -37,6 +37,8 @@ from arm.core.errors import ConfigError, InputError
 from arm.core.specs import TrajectorySpec
 from arm.data import sft_data
 from arm.data.sft_data import load_sft_records
+from arm.trajectory import schedules
+from arm.trajectory.schedules import SCHEDULES, check_schedule, trainer_scheduler
 from arm.trajectory.sft import IGNORE_INDEX, encode_example
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,10 @@ MANIFEST_NAME = "manifest.json"
 DEFAULT_SFT: dict[str, Any] = {
     "num_gpus": 1,  # processes of `accelerate launch`; part of the global batch (enforced: WORLD_SIZE must match)
     "lr": 1e-5,
-    "schedule": "cosine",  # any transformers lr_scheduler_type: cosine | linear | constant_with_warmup ...
+    "schedule": "cosine",  # cosine | linear | constant | wsd (arm/trajectory/schedules.py), or a transformers lr_scheduler_type
+    "min_lr_ratio": 0.0,  # the learning rate at the last step, as a fraction of lr (cosine, wsd)
+    "decay_fraction": 0.2,  # wsd: the share of the steps in the decay phase (the last ones)
+    "decay_shape": "linear",  # wsd: linear | cosine | 1-sqrt
     "warmup_ratio": 0.03,
     "per_device_batch_size": 4,
     "grad_accum": 1,
@@ -94,6 +99,14 @@ def resolve_sft_config(sft_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     missing = [s for s in cfg["early_steps"] if s not in cfg["save_steps"]]
     if missing:
         raise ConfigError("model.sft.early_steps", f"step(s) {missing} are not in model.sft.save_steps {cfg['save_steps']}")
+    if cfg["schedule"] in SCHEDULES:
+        try:
+            check_schedule(cfg, prefix="model.sft")
+        except ValueError as exc:
+            key, _, message = str(exc).partition(" ")
+            raise ConfigError(key, message) from None
+    elif not isinstance(cfg["schedule"], str) or not cfg["schedule"]:
+        raise ConfigError("model.sft.schedule", f"expected a schedule name, got {cfg['schedule']!r}")
     if cfg["save_dtype"] not in (None, "bfloat16", "float16", "float32"):
         raise ConfigError("model.sft.save_dtype", f"expected bfloat16, float16, float32 or null, got {cfg['save_dtype']!r}")
     return cfg
@@ -140,7 +153,7 @@ def trajectory_key(spec: TrajectorySpec) -> str:
     sft.pop("early_steps", None)  # which checkpoints feed the merge does not change the training run
     sft.pop("num_threads", None)
     data = {k: spec.domain.get(k) for k in ("name", "sft_data", "prompt_template", "response_template")}
-    code = source_digest(sys.modules[__name__], sft_data)
+    code = source_digest(sys.modules[__name__], sft_data, schedules)
     return content_key("trajectory-hf", identity, sft, data, spec.seed, code)
 
 
@@ -287,7 +300,6 @@ def train(
         per_device_train_batch_size=sft["per_device_batch_size"],
         gradient_accumulation_steps=sft["grad_accum"],
         learning_rate=float(sft["lr"]),
-        lr_scheduler_type=sft["schedule"],
         num_train_epochs=float(sft["epochs"]),
         max_steps=sft["max_steps"] if sft["max_steps"] is not None else -1,
         weight_decay=float(sft["weight_decay"]),
@@ -306,7 +318,17 @@ def train(
         **_warmup_kwarg(TrainingArguments, float(sft["warmup_ratio"])),
         **_checkpointing_kwarg(TrainingArguments, bool(sft["gradient_checkpointing"])),
     )
-    trainer = Trainer(
+    class ScheduledTrainer(Trainer):
+        """Trainer with the learning-rate schedule of model.sft (arm/trajectory/schedules.py)."""
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = trainer_scheduler(sft, optimizer or self.optimizer, num_training_steps,
+                                                      self.args.get_warmup_steps(num_training_steps))
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    trainer = ScheduledTrainer(
         model=model,
         args=args,
         train_dataset=_Encoded(examples),
