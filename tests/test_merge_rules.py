@@ -21,7 +21,7 @@ def t(*values: float) -> torch.Tensor:
 
 
 def test_registry_lists_every_method_once() -> None:
-    assert method_names() == ["arm", "dare", "expo", "linear", "task_arithmetic", "ties"]
+    assert method_names() == ["arm", "dare", "ema", "expo", "lawa", "linear", "task_arithmetic", "ties", "wsm"]
     for name in method_names():
         assert get_method(name).name == name
     with pytest.raises(MergeConfigError, match="unknown merge method 'slerp'"):

@@ -245,6 +245,11 @@ class TensorRule(MergeMethod):
             raise MergeConfigError(f"merge: per-checkpoint lists of different lengths {sorted(lengths)}")
         cls.from_params(params, lengths.pop() if lengths else 1)
 
+    def checkpoint_mask(self, n: int) -> list[bool]:
+        """Which of the ``n`` checkpoints the rule reads (``uses_checkpoints``; a window rule overrides it).
+        The engine reads only these and passes them to the rule in step order."""
+        return [self.uses_checkpoints != "last" or i == n - 1 for i in range(n)]
+
     @abstractmethod
     def params(self) -> dict[str, Any]:
         """The resolved parameters (for the run summary)."""
@@ -262,8 +267,8 @@ class TensorRule(MergeMethod):
         ref = base if base is not None else checkpoints[-1]
         if not self.uses_base:
             base = None
-        if self.uses_checkpoints == "last":
-            checkpoints = checkpoints[-1:]
+        mask = self.checkpoint_mask(len(checkpoints))
+        checkpoints = [c for c, used in zip(checkpoints, mask, strict=True) if used]
         parts = [c.clone() for c in self.merge(name, InMemoryInputs(base, checkpoints))]
         return torch.cat(parts).reshape(ref.shape) if parts else torch.empty(ref.shape)
 

@@ -439,8 +439,7 @@ class DiskInputs(TensorInputs):
 
 def _used_slots(rule: TensorRule, n_checkpoints: int) -> list[bool]:
     """Which of [base, c1..cm] the rule reads."""
-    last_only = rule.uses_checkpoints == "last"
-    return [rule.uses_base] + [(not last_only) or i == n_checkpoints - 1 for i in range(n_checkpoints)]
+    return [rule.uses_base] + rule.checkpoint_mask(n_checkpoints)
 
 
 def _find_nonfinite(name: str, infos: Sequence[TensorInfo | None]) -> str:

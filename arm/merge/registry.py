@@ -16,6 +16,9 @@ METHODS: dict[str, str] = {
     "ties": "baselines.ties:Ties",
     "expo": "baselines.expo:Expo",
     "dare": "baselines.dare:Dare",
+    "lawa": "baselines.averaging:Lawa",
+    "ema": "baselines.averaging:Ema",
+    "wsm": "baselines.averaging:Wsm",
     "arm": "arm.method.iteration:ARM",
 }
 
