@@ -616,6 +616,18 @@ def iterate(
     return IterationResult(state, diagnostics, selected)
 
 
+def shared_storages(names: Sequence[str], storage: Callable[[str], int]) -> tuple[list[str], dict[str, str]]:
+    """(one name per storage, {other name: its storage's name}) over ``names`` in order. Where a storage holds
+    the embedding (a tied lm_head), the embedding's name stands for it, whatever the order of ``names``."""
+    groups: dict[int, list[str]] = {}
+    for n in names:
+        groups.setdefault(storage(n), []).append(n)
+    keep: dict[int, str] = {ptr: (EMBED if EMBED in group else group[0]) for ptr, group in groups.items()}
+    kept = [n for n in names if keep[storage(n)] == n]
+    aliases = {n: keep[storage(n)] for n in names if keep[storage(n)] != n}
+    return kept, aliases
+
+
 def _previous_inputs(model: Any, targets: Mapping[str, Any] | None, inputs: Inputs,
                      previous: Callable[[str], torch.Tensor], groups: Sequence[Any], calib: Any,
                      device: torch.device, layerwise: Any) -> dict[str, torch.Tensor]:
@@ -832,17 +844,13 @@ class ARM(WholeModelMethod):
             inputs = _DiskInputs(plan, names, p, steps, device)
         else:
             model = _load_model(checkpoints[-1], device, progress)
-            # each storage once: a tied lm_head is updated through the embedding
-            seen: set[int] = set()
+            # each storage once: a tied lm_head is updated through the embedding, whichever name the files list
+            # first (safetensors lists lm_head.weight before model.embed_tokens.weight), as layer by layer
             targets = model.state_dict(keep_vars=True)
-            names = []
             for n in float_names:
                 if n not in targets:
                     raise MergeInputError(f"{checkpoints[-1]}: the loaded model has no parameter {n!r} of the files")
-                ptr = targets[n].data_ptr()
-                if ptr not in seen:
-                    seen.add(ptr)
-                    names.append(n)
+            names, aliases = shared_storages(float_names, lambda n: targets[n].data_ptr())
             inputs = load_inputs(plan, names, p, steps, device)
         calib = None
         if records:
@@ -861,11 +869,11 @@ class ARM(WholeModelMethod):
                              layerwise=layerwise, previous=previous, span=span)
             if layerwise is None:
                 state = dict(result.state)
-                for n in plan.names:  # tied duplicates and non-float tensors
+                for n in plan.names:  # tied duplicates (the selected iterate of their storage) and non-float tensors
                     if n in state:
                         continue
-                    if plan.inputs[n][0].is_float:
-                        state[n] = targets[n].detach()
+                    if n in aliases:
+                        state[n] = state[aliases[n]]
                     else:
                         with TensorReader() as reader:
                             state[n] = reader.read(plan.inputs[n][0])
