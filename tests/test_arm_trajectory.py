@@ -37,6 +37,7 @@ from arm.method.formulations import (
     proximal_lambda,
     span_ratio,
     trajectory_offset,
+    trajectory_turn,
 )
 from arm.method.iteration import ARMParams, Inputs, iterate
 from arm.method.rotations import RotationFlow, procrustes, rotation_log, trajectory_flow
@@ -183,12 +184,15 @@ def test_trajectory_offset_and_span_ratio() -> None:
 # planted trajectories, through arm.method.iteration.iterate
 
 
-def _planted_trajectory(gap: float = 10.0, rates: tuple[float, float] = (0.025, -0.015)):
-    """Constant-rate turning inside span(P) (4-dim, two planes; ``rates`` radians per SFT step).
+def _planted_trajectory(gap: float = 10.0, rates: tuple[float, float] = (0.025, -0.015),
+                        change: tuple[float, float] | None = None):
+    """Turning inside span(P) (4-dim, two planes; ``rates`` radians per SFT step).
 
-    Upstream U(τ) = exp(τA)ᵀ U_0, so the downstream inputs are X(τ) = X_0 exp(τA); the downstream
-    weight follows W(τ) = W_c + ∫_0^τ D exp(σA) dσ (its update turns with its inputs, as an SGD update
-    in the span of turning inputs does). Returns a function τ -> (U, W), the tokens Z and A."""
+    Upstream U(τ) = exp(φ(τ)A)ᵀ U_0, so the downstream inputs are X(τ) = X_0 exp(φ(τ)A); the downstream
+    weight follows W(τ) = W_c + ∫_0^τ D exp(φ(σ)A) dσ (its update turns with its inputs, as an SGD update
+    in the span of turning inputs does). φ(τ) = τ: a constant turning rate. ``change = (τ1, c)``: the inputs
+    turned at c times the rate before step τ1 and at the rate from τ1 on (φ(τ) = cτ, then cτ1 + (τ − τ1)):
+    the rate changed, and only the last part is measured. Returns a function τ -> (U, W), the tokens Z and A."""
     d, out = 24, 7
     X0, P, _ = _activations(d=d)
     gen = torch.Generator().manual_seed(11)
@@ -198,25 +202,28 @@ def _planted_trajectory(gap: float = 10.0, rates: tuple[float, float] = (0.025, 
     a = P.T @ A @ P  # 4 × 4, invertible
     Wc = 0.1 * torch.randn(out, d, generator=gen, dtype=torch.float64)
     D = 0.05 * torch.randn(out, d, generator=gen, dtype=torch.float64)
+    eye_d, eye_4 = torch.eye(d, dtype=torch.float64), torch.eye(4, dtype=torch.float64)
+
+    def integral(tau: float, c: float = 1.0) -> torch.Tensor:  # ∫_0^τ exp(cσA) dσ, exactly
+        return tau * eye_d + P @ (torch.linalg.solve(c * a, torch.linalg.matrix_exp(c * tau * a) - eye_4)
+                                  - tau * eye_4) @ P.T
 
     def at(tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-        E = torch.linalg.matrix_exp(tau * A)
-        integral = tau * torch.eye(d, dtype=torch.float64) + P @ (
-            torch.linalg.solve(a, torch.linalg.matrix_exp(tau * a) - torch.eye(4, dtype=torch.float64))
-            - tau * torch.eye(4, dtype=torch.float64)) @ P.T  # ∫_0^τ exp(σA) dσ, exactly
-        return E.T @ U0, Wc + D @ integral
+        if change is None or tau <= change[0]:
+            c = 1.0 if change is None else change[1]
+            return torch.linalg.matrix_exp(c * tau * A).T @ U0, Wc + D @ integral(tau, c)
+        tau1, c = change
+        E1 = torch.linalg.matrix_exp(c * tau1 * A)
+        E = E1 @ torch.linalg.matrix_exp((tau - tau1) * A)
+        return E.T @ U0, Wc + D @ (integral(tau1, c) + E1 @ integral(tau - tau1))
 
     return at, Z, A
 
 
-@pytest.mark.parametrize(("direction", "steps", "lr", "iterations", "tol"), [
-    ("delta", (20.0, 30.0), 1.0, 4, 1e-5),  # exact but for float32: step t turned by R^t
-    ("task_vector", (10.0,), 1.0, 4, 1e-5),  # m = 1: θ0 → c_1 is the gap
-    ("delta", (20.0, 30.0), 0.5, 8, 2e-3),  # the midpoint rule: second order in η
-])
-def test_planted_trajectory_rotation_continues_the_curve_where_straight_extrapolation_leaves_it(
-        direction, steps, lr, iterations, tol) -> None:
-    at, Z, _ = _planted_trajectory()
+def _extrapolation_errors(direction, steps, lr, iterations, turn, change=None):
+    """(relative error of the trajectory rotation, of straight extrapolation, the runs, g, gap) against the true
+    continuation of the planted trajectory at the turning rate measured over the last gap."""
+    at, Z, _ = _planted_trajectory(change=change)
     f32 = torch.float32
     net = _TwoLayerLinear(Z.to(f32))
     up, down = _TwoLayerLinear.UP, _TwoLayerLinear.DOWN
@@ -230,11 +237,25 @@ def test_planted_trajectory_rotation_continues_the_curve_where_straight_extrapol
     j = lr * iterations * (gap if direction == "delta" else steps[-1]) / gap  # gaps extrapolated
     truth = at(steps[-1] + j * gap)[1].to(f32)
     common = {"direction": direction, "lr": lr, "iterations": iterations}
-    ours, diag = _run(net, last, g, previous, formulation="trajectory_rotation", rotation="procrustes", **common)
+    span = span_ratio(direction, list(steps), len(steps))
+    ours, diag = _run(net, last, g, previous, span=span, formulation="trajectory_rotation", rotation="procrustes",
+                      turn=turn, **common)
     straight, _ = _run(net, last, g, None, formulation="trajectory_rotation", rotation="none", **common)
     scale = float((truth - last[down]).norm())
-    err_traj = float((ours[down] - truth).norm()) / scale
-    err_straight = float((straight[down] - truth).norm()) / scale
+    return (float((ours[down] - truth).norm()) / scale, float((straight[down] - truth).norm()) / scale,
+            ours, straight, diag, g, last, gap, j)
+
+
+@pytest.mark.parametrize(("direction", "steps", "lr", "iterations", "turn", "tol"), [
+    ("delta", (20.0, 30.0), 1.0, 4, "accumulated", 1e-5),  # exact but for float32: step t turned by R^t
+    ("delta", (20.0, 30.0), 1.0, 4, "chord", 1e-5),  # the same s_t when η = 1 on the last gap
+    ("task_vector", (10.0,), 1.0, 4, "accumulated", 1e-5),  # m = 1: θ0 → c_1 is the gap
+    ("delta", (20.0, 30.0), 0.5, 8, "chord", 2e-3),  # the midpoint rule: second order in η
+])
+def test_planted_trajectory_rotation_continues_the_curve_where_straight_extrapolation_leaves_it(
+        direction, steps, lr, iterations, turn, tol) -> None:
+    err_traj, err_straight, ours, straight, diag, g, last, gap, j = _extrapolation_errors(direction, steps, lr, iterations, turn)
+    up, down = _TwoLayerLinear.UP, _TwoLayerLinear.DOWN
     msg = f"{j:g} gaps: trajectory rotation rel. error {err_traj:.2e}, straight extrapolation {err_straight:.2e}"
     assert err_traj < tol, msg
     assert err_straight > 0.1 and err_straight > 100 * err_traj, msg
@@ -248,6 +269,33 @@ def test_planted_trajectory_rotation_continues_the_curve_where_straight_extrapol
     expected = float((ours[down] - straight[down]).norm() / (straight[down] - last[down]).norm())
     assert effect == pytest.approx(expected, rel=1e-4) and effect > 0.1
     assert diag["history"][-1]["rotation_effect_layers"]["0"] == 0.0
+
+
+# task_vector over checkpoints at steps 40 and 50 (g spans ρ = 5 gaps), a small coefficient (0.1 × 2 = 0.2 of g,
+# one gap past c_m): the case of the review (docs/method.md §6). Relative errors to the true continuation.
+TURN_CASES = {"constant rate": None, "turning 20x slower before step 30": (30.0, 0.05),
+              "turning 20x slower before step 40": (40.0, 0.05), "turning 3x faster before step 30": (30.0, 3.0)}
+
+
+@pytest.mark.parametrize("case", list(TURN_CASES))
+def test_turn_rules_on_a_constant_and_a_changed_turning_rate(case) -> None:
+    """`chord` assumes the inputs turned at the measured rate over all of g's span; `accumulated` (the default)
+    assumes nothing before c_{m−1}. Measured (docs/method.md §6): chord wins where the inputs turned at least that
+    fast over most of the span, and loses even to ExPO where they turned over the measured gap only; accumulated
+    lies between ExPO and the truth in every case."""
+    errs = {turn: _extrapolation_errors("task_vector", (40.0, 50.0), 0.1, 2, turn, TURN_CASES[case])[:2]
+            for turn in ("accumulated", "chord")}
+    straight = errs["chord"][1]
+    chord, accumulated = errs["chord"][0], errs["accumulated"][0]
+    msg = f"{case}: accumulated {accumulated:.3g}, chord {chord:.3g}, straight {straight:.3g}"
+    print(msg)
+    assert accumulated < straight, msg
+    if case == "turning 20x slower before step 40":
+        assert straight < chord, msg  # chord turns g by 2.5 gaps of a rotation that happened over one
+    else:
+        assert chord < accumulated, msg
+    if case == "constant rate":
+        assert chord < 0.05, msg  # the midpoint rule over steps of half a gap
 
 
 def test_planted_proximal_step_keeps_the_part_of_g_the_data_excites() -> None:
@@ -348,7 +396,7 @@ def test_no_activation_change_gives_expo_to_float_rounding(traj, tmp_path) -> No
     shutil.copytree(traj.checkpoints[-1], copy)
     cks = [traj.checkpoints[0], copy, traj.checkpoints[-1]]
     arm(traj, tmp_path / "arm", MergeContext(calibration=records()), checkpoints=cks,
-        formulation="trajectory_rotation", lr=0.5, iterations=2)
+        formulation="trajectory_rotation", turn="chord", lr=0.5, iterations=2)
     ours, ref = load_tensors(tmp_path / "arm", torch.float32), expo(traj, tmp_path / "expo", 1.0, checkpoints=cks)
     for name in ref:
         torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=1e-5, msg=name)
@@ -373,7 +421,7 @@ def _recomputed_effect(ours, ref, last) -> tuple[float, dict[str, float]]:
 
 
 @pytest.mark.parametrize("params", [
-    {"formulation": "trajectory_rotation", "rotation": "procrustes"},
+    {"formulation": "trajectory_rotation", "rotation": "procrustes", "turn": "chord"},
     {"formulation": "trajectory_rotation", "rotation": "geodesic", "direction": "delta", "select": "best_loss"},
     {"formulation": "proximal", "rotation": "none", "prox_lambda": 0.1},
     {"formulation": "proximal", "rotation": "procrustes", "prox_lambda": 0.3},
@@ -485,5 +533,5 @@ def test_trajectory_rotation_with_task_vector_needs_checkpoint_steps(traj, tmp_p
     shutil.copytree(traj.checkpoints[-1], odd)
     with pytest.raises(ValueError, match="trajectory_rotation with direction=task_vector needs them too"):
         arm(traj, tmp_path / "out", MergeContext(calibration=records()), checkpoints=[traj.checkpoints[0], odd],
-            formulation="trajectory_rotation")
+            formulation="trajectory_rotation", turn="chord")
     assert not (tmp_path / "out").exists()

@@ -46,6 +46,23 @@ def span_ratio(direction: str, steps: Sequence[int] | None, n_checkpoints: int) 
     return steps[-1] / gap
 
 
+TURNS = ("accumulated", "chord")
+
+
+def trajectory_turn(a_before: float, a_after: float, ratio: float, turn: str = "accumulated") -> float:
+    """s_t of ``merge.turn``: how many times the measured c_{m−1} → c_m rotation turns step t (docs/method.md §6).
+
+    ``accumulated`` (the default; ../shared/ARM.md): s_t = a_t = Σ_{u≤t} η_u, the learning rate accumulated
+    through step t, in units of the measured rotation. It assumes nothing about how fast the inputs turned
+    before c_{m−1}, and a coefficient → 0 turns nothing. ``chord``: :func:`trajectory_offset`, exact when the
+    inputs turned at the measured rate over the whole span of g, and an amplification of it otherwise."""
+    if turn == "accumulated":
+        return a_after
+    if turn == "chord":
+        return trajectory_offset(a_before, a_after, ratio)
+    raise ValueError(f"merge.turn: must be one of {', '.join(TURNS)}, got {turn!r}")
+
+
 def trajectory_offset(a_before: float, a_after: float, ratio: float) -> float:
     """s_t, the fraction of the c_{m−1} → c_m rotation that turns step t (a_{t−1} → a_t of g).
 

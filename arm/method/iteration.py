@@ -56,12 +56,13 @@ from arm.merge.tensor_io import ModelFolder, TensorReader, torch_dtype
 from arm.method.activations import calibration_loss, collect_inputs, find_linear_groups, prepare_calibration
 from arm.method.formulations import (
     FORMULATIONS,
+    TURNS,
     input_covariance,
     proximal_correction,
     proximal_factor,
     proximal_lambda,
     span_ratio,
-    trajectory_offset,
+    trajectory_turn,
 )
 from arm.method.layerwise import EMBED, HEAD, LayerwiseModel, unsupported_reason
 from arm.method.memory import AUTO_DEVICE_SHARE, GB, Shapes, stage_memory
@@ -109,6 +110,7 @@ class ARMParams:
     statistics: str = "auto"  # auto | model | layerwise (how statistics and the loss are computed)
     formulation: str = "iterate_rotation"  # iterate_rotation | trajectory_rotation | proximal (arm.method.formulations)
     prox_lambda: float = 0.1  # proximal: λ relative to the mean eigenvalue of XᵀX/N (0: the target step itself)
+    turn: str = "accumulated"  # trajectory_rotation: s_t = accumulated | chord (arm.method.formulations.trajectory_turn)
 
     def needs_statistics(self) -> bool:
         if self.formulation == "proximal" and self.prox_lambda > 0:
@@ -195,6 +197,7 @@ def parse_params(params: Mapping[str, Any]) -> ARMParams:
         statistics=_choice(p.get("statistics", d.statistics), "statistics", STATISTICS),
         formulation=_choice(p.get("formulation", d.formulation), "formulation", FORMULATIONS),
         prox_lambda=_num(p.get("prox_lambda", d.prox_lambda), "prox_lambda"),
+        turn=_choice(p.get("turn", d.turn), "turn", TURNS),
     )
     if out.prox_lambda < 0:
         raise MergeConfigError(f"merge.prox_lambda: must be ≥ 0, got {out.prox_lambda}")
@@ -519,7 +522,7 @@ def iterate(
     for t, eta in enumerate(etas, start=1):
         per_group: dict[str, dict[str, float]] = {}
         if flows is not None:
-            s_t = trajectory_offset(math.fsum(etas[: t - 1]), math.fsum(etas[:t]), span)
+            s_t = trajectory_turn(math.fsum(etas[: t - 1]), math.fsum(etas[:t]), span, params.turn)
             for grp in groups:
                 R = flows[grp.key].at(s_t)
                 per_group[grp.key] = {"mean_angle_deg": R.mean_angle_deg(), "rot_dist": R.distance_from_identity(),
@@ -810,8 +813,7 @@ class ARM(WholeModelMethod):
             except ValueError as err:
                 raise MergeInputError(str(err)) from None
         span = 1.0
-        if p.needs_previous():
-
+        if p.needs_previous() and p.turn == "chord":  # only the chord rule uses the span of g in gaps
             if p.direction == "task_vector" and len(checkpoints) > 1:
                 try:
                     steps = [checkpoint_step(c) for c in checkpoints]
