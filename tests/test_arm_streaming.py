@@ -84,9 +84,28 @@ def test_unrotated_parameters_move_by_exactly_eta_g_and_rotations_start_at_ident
     assert hist[3]["rot_dist"] > hist[1]["rot_dist"]
     assert len(hist[1]["groups"]) == 2 * 4  # qkv, o, gate_up, down per layer
     assert hist[0]["rel_dist_to_converged"] == pytest.approx(1.0)
-    assert all(-1 <= h["cos_to_converged"] <= 1 and h["loss"] > 0 for h in hist)
+    assert hist[0]["cos_to_converged"] is None  # θ = c_m: no step, no angle (not 0)
+    assert all(-1 <= h["cos_to_converged"] <= 1 for h in hist[1:]) and all(h["loss"] > 0 for h in hist)
     assert [e["arm/iteration"] for e in logged] == [1, 2, 3]
     assert {"arm/eta", "arm/loss", "arm/mean_angle_deg", "arm/rot_dist", "arm/cos_to_converged"} <= set(logged[0])
+
+
+def test_expo_identity_and_the_float_of_alpha(traj, tmp_path) -> None:
+    """rotation=none with 3 × η = 0.1 is ExPO bit for bit with α = fsum(η) = 0.30000000000000004 and equally with
+    α = 0.3: the merge multiplies float32 tensors, and both round to the same float32 (0.30000001192…). An α one
+    float32 step away is not the same merge: the identity is exact, not approximate."""
+    import numpy as np
+
+    arm(traj, tmp_path / "arm", rotation="none", direction="task_vector", schedule="constant", lr=0.1, iterations=3)
+    alpha = math.fsum([0.1] * 3)
+    assert alpha == 0.30000000000000004 != 0.3 and np.float32(alpha) == np.float32(0.3)
+    ours = load_tensors(tmp_path / "arm")
+    for i, a in enumerate((alpha, 0.3)):
+        ref = expo(traj, tmp_path / f"e{i}", a)
+        assert all(torch.equal(ours[n], ref[n]) for n in ref), a
+    next_up = float(np.nextafter(np.float32(0.3), np.float32(1.0)))
+    ref = expo(traj, tmp_path / "next", next_up)
+    assert not all(torch.equal(ours[n], ref[n]) for n in ref)
 
 
 def test_select_best_loss_returns_the_lowest_loss_iterate(traj, tmp_path) -> None:

@@ -389,7 +389,8 @@ class _Converged:
                     dg += float((direction[name] * star).sum())
                     ng += float((direction[name] ** 2).sum())
         out = {
-            "cos_to_converged": dot / math.sqrt(nt * ns) if nt > 0 and ns > 0 else 0.0,
+            # undefined while θ = c_m (iteration 0, or a zero step): null, not 0
+            "cos_to_converged": dot / math.sqrt(nt * ns) if nt > 0 and ns > 0 else None,
             "rel_dist_to_converged": math.sqrt(nd / ns) if ns > 0 else float("nan"),
         }
         if direction is not None:
@@ -525,7 +526,9 @@ def iterate(
             s_t = trajectory_turn(math.fsum(etas[: t - 1]), math.fsum(etas[:t]), span, params.turn)
             for grp in groups:
                 R = flows[grp.key].at(s_t)
-                per_group[grp.key] = {"mean_angle_deg": R.mean_angle_deg(), "rot_dist": R.distance_from_identity(),
+                # the principal angle is that of the measured pair c_{m−1} → c_m (the same every iteration);
+                # ‖R(s_t) − I‖_F grows with s_t: two different quantities, named apart
+                per_group[grp.key] = {"measured_angle_deg": R.mean_angle_deg(), "rot_dist": R.distance_from_identity(),
                                       "scale": 1.0, "s": s_t}
                 for name in grp.params:
                     coeffs[name].append(eta)
@@ -573,7 +576,9 @@ def iterate(
         materialise(t)
         record: dict[str, Any] = {"iteration": t, "eta": eta}
         if per_group:
-            record["mean_angle_deg"] = sum(v["mean_angle_deg"] for v in per_group.values()) / len(per_group)
+            for key in ("mean_angle_deg", "measured_angle_deg"):  # iterate vs c_m; or c_{m−1} vs c_m (trajectory)
+                if key in next(iter(per_group.values())):
+                    record[key] = sum(v[key] for v in per_group.values()) / len(per_group)
             record["rot_dist"] = sum(v["rot_dist"] for v in per_group.values()) / len(per_group)
             record["groups"] = per_group
         if layerwise is None:
@@ -1006,9 +1011,13 @@ def plot_diagnostics(diagnostics: Mapping[str, Any], out: Path) -> Path | None:
     axes[1].axvline(diagnostics["selected_iteration"], color="grey", ls=":")
     axes[1].set_title("held-out calibration loss")
     x, y = series("mean_angle_deg")
-    axes[2].plot(x, y, "o-", label="mean principal angle (deg)")
+    if x:
+        axes[2].plot(x, y, "o-", label="mean principal angle c_m vs θ_t (deg)")
+    x, y = series("measured_angle_deg")
+    if x:
+        axes[2].plot(x, y, "o-", label="mean principal angle c_{m−1} vs c_m (deg; measured once)")
     x, y = series("rot_dist")
-    axes[2].plot(x, y, "s--", label="mean ‖R − I‖_F")
+    axes[2].plot(x, y, "s--", label="mean ‖R(s_t) − I‖_F" if "measured_angle_deg" in hist[-1] else "mean ‖R_t − I‖_F")
     axes[2].legend(fontsize=7)
     axes[2].set_title("rotations")
     x, y = series("cos_to_converged")

@@ -263,7 +263,8 @@ def stage_test(spec: Mapping[str, Any], selected: Mapping[str, Any], runner: Run
                     fidelity[domain][label] = {
                         "params": choice["params"],
                         "history": [{k: h.get(k) for k in ("iteration", "eta", "cos_to_converged", "rel_dist_to_converged",
-                                                           "cos_direction_to_converged", "mean_angle_deg", "loss",
+                                                           "cos_direction_to_converged", "mean_angle_deg",
+                                                           "measured_angle_deg", "loss",
                                                            "rotation_effect")}
                                     for h in diagnostics.get("history", [])],
                         "selected_iteration": diagnostics.get("selected_iteration"),
@@ -313,11 +314,17 @@ def fidelity_markdown(fidelity: Mapping[str, Any]) -> str:
             hist = {h["iteration"]: h for h in entry["history"]}
             h = hist.get(entry.get("selected_iteration"), entry["history"][-1])
             angle, effect = h.get("mean_angle_deg"), h.get("rotation_effect")
-            lines.append(f"| {domain} | {label} | {params_text(entry['params'])} | {h.get('cos_to_converged', float('nan')):.4f} | "
-                         f"{h.get('rel_dist_to_converged', float('nan')):.4f} | {'' if angle is None else f'{angle:.2f}'} | "
+            measured = h.get("measured_angle_deg")  # trajectory_rotation: the angle of c_{m−1} → c_m
+            lines.append(f"| {domain} | {label} | {params_text(entry['params'])} | {_num(h.get('cos_to_converged')):.4f} | "
+                         f"{h.get('rel_dist_to_converged', float('nan')):.4f} | "
+                         f"{'' if angle is None else f'{angle:.2f}'}{'' if measured is None else f'{measured:.2f} (c_m−1 → c_m)'} | "
                          f"{'' if effect is None else f'{effect:.4f}'} |")
     lines += ["", "At iteration 0 (θ = c_m) the relative distance is 1 by definition; below 1 means closer to c* than c_m is.", ""]
     return "\n".join(lines)
+
+
+def _num(value: Any) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def plot_fidelity(fidelity: Mapping[str, Any], out: Path) -> Path | None:
