@@ -65,6 +65,13 @@ class WindowAverage(Linear):
         self.n_checkpoints = n_checkpoints
         self.window = k
 
+    @classmethod
+    def validate_params(cls, params) -> None:
+        """The parameters on their own (the number of inputs is checked when it is known: arm/run/stages.py)."""
+        window = params.get("window")
+        ok = isinstance(window, int) and not isinstance(window, bool) and window > 0
+        cls.from_params(params, window if ok else 1)
+
     def coefficients(self, k: int) -> list[float]:
         raise NotImplementedError
 

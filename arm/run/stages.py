@@ -83,6 +83,11 @@ def validate(cfg: Mapping[str, Any]) -> None:
             validate_merge_config(cfg["merge"])
         except ValueError as exc:  # the engine's errors name the merge.* key
             raise ConfigError("merge", str(exc)) from exc
+        window = cfg["merge"].get("window")
+        inputs = (cfg.get("trajectory") or {}).get("early_steps") or (cfg["model"].get("sft") or {}).get("early_steps")
+        if isinstance(window, int) and inputs and window > len(inputs):
+            raise ConfigError("merge.window", f"{window} checkpoints asked for, but the merge has {len(inputs)} inputs "
+                                              f"(trajectory.early_steps: {list(inputs)})")
 
 
 def eval_key(model: ModelRef, cfg: Mapping[str, Any], data: DomainData | None) -> str:
