@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-FORMULATIONS = ("iterate_rotation", "trajectory_rotation", "proximal")
+FORMULATIONS = ("iterate_rotation", "trajectory_rotation", "proximal", "stream")  # stream: arm/method/stream.py
 
 
 def span_ratio(direction: str, steps: Sequence[int] | None, n_checkpoints: int) -> float:

@@ -67,6 +67,7 @@ from arm.method.formulations import (
 from arm.method.layerwise import EMBED, HEAD, LayerwiseModel, unsupported_reason
 from arm.method.memory import AUTO_DEVICE_SHARE, GB, Shapes, stage_memory
 from arm.method.rotations import ROTATIONS, principal_directions, rotation, trajectory_flow
+from arm.method.stream import RATES as STREAM_RATES
 from arm.method.schedules import DIRECTIONS, SCHEDULES, checkpoint_step, direction, lr_schedule
 
 if TYPE_CHECKING:
@@ -111,6 +112,7 @@ class ARMParams:
     formulation: str = "iterate_rotation"  # iterate_rotation | trajectory_rotation | proximal (arm.method.formulations)
     prox_lambda: float = 0.1  # proximal: λ relative to the mean eigenvalue of XᵀX/N (0: the target step itself)
     turn: str = "accumulated"  # trajectory_rotation: s_t = accumulated | chord (arm.method.formulations.trajectory_turn)
+    stream_rate: str = "mean"  # stream: η_t = 1/t (mean) | lr (constant) (arm.method.stream)
 
     def needs_statistics(self) -> bool:
         if self.formulation == "proximal" and self.prox_lambda > 0:
@@ -198,6 +200,7 @@ def parse_params(params: Mapping[str, Any]) -> ARMParams:
         formulation=_choice(p.get("formulation", d.formulation), "formulation", FORMULATIONS),
         prox_lambda=_num(p.get("prox_lambda", d.prox_lambda), "prox_lambda"),
         turn=_choice(p.get("turn", d.turn), "turn", TURNS),
+        stream_rate=_choice(p.get("stream_rate", d.stream_rate), "stream_rate", STREAM_RATES),
     )
     if out.prox_lambda < 0:
         raise MergeConfigError(f"merge.prox_lambda: must be ≥ 0, got {out.prox_lambda}")
@@ -809,6 +812,10 @@ class ARM(WholeModelMethod):
             raise MergeInputError("no early checkpoints given: ARM needs at least one")
         base, out_dir = Path(base), Path(out_dir)
         checkpoints = [Path(c) for c in checkpoints]
+        if p.formulation == "stream":  # an iterate over the stream of inputs, not an extrapolation of c_m
+            from arm.method.stream import stream_merge
+
+            return stream_merge(p, base, checkpoints, out_dir, settings, progress=progress, context=context)
         if p.direction == "delta" and len(checkpoints) < 2:
             raise MergeConfigError(f"merge.direction: delta needs at least 2 early checkpoints, got {len(checkpoints)}")
         steps = None
