@@ -37,7 +37,6 @@ from arm.method.formulations import (
     proximal_lambda,
     span_ratio,
     trajectory_offset,
-    trajectory_turn,
 )
 from arm.method.iteration import ARMParams, Inputs, iterate
 from arm.method.rotations import RotationFlow, procrustes, rotation_log, trajectory_flow

@@ -78,7 +78,7 @@ def test_random_checkpoints_against_float64_by_hand() -> None:
         e = beta * e + (1 - beta) * x
     assert torch.allclose(rule("ema", 5, beta=beta, window=4).apply("w", None, c).double(), e, atol=1e-6)
     a = wsm_coefficients(5, "1-sqrt")
-    want = sum(w * x for w, x in zip(a, d))
+    want = sum(w * x for w, x in zip(a, d, strict=True))
     assert torch.allclose(rule("wsm", 5, shape="1-sqrt").apply("w", None, c).double(), want, atol=1e-6)
 
 

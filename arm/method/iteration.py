@@ -66,9 +66,11 @@ from arm.method.formulations import (
 )
 from arm.method.layerwise import EMBED, HEAD, LayerwiseModel, unsupported_reason
 from arm.method.memory import AUTO_DEVICE_SHARE, GB, Shapes, stage_memory
+from arm.method.models import load_model, shared_storages
 from arm.method.rotations import ROTATIONS, principal_directions, rotation, trajectory_flow
-from arm.method.stream import RATES as STREAM_RATES
 from arm.method.schedules import DIRECTIONS, SCHEDULES, checkpoint_step, direction, lr_schedule
+from arm.method.stream import RATES as STREAM_RATES
+from arm.method.stream import stream_merge
 
 if TYPE_CHECKING:
     import torch
@@ -627,18 +629,6 @@ def iterate(
     return IterationResult(state, diagnostics, selected)
 
 
-def shared_storages(names: Sequence[str], storage: Callable[[str], int]) -> tuple[list[str], dict[str, str]]:
-    """(one name per storage, {other name: its storage's name}) over ``names`` in order. Where a storage holds
-    the embedding (a tied lm_head), the embedding's name stands for it, whatever the order of ``names``."""
-    groups: dict[int, list[str]] = {}
-    for n in names:
-        groups.setdefault(storage(n), []).append(n)
-    keep: dict[int, str] = {ptr: (EMBED if EMBED in group else group[0]) for ptr, group in groups.items()}
-    kept = [n for n in names if keep[storage(n)] == n]
-    aliases = {n: keep[storage(n)] for n in names if keep[storage(n)] != n}
-    return kept, aliases
-
-
 def _previous_inputs(model: Any, targets: Mapping[str, Any] | None, inputs: Inputs,
                      previous: Callable[[str], torch.Tensor], groups: Sequence[Any], calib: Any,
                      device: torch.device, layerwise: Any) -> dict[str, torch.Tensor]:
@@ -813,8 +803,6 @@ class ARM(WholeModelMethod):
         base, out_dir = Path(base), Path(out_dir)
         checkpoints = [Path(c) for c in checkpoints]
         if p.formulation == "stream":  # an iterate over the stream of inputs, not an extrapolation of c_m
-            from arm.method.stream import stream_merge
-
             return stream_merge(p, base, checkpoints, out_dir, settings, progress=progress, context=context)
         if p.direction == "delta" and len(checkpoints) < 2:
             raise MergeConfigError(f"merge.direction: delta needs at least 2 early checkpoints, got {len(checkpoints)}")
@@ -857,7 +845,7 @@ class ARM(WholeModelMethod):
             names = [n for n in float_names if not (layerwise.tied and n == HEAD)]
             inputs = _DiskInputs(plan, names, p, steps, device)
         else:
-            model = _load_model(checkpoints[-1], device, progress)
+            model = load_model(checkpoints[-1], device, progress)
             # each storage once: a tied lm_head is updated through the embedding, whichever name the files list
             # first (safetensors lists lm_head.weight before model.embed_tokens.weight), as layer by layer
             targets = model.state_dict(keep_vars=True)
@@ -974,23 +962,6 @@ def statistics_mode(params: ARMParams, device: torch.device, folder: Any, float_
         log.warning("ARM: in-memory estimate %.1f GB exceeds the GPU (%.1f GB) but %s: %s; trying the whole model",
                     need, total_gb, folder.path, reason)
     return "model"
-
-
-def _load_model(path: Path, device: torch.device, progress: bool) -> Any:
-    """θ ← c_m: the last early checkpoint as a float32 causal LM on the merge device, eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    return model.to(device).eval()
 
 
 def plot_diagnostics(diagnostics: Mapping[str, Any], out: Path) -> Path | None:

@@ -28,6 +28,10 @@ from typing import Any
 from arm.merge.contract import MergeConfigError
 from arm.merge.engine import MergeInputError, merge, open_folders, plan_merge, write_state_dict
 from arm.merge.registry import get_method
+from arm.merge.tensor_io import ModelFolder, TensorReader
+from arm.method.activations import collect_inputs, find_linear_groups, prepare_calibration
+from arm.method.models import load_model, shared_storages
+from arm.method.rotations import rotation
 
 RATES = ("mean", "constant")
 DIAGNOSTICS_JSON = "diagnostics.json"
@@ -69,11 +73,6 @@ def _rotated(p: Any, base: Path, checkpoints: list[Path], out_dir: Path, setting
     import torch
     from transformers import AutoTokenizer
 
-    from arm.merge.tensor_io import ModelFolder, TensorReader
-    from arm.method.activations import collect_inputs, find_linear_groups, prepare_calibration
-    from arm.method.iteration import _load_model, shared_storages
-    from arm.method.rotations import rotation
-
     t0 = time.perf_counter()
     records = list(getattr(context, "calibration", None) or [])
     if not records:
@@ -85,8 +84,8 @@ def _rotated(p: Any, base: Path, checkpoints: list[Path], out_dir: Path, setting
     base_f, ck_f = open_folders(base, checkpoints)
     plan = plan_merge(base_f, ck_f, settings.dtype)
     float_names = [n for n in plan.names if plan.inputs[n][0].is_float]
-    model = _load_model(checkpoints[0], device, progress)  # θ_1 = c_1
-    probe = _load_model(checkpoints[0], device, progress)  # loaded with each c_t in turn, for its inputs
+    model = load_model(checkpoints[0], device, progress)  # θ_1 = c_1
+    probe = load_model(checkpoints[0], device, progress)  # loaded with each c_t in turn, for its inputs
     params = dict(model.state_dict(keep_vars=True))
     probe_params = dict(probe.state_dict(keep_vars=True))
     missing = [n for n in float_names if n not in params]

@@ -35,7 +35,16 @@ from typing import Any
 from arm.core.errors import ArmError, InputError
 from arm.core.paths import CONF_DIR
 from arm.run.job import validate
-from arm.run.tune import Runner, _write_csv, grid_points, load_spec, merge_overrides, merged_score, params_text, slug
+from arm.run.tune import (
+    Runner,
+    _write_csv,
+    grid_points,
+    load_spec,
+    merge_overrides,
+    merged_score,
+    params_text,
+    slug,
+)
 
 log = logging.getLogger("arm.run.regime")
 DEFAULT_SPEC = CONF_DIR / "tuning" / "regime.yaml"
