@@ -281,7 +281,7 @@ def plot(summary: Sequence[Mapping[str, Any]], spec: Mapping[str, Any], out: Pat
     domains = [d for d in spec["domains"] if any(e["domain"] == d for e in summary)]
     methods = list(spec["rows"])
     columns = [(s, p) for s in spec["schedules"] for p in next(iter(spec["positions"].values()))]
-    fig, axes = plt.subplots(len(domains), 2, figsize=(1.1 * len(columns) * 2 + 3, 0.45 * len(methods) * len(domains) + 2.2),
+    fig, axes = plt.subplots(2 * len(domains), 1, figsize=(0.9 * len(columns) + 3.2, (0.42 * len(methods) + 1.3) * 2 * len(domains)),
                              squeeze=False)
     for i, domain in enumerate(domains):
         for j, (key, title) in enumerate((("delta_last", "Δ vs the run's last checkpoint"),
@@ -293,19 +293,20 @@ def plot(summary: Sequence[Mapping[str, Any]], spec: Mapping[str, Any], out: Pat
                     r, c = methods.index(e["row"]), columns.index((e["schedule"], e["position"]))
                     grid[r, c] = e[key]["mean"]
                     marks[(r, c)] = e[key]
-            ax = axes[i][j]
+            ax = axes[2 * i + j][0]
             bound = max(1.0, float(np.nanmax(np.abs(grid)))) if np.isfinite(grid).any() else 1.0
             ax.imshow(grid, cmap="RdBu", vmin=-bound, vmax=bound, aspect="auto")
             for (r, c), v in marks.items():
                 robust = v["min"] > 0 or v["max"] < 0  # every seed on one side of 0
-                ax.text(c, r, f"{v['mean']:+.1f}" + ("" if robust else "?"), ha="center", va="center", fontsize=7,
-                        fontweight="bold" if robust else "normal")
+                ax.text(c, r, f"{v['mean']:+.1f}" + ("" if robust else "?"), ha="center", va="center", fontsize=8,
+                        fontweight="bold" if robust else "normal",
+                        color="white" if abs(v["mean"]) > 0.6 * bound else "black")
             ax.set_xticks(range(len(columns)), [f"{s}\n{p}" for s, p in columns], fontsize=7)
             ax.set_yticks(range(len(methods)), methods, fontsize=7)
             ax.set_title(f"{domain}: {title}", fontsize=9)
     fig.text(0.01, 0.005, "mean over seeds, points; bold: every seed on the same side of 0; '?': the seeds disagree in sign",
              fontsize=7)
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    fig.tight_layout(rect=(0, 0.015, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
