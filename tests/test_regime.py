@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from arm.core.errors import InputError
-from arm.run.regime import DEFAULT_SPEC, cell_points, filter_spec, load_regime_spec, plot, summarize, to_markdown
+from arm.run.regime import (
+    DEFAULT_SPEC,
+    cell_points,
+    filter_spec,
+    load_regime_spec,
+    plot,
+    summarize,
+    to_markdown,
+)
 
 
 def test_the_shipped_spec_loads_and_its_positions_are_saved_checkpoints() -> None:

@@ -11,7 +11,7 @@ For every cell (domain, SFT schedule, position of the merge inputs on that run, 
   test    then the chosen point on the test split for every seed of `seeds`, next to the same run's last checkpoint
           (`last`: the SFT model that the schedule ends at) and the last checkpoint of the same seed's
           `reference_schedule` run (`converged`: cosine-decayed SFT, the paper's bar).
-Cells run one after the other, in the spec's order, and the tables are rewritten after each: a run stopped
+Cells run one after the other (per domain: each position, in the spec's order, for every schedule), and the tables are rewritten after each: a run stopped
 part-way leaves its finished cells summarised. Every job is an ordinary `arm` job, cached by content: a rerun,
 or a wider run after a narrower one, redoes nothing that finished. A cell's test split is read only after its
 choice is written down (selected.json).
@@ -170,7 +170,7 @@ def test_cell(spec: Mapping[str, Any], runner: Runner, domain: str, schedule: st
 
 
 def run_map(spec: Mapping[str, Any], runner: Runner, stages: Sequence[str]) -> list[dict[str, Any]]:
-    """Cell by cell (domain, schedule, position, row, in the spec's order): select on validation, write the choice
+    """Cell by cell (domain, position, schedule, row, in the spec's order): select on validation, write the choice
     down (selected.json), then test it on every seed; the tables are rewritten after every cell, so a run stopped
     part-way leaves every finished cell summarised (and a rerun redoes none of it: every job is cached)."""
     out = runner.out
@@ -187,8 +187,8 @@ def run_map(spec: Mapping[str, Any], runner: Runner, stages: Sequence[str]) -> l
                 ref_dir = out / "test" / f"seed-{seed}" / domain / f"reference-{spec['reference_schedule']}"
                 converged[seed] = converged_score(runner.run(ref_dir, [*job_overrides(
                     domain, spec["reference_schedule"], first_steps, seed, "test"), "logger=none", "merge=none"]))
-        for schedule in spec["schedules"]:
-            for position in spec["positions"][domain]:
+        for position in spec["positions"][domain]:  # position-major: the late window of every schedule first
+            for schedule in spec["schedules"]:
                 for label in spec["rows"]:
                     cell = selected.setdefault(domain, {}).setdefault(schedule, {}).setdefault(position, {})
                     if "select" in stages:
