@@ -151,6 +151,7 @@ def test_config_file_maps_onto_the_parameters(compose) -> None:
         ({"iterations": 2, "warmup": 2}, "merge.warmup: must be smaller than merge.iterations"),
         ({"rank": 0}, "merge.rank: must be ≥ 1"),
         ({"lr": -1.0}, "merge.lr: must be > 0"),
+        ({"lr": 1e38}, "merge.lr: 1e\\+38 is not a merging coefficient"),
         ({"calibration": {"n_seq": 3}}, "merge.calibration.n_seq: not a calibration setting"),
         ({"select": "best_loss", "calibration": {"holdout_fraction": 0.0}}, "merge.select: best_loss needs held-out"),
         ({"rotation": "none", "layer_scale": "alignment"}, "merge.layer_scale: alignment needs a rotation"),
@@ -159,6 +160,19 @@ def test_config_file_maps_onto_the_parameters(compose) -> None:
 def test_bad_parameters_name_the_key(params, message) -> None:
     with pytest.raises(MergeConfigError, match=message):
         validate_merge_config({"name": "arm", **params})
+
+
+def test_a_merge_that_overflows_the_output_dtype_names_the_tensor(traj, tmp_path) -> None:
+    """Finite in float32, infinite once cast to float16 (what a whole-model method writes through
+    write_state_dict): an error naming the tensor, and nothing written."""
+    from arm.merge.engine import EngineSettings, write_state_dict
+
+    state = load_tensors(traj.checkpoints[-1])
+    name = sorted(state)[0]
+    state[name] = state[name] * 1e6
+    with pytest.raises(MergeInputError, match=f"tensor '{name}' overflows F16 \\(largest magnitude"):
+        write_state_dict(state, traj.base, traj.checkpoints, tmp_path / "out", EngineSettings(dtype="float16"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
 
 
 def test_bad_inputs_fail_before_writing(traj, tmp_path) -> None:

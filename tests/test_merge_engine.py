@@ -318,3 +318,20 @@ def test_validate_merge_config_and_identity() -> None:
     assert a == b and a["density"] == 0.3
     assert merge_identity({"name": "ties", "density": 0.4}) != a
     assert merge_identity({"name": "ties", "density": 0.3, "dtype": "bfloat16"}) != a
+
+
+@pytest.mark.parametrize("how", ["hard link", "symlink", "copy"])
+def test_a_checkpoint_with_the_base_weights_is_warned_about(tmp_path, caplog, how) -> None:
+    """Its update is zero: the merge still runs, and a warning names both folders."""
+    import logging
+    import os
+
+    traj = make_trajectory(tmp_path / "traj", n_checkpoints=2, hidden=16, layers=1)
+    weights = traj.checkpoints[0] / "model.safetensors"
+    weights.unlink()
+    {"hard link": os.link, "symlink": os.symlink, "copy": shutil.copyfile}[how](traj.base / "model.safetensors", weights)
+    with caplog.at_level(logging.WARNING, logger="arm.merge"):
+        merge_from_config({"name": "linear"}, traj.base, traj.checkpoints, tmp_path / "out", progress=False)
+    warned = [r.getMessage() for r in caplog.records if "holds the base's weights" in r.getMessage()]
+    assert len(warned) == 1 and str(traj.checkpoints[0]) in warned[0] and str(traj.base) in warned[0]
+    assert ("the same file" if how != "copy" else "the same bytes") in warned[0]

@@ -22,6 +22,7 @@ merge of linear or task arithmetic runs on numpy alone, bit-identically (``arm.m
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import time
@@ -48,6 +49,8 @@ from arm.merge.tensor_io import (
     temp_sibling,
     torch_dtype,
 )
+
+log = logging.getLogger("arm.merge")
 
 if TYPE_CHECKING:
     import torch
@@ -250,6 +253,7 @@ def merge_from_config(
     converged = getattr(context, "converged", None)
     check_output_path(out_dir, [base, *checkpoints, *([Path(converged)] if converged else [])], settings.overwrite)
 
+    warn_same_weights_as_base(base, checkpoints)
     cls = get_method(name)
     if issubclass(cls, WholeModelMethod):
         # a whole-model (iterative) method, e.g. ARM: it validates its own parameters and writes
@@ -262,6 +266,42 @@ def merge_from_config(
             raise MergeInputError(f"merge '{name}' diverged: {err}") from None
     rule = cls.from_params(params, len(checkpoints))
     return merge(rule, base, checkpoints, out_dir, settings, progress=progress)
+
+
+def same_weights_as_base(base: Path, checkpoint: Path, window: int = 4096) -> str | None:
+    """How ``checkpoint`` is known to hold the base's weights ("the same file" when every weight file is a link
+    to the base's, "the same bytes" when the first ``window`` bytes of every tensor agree), or None. Reads at most
+    ``window`` bytes per tensor and file: a warning's evidence, not a proof (a checkpoint that differs only past
+    those bytes is not caught)."""
+    try:
+        b, c = ModelFolder(base), ModelFolder(checkpoint)
+        bt, ct = dict(b.tensors), dict(c.tensors)
+    except (MergeInputError, OSError, ValueError):
+        return None  # the merge itself reports unreadable inputs
+    if set(bt) != set(ct):
+        return None
+    files = {(bt[n].file, ct[n].file) for n in bt}
+    if all(os.path.samefile(x, y) for x, y in files):
+        return "the same file"
+    for n in bt:
+        x, y = bt[n], ct[n]
+        if (x.dtype, x.shape, x.nbytes) != (y.dtype, y.shape, y.nbytes):
+            return None
+        k = min(window, x.nbytes)
+        with open(x.file, "rb") as fx, open(y.file, "rb") as fy:
+            fx.seek(x.offset)
+            fy.seek(y.offset)
+            if fx.read(k) != fy.read(k):
+                return None
+    return "the same bytes"
+
+
+def warn_same_weights_as_base(base: Path, checkpoints: Sequence[Path]) -> None:
+    """A checkpoint that holds the base's weights merges as a zero update: say so, naming both."""
+    for ck in checkpoints:
+        how = same_weights_as_base(base, ck)
+        if how is not None:
+            log.warning("%s holds the base's weights (%s as %s): it enters the merge as a zero update", ck, how, base)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -793,7 +833,11 @@ def write_state_dict(
                 )
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise MergeInputError(f"tensor {name!r} to write contains NaN or Inf")
-            writer.write_tensor(name, t.to(device="cpu", dtype=torch_dtype(target.dtype)))
+            out = t.to(device="cpu", dtype=torch_dtype(target.dtype))
+            if out.is_floating_point() and not bool(torch.isfinite(out).all()):  # finite in float32, not in the output dtype
+                raise MergeInputError(f"tensor {name!r} overflows {target.dtype} (largest magnitude "
+                                      f"{float(t.abs().max()):.3g}): check the method's parameters")
+            writer.write_tensor(name, out)
         writer.close()
         copy_model_files(base_f, ck_f, tmp, settings.dtype)
         if before_publish is not None:

@@ -159,6 +159,9 @@ def _choice(value: Any, key: str, choices: Sequence[str]) -> str:
     return value
 
 
+MAX_LR = 100.0  # per iteration: beyond it the merged weights leave any range a model was trained in
+
+
 def parse_params(params: Mapping[str, Any]) -> ARMParams:
     """``merge.*`` (without the engine keys) -> ARMParams; errors name ``merge.<key>``."""
     known = [f for f in ARMParams.__dataclass_fields__]
@@ -211,6 +214,9 @@ def parse_params(params: Mapping[str, Any]) -> ARMParams:
                                "(merge.formulation iterate_rotation or proximal), not with trajectory_rotation")
     if out.lr <= 0:
         raise MergeConfigError(f"merge.lr: must be > 0, got {out.lr}")
+    if out.lr > MAX_LR:
+        raise MergeConfigError(f"merge.lr: {out.lr:g} is not a merging coefficient: each iteration adds lr × the update "
+                               f"(lr ≤ {MAX_LR:g}; the grids of conf/tuning/ stop at 0.5)")
     if out.warmup >= out.iterations:
         raise MergeConfigError(f"merge.warmup: must be smaller than merge.iterations ({out.iterations}), got {out.warmup}")
     if not 0 <= out.beta < 1:
