@@ -222,3 +222,15 @@ def test_merge_cli_takes_calibration_and_converged(traj, tmp_path) -> None:
     bad.write_text('{"prompt": "a"}\n')
     assert merge_cli.main([*common, "--calibration", str(bad), "--out", str(tmp_path / "x")]) == 1
     assert not (tmp_path / "x").exists()
+
+    # Stopped between publishing the model and drawing its report: the same merge again finishes the report
+    # (the weights untouched); another merge into that folder is still refused.
+    png = tmp_path / "cli" / "diagnostics.png"
+    assert png.is_file()
+    png.unlink()
+    weights = sorted((tmp_path / "cli").glob("*.safetensors"))
+    mtimes = [p.stat().st_mtime_ns for p in weights]
+    run = [*common, "--calibration", str(calib), "--converged", str(traj.converged), "--out", str(tmp_path / "cli")]
+    assert merge_cli.main(run) == 0 and png.is_file()
+    assert [p.stat().st_mtime_ns for p in weights] == mtimes
+    assert merge_cli.main([*run, "--set", "lr=0.2"]) == 1  # not this merge: "output folder exists"

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from arm.data.domains import read_split
-from arm.merge.engine import MergeContext, merge_from_config
-from arm.merge.registry import get_method
+from arm.merge.engine import ENGINE_KEYS, MergeContext, merge_from_config
+from arm.merge.registry import get_method, method_names
 from arm.merge.tensor_io import parse_size
 
 
@@ -102,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         context = MergeContext(calibration=records, converged=args.converged)
 
 
+    method = get_method(args.method) if args.method in method_names() else None
+    if method is not None and args.out.exists() and not args.overwrite and method.report_pending(
+            args.out, {k: v for k, v in cfg.items() if k not in ENGINE_KEYS}, args.base, args.checkpoints):
+        # this very merge, published by a run stopped before its report: finish the report, keep the weights
+        report = method.write_report(args.out)
+        print(json.dumps({"out_dir": str(args.out), "resumed": "report", "report": [str(f) for f in report]}))
+        return 0
     try:
         summary = merge_from_config(cfg, args.base, args.checkpoints, args.out, progress=not args.no_progress,
                                     context=context)

@@ -172,6 +172,13 @@ class MergeMethod(ABC):
         return []
 
     @classmethod
+    def report_pending(cls, out_dir: Path, params: Mapping[str, Any], base: Path, checkpoints: Sequence[Path]) -> bool:
+        """Whether ``out_dir`` is this very merge (same parameters and inputs), complete but for its report (a run
+        stopped between publishing the model and drawing its figures): the merge CLI then finishes the report
+        instead of refusing the existing folder. Methods without a report: never."""
+        return False
+
+    @classmethod
     def code_modules(cls) -> list[ModuleType]:
         names = set(ENGINE_MODULES)
         for klass in cls.__mro__:

@@ -757,6 +757,24 @@ class ARM(WholeModelMethod):
         return [png]
 
     @classmethod
+    def report_pending(cls, out_dir: Path, params: Mapping[str, Any], base: Path, checkpoints: Sequence[Path]) -> bool:
+        out_dir = Path(out_dir)
+        source = out_dir / DIAGNOSTICS_JSON
+        if (out_dir / DIAGNOSTICS_PNG).is_file() or not source.is_file() or not (out_dir / "config.json").is_file():
+            return False
+        try:
+            diag = json.loads(source.read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        inputs = diag.get("inputs") or {}
+        try:
+            wanted = parse_params(params).to_dict()
+        except MergeConfigError:
+            return False
+        return (diag.get("params") == wanted and inputs.get("base") == str(base)
+                and inputs.get("checkpoints") == [str(c) for c in checkpoints])
+
+    @classmethod
     def uses_calibration(cls, params: Mapping[str, Any]) -> bool:
         return parse_params(params).uses_calibration()
 
