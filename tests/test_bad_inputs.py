@@ -156,6 +156,14 @@ def test_corrupt_reference_checkpoint_is_named_before_evaluation(traj, tmp_path)
     ("eval.limit=abc", "eval.limit"), ("eval.limit=-3", "eval.limit"), ("eval.batch_size=0", "eval.batch_size"),
     ("eval.device=tpu", "eval.device"), ("seed=abc", "seed"), ("trajectory.early_steps=abc", "trajectory.early_steps"),
     ("eval.unsafe_code_without_sandbox=maybe", "eval.unsafe_code_without_sandbox"),
+    # every row of arm/run/checks.py RANGES, past its bound (issue 27, item 7)
+    ("seed=100000000000000000000", "seed"), ("seed=-1", "seed"),
+    ("eval.limit=100000000000000000000", "eval.limit"), ("eval.batch_size=100000000", "eval.batch_size"),
+    ("eval.num_fewshot=100000000000", "eval.num_fewshot"), ("trajectory.early_steps=[4000000000]", "trajectory.early_steps"),
+    ("trajectory.converged_step=4000000000", "trajectory.converged_step"),
+    # the tiny SFT's schedule is known before training: its last step (2656 on math_synth) and its saved steps
+    ("trajectory.early_steps=[2000,2656]", "trajectory.early_steps"), ("trajectory.early_steps=[401]", "trajectory.early_steps"),
+    ("model.sft.early_steps=[401]", "model.sft.early_steps"),
 ])
 def test_config_values_are_checked_before_any_work(compose, override, key) -> None:
     from arm.core.errors import ConfigError
@@ -169,7 +177,8 @@ def test_config_values_are_checked_before_any_work(compose, override, key) -> No
 def test_good_config_values_pass(compose) -> None:
     from arm.run.job import validate
 
-    validate(compose("eval.limit=5", "eval.batch_size=auto", "eval.device=cuda:1", "seed=3", "trajectory.early_steps=[10,20]"))
+    validate(compose("eval.limit=5", "eval.batch_size=auto", "eval.device=cuda:1", "seed=3", "trajectory.early_steps=[400,500]"))
+    validate(compose("seed=4294967295", "eval.limit=1000000000", "trajectory.early_steps=[2576]"))
 
 
 def test_a_bad_config_value_exits_non_zero_writing_no_cache(tmp_path) -> None:
