@@ -35,6 +35,14 @@ from arm.core.provenance import git_revision, now_iso, versions
 
 SCHEMA_VERSION = 1
 RESULTS_NAME = "results.json"
+OPTIONAL: dict[str, tuple[type, ...]] = {
+    "label": (str,),
+    "step": (int, type(None)),
+    "method": (str, type(None)),
+    "params": (dict, type(None)),
+    "model_path": (str,),
+    "cache_key": (str, type(None)),
+}
 REQUIRED = {
     "schema_version": int,
     "name": str,
@@ -107,13 +115,21 @@ def validate_result(result: Any, source: str | Path) -> dict[str, Any]:
             raise InputError(f"{source}: key '{key}' should be {kind.__name__}, not {type(result[key]).__name__}")
     if result["schema_version"] != SCHEMA_VERSION:
         raise InputError(f"{source}: schema_version {result['schema_version']} is not {SCHEMA_VERSION}")
-    if "label" in result and not isinstance(result["label"], str):
-        raise InputError(f"{source}: key 'label' should be str, not {type(result['label']).__name__}")
+    for key, kinds in OPTIONAL.items():  # present in every result this project writes; null where allowed
+        if key in result and not (isinstance(result[key], kinds) and not isinstance(result[key], bool)):
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise InputError(f"{source}: key '{key}' should be {names}, not {result[key]!r}")
+    if isinstance(result.get("step"), int) and result["step"] < 0:
+        raise InputError(f"{source}: key 'step' is {result['step']}, not a step number")
     if result["role"] not in ROLES:
         raise InputError(f"{source}: key 'role' is '{result['role']}', not one of {ROLES}")
     for task, cell in result["primary"].items():
         if not isinstance(cell, dict) or not {"metric", "value", "n"} <= set(cell):
             raise InputError(f"{source}: key 'primary.{task}' needs metric, value and n")
+        if not isinstance(cell["metric"], str):
+            raise InputError(f"{source}: key 'primary.{task}.metric' should be str, not {cell['metric']!r}")
+        if not isinstance(cell["n"], int) or isinstance(cell["n"], bool) or cell["n"] < 0:
+            raise InputError(f"{source}: key 'primary.{task}.n' should be a number of documents, not {cell['n']!r}")
         if not isinstance(cell["value"], int | float) or isinstance(cell["value"], bool):
             raise InputError(f"{source}: key 'primary.{task}.value' is not a number")
         if not math.isfinite(cell["value"]):
@@ -154,6 +170,9 @@ def load_results(paths: Iterable[Path]) -> list[dict[str, Any]]:
         result = load_result(file)
         key = (result.get("cache_key") or str(file), result.get("label"))
         if key in seen:
+            if seen[key]["primary"] != result["primary"]:  # one evaluation, two different numbers: which is right?
+                raise InputError(f"{seen[key]['_file']} and {file}: two copies of one evaluation (cache key "
+                                 f"{key[0]}) with different scores; remove the stale one")
             continue
         seen[key] = result
         result["_file"] = str(file)

@@ -242,6 +242,31 @@ def test_table_same_value_twice_is_fine(tmp_path) -> None:
     assert _table(str(tmp_path), "--out", str(tmp_path / "t.md"))[0] == 0
 
 
+def test_table_one_evaluation_copied_with_different_numbers_names_both(tmp_path) -> None:
+    """The same cache key in two places (a run folder and its copy) but different scores: an error, not a pick."""
+    one, two = tmp_path / "a" / "results.json", tmp_path / "b" / "results.json"
+    for path, value in ((one, 0.5), (two, 0.6)):
+        path.parent.mkdir()
+        path.write_text(json.dumps(_result("sft_converged", value, "same-key")))
+    code, err = _table(str(tmp_path), "--out", str(tmp_path / "t.md"))
+    assert code == 2 and str(one) in err and str(two) in err and "two copies of one evaluation" in err, err
+    assert not (tmp_path / "t.md").exists()
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("step", "four hundred", "key 'step' should be int or null"), ("step", -3, "key 'step' is -3"),
+    ("label", 3, "key 'label' should be str"), ("params", [1], "key 'params' should be dict or null"),
+    ("primary", {"code_synth": {"metric": "pass@1,none", "value": 0.5, "n": "ten"}}, "primary.code_synth.n"),
+    ("step", True, "key 'step' should be int or null"),
+])
+def test_table_wrong_field_types_are_named(tmp_path, field, value, message) -> None:
+    path = tmp_path / "run" / "results.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({**_result("sft_converged", 0.5, "k"), field: value}))
+    code, err = _table(str(tmp_path), "--out", str(tmp_path / "t.md"))
+    assert code == 2 and str(path) in err and message in err, err
+
+
 @pytest.mark.parametrize("kind", ["nan", "utf8", "folder"])
 def test_table_bad_files_are_named(tmp_path, kind) -> None:
     path = tmp_path / "run" / "results.json"
