@@ -166,3 +166,26 @@ def test_a_sandbox_that_cannot_start_is_an_error_not_a_failed_program(monkeypatc
     monkeypatch.setattr(sandbox, "bwrap_argv", lambda bwrap, fd: [bwrap, "--no-such-option"])
     with pytest.raises(sandbox.SandboxStartError, match="the sandbox did not start"):
         run_program(PROGRAM, TESTS)
+
+
+def test_a_passing_programs_short_output_is_kept() -> None:
+    """Buffered output of a program that passes reaches the result (flushed before each reply)."""
+    result = run_program("print('hello from the program')\n" + PROGRAM, TESTS)
+    assert result.passed and "hello from the program" in result.output, result
+
+
+def test_module_objects_of_the_program_are_never_imported_by_their_name(capsys: pytest.CaptureFixture) -> None:
+    """A program binding names to module objects named after modules with side effects ('this' prints the Zen,
+    'unittest.__main__' runs test discovery and exits): the harness imports nothing by their say-so."""
+    import sys
+
+    program = ("import types\nf = types.ModuleType('this')\nmath = types.ModuleType('unittest.__main__')\n"
+               "string = types.ModuleType('antigravity')\n")
+    before = {"this", "unittest.__main__", "antigravity"} & set(sys.modules)
+    result = run_program(program, ["assert f is not None", "assert math.pi > 3"])
+    assert not result.passed and result.status == "error" and "NameError" in result.detail, result
+    assert "Beautiful is better than ugly" not in capsys.readouterr().out
+    assert {"this", "unittest.__main__", "antigravity"} & set(sys.modules) == before
+    # a module the tests may use, imported by the program under its own name, is the parent's own import
+    ok = run_program("import math\ndef f(x):\n    return math.sqrt(x)\n", ["assert math.isclose(f(16.0), 4.0)"])
+    assert ok.passed, ok
