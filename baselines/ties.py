@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from arm.merge.contract import (
+    MergeConfigError,
     TensorInputs,
     TensorRule,
     check_bool,
@@ -45,6 +46,7 @@ _EXACT_BELOW = 1 << 16  # tensors up to this size use torch.kthvalue on the whol
 _SAMPLE = None  # sample size; None: adaptive (sample_size)
 _IN_MEMORY = 1 << 24  # tensors up to this size keep their deltas in memory (one read of the inputs)
 _WINDOWS = 16  # the sample is read as this many windows at random offsets over the tensor
+TRIMS = ("tensor", "global")  # trim each tensor (mergekit) | each task vector over all its entries (the TIES paper)
 
 
 def kth_largest(values: torch.Tensor, k: int) -> float:
@@ -294,6 +296,7 @@ class Ties(TensorRule):
         density: float | Sequence[float] = 0.5,
         weights: Sequence[float] | None = None,
         normalize: bool = True,
+        trim: str = "tensor",
         **kwargs: Any,
     ):
         super().__init__(n_checkpoints)
@@ -301,16 +304,35 @@ class Ties(TensorRule):
         self.weights = check_weights(weights, n_checkpoints)
         self.normalize = check_bool(normalize, "normalize")
         self.lam = check_number(kwargs.pop("lambda", 1.0), "lambda")
+        if trim not in TRIMS:
+            raise MergeConfigError(f"merge.trim: expected one of {', '.join(TRIMS)}, got {trim!r}")
+        self.trim = trim
+        self.global_thresholds: list[float] | None = None
         if kwargs:
             raise TypeError(f"unexpected parameters {sorted(kwargs)}")
 
     @classmethod
     def accepted_params(cls) -> list[str]:
-        return ["density", "weights", "normalize", "lambda"]
+        return ["density", "weights", "normalize", "lambda", "trim"]
 
     def params(self) -> dict[str, Any]:
         density = self.density[0] if len(set(self.density)) == 1 else self.density
-        return {"density": density, "weights": self.weights, "normalize": self.normalize, "lambda": self.lam}
+        out = {"density": density, "weights": self.weights, "normalize": self.normalize, "lambda": self.lam,
+               "trim": self.trim}
+        if self.global_thresholds is not None:
+            out["global_thresholds"] = self.global_thresholds
+        return out
+
+    def needs_prepare(self) -> bool:
+        return self.trim == "global" and any(d < 1 for d in self.density)
+
+    def prepare(self, tensors: Iterator[tuple[str, TensorInputs]]) -> None:
+        """The paper's trim: one threshold per task vector over all of its entries — the k-th largest |d_i|
+        over every float tensor, k = max(1, int(density · N)). Exact, in two passes over the inputs with
+        65,536-bin histograms of the float32 bit patterns of |d_i| (monotonic for non-negative floats):
+        the high 16 bits find the bin holding the k-th largest, the low 16 bits of that bin's entries its value."""
+        items = list(tensors)  # (name, inputs): lazy readers, no tensor data yet
+        self.global_thresholds = global_thresholds(items, self.density)
 
     def merge(self, name: str, inputs: TensorInputs) -> Iterator[torch.Tensor]:
         n, chunk = inputs.numel, inputs.chunk_elems
@@ -318,6 +340,11 @@ class Ties(TensorRule):
         ks = [max(1, int(d * n)) if d < 1 else 0 for d in self.density]
         todo = [i for i, k in enumerate(ks) if k and n]
         thresholds = [0.0] * len(ks)
+        if self.trim == "global":
+            if self.global_thresholds is None and todo:
+                raise RuntimeError("merge.trim: global needs the engine's prepare pass (arm.merge.engine.merge)")
+            thresholds = list(self.global_thresholds or thresholds)
+            todo = []
         if n <= _IN_MEMORY:
             # moderate tensors: deltas held in (reused) memory, one read of the inputs
             base, cks = inputs.full()
@@ -358,3 +385,49 @@ class Ties(TensorRule):
         )
         for base_chunk, deltas in pairs:
             yield combine(base_chunk, deltas)
+
+
+def global_thresholds(items: Sequence[tuple[str, TensorInputs]], density: Sequence[float]) -> list[float]:
+    """Per checkpoint i, the k_i-th largest |c_i − θ0| over every entry of every tensor in ``items``
+    (k_i = max(1, int(density_i · N))), exactly, by two histogram passes over float32 bit patterns."""
+    import numpy as np
+
+    total = sum(inputs.numel for _, inputs in items)
+    ks = [max(1, int(d * total)) if d < 1 else 0 for d in density]
+    m = len(density)
+    hi = [np.zeros(1 << 16, dtype=np.int64) for _ in range(m)]
+
+    def bits_of(inputs: TensorInputs) -> Iterator[list[np.ndarray]]:
+        for base, cks in inputs.chunks():
+            assert base is not None
+            yield [np.abs(c.sub_(base).cpu().numpy()).view(np.uint32) for c in cks]
+
+    for _, inputs in items:
+        for parts in bits_of(inputs):
+            for i in range(m):
+                if ks[i]:
+                    hi[i] += np.bincount(parts[i] >> 16, minlength=1 << 16)[: 1 << 16]
+    bins, rank = [0] * m, [0] * m
+    for i in range(m):
+        if not ks[i]:
+            continue
+        above = np.cumsum(hi[i][::-1])  # entries in bins >= b, from the top
+        b = (1 << 16) - 1 - int(np.searchsorted(above, ks[i]))  # the bin holding the k-th largest
+        bins[i] = b
+        rank[i] = ks[i] - (int(above[(1 << 16) - 2 - b]) if b < (1 << 16) - 1 else 0)  # its rank inside the bin
+    lo = [np.zeros(1 << 16, dtype=np.int64) for _ in range(m)]
+    for _, inputs in items:
+        for parts in bits_of(inputs):
+            for i in range(m):
+                if ks[i]:
+                    sel = parts[i][(parts[i] >> 16) == bins[i]]
+                    lo[i] += np.bincount(sel & 0xFFFF, minlength=1 << 16)[: 1 << 16]
+    out = []
+    for i in range(m):
+        if not ks[i]:
+            out.append(0.0)
+            continue
+        above = np.cumsum(lo[i][::-1])
+        low = (1 << 16) - 1 - int(np.searchsorted(above, rank[i]))
+        out.append(float(np.array([(bins[i] << 16) | low], dtype=np.uint32).view(np.float32)[0]))
+    return out

@@ -335,3 +335,43 @@ def test_a_checkpoint_with_the_base_weights_is_warned_about(tmp_path, caplog, ho
     warned = [r.getMessage() for r in caplog.records if "holds the base's weights" in r.getMessage()]
     assert len(warned) == 1 and str(traj.checkpoints[0]) in warned[0] and str(traj.base) in warned[0]
     assert ("the same file" if how != "copy" else "the same bytes") in warned[0]
+
+
+def test_ties_global_trim_is_the_papers_one_threshold_per_task_vector(tmp_path) -> None:
+    """merge.trim=global: each task vector keeps its top `density` entries over ALL its parameters (the TIES
+    paper's code), not per tensor (mergekit's); the result equals a hand computation over the whole model."""
+    import numpy as np
+
+    traj = make_trajectory(tmp_path / "traj", n_checkpoints=3, hidden=16, layers=2)
+    summary = merge_from_config({"name": "ties", "density": 0.3, "trim": "global"}, traj.base, traj.checkpoints,
+                                tmp_path / "global", progress=False)
+    merge_from_config({"name": "ties", "density": 0.3}, traj.base, traj.checkpoints, tmp_path / "tensor", progress=False)
+    base = load_tensors(traj.base)
+    cks = [load_tensors(c) for c in traj.checkpoints]
+    names = sorted(n for n in base if base[n].is_floating_point())
+    deltas = [{n: (c[n].float() - base[n].float()) for n in names} for c in cks]
+    thresholds = []
+    for d in deltas:
+        a = torch.cat([d[n].reshape(-1).abs() for n in names]).numpy()
+        k = max(1, int(0.3 * a.size))
+        thresholds.append(float(np.partition(a, a.size - k)[a.size - k]))
+    assert summary["params"]["global_thresholds"] == pytest.approx(thresholds, rel=0, abs=0)
+    merged = load_tensors(tmp_path / "global")
+    per_tensor = load_tensors(tmp_path / "tensor")
+    differs = False
+    for n in names:
+        trimmed = [torch.where(d[n].abs() >= t, d[n], torch.zeros_like(d[n])) for d, t in zip(deltas, thresholds, strict=True)]
+        total = sum(trimmed)
+        sign = torch.where(total >= 0, 1.0, -1.0)
+        agree = [(x * sign > 0).float() for x in trimmed]
+        num = sum(x * a for x, a in zip(trimmed, agree, strict=True))
+        den = torch.clamp(sum(agree), min=1.0)
+        want = base[n].float() + num / den
+        torch.testing.assert_close(merged[n].float(), want, rtol=1e-6, atol=1e-6, msg=n)
+        differs |= not torch.equal(merged[n], per_tensor[n])
+    assert differs  # the two trims keep different entries
+
+
+def test_ties_trim_must_be_tensor_or_global(tmp_path) -> None:
+    with pytest.raises(MergeConfigError, match="merge.trim"):
+        get_method("ties").from_params({"trim": "layer"}, 2)

@@ -252,6 +252,14 @@ class TensorRule(MergeMethod):
             raise MergeConfigError(f"merge: per-checkpoint lists of different lengths {sorted(lengths)}")
         cls.from_params(params, lengths.pop() if lengths else 1)
 
+    def needs_prepare(self) -> bool:
+        """Whether :meth:`prepare` must see every tensor before the first is merged (TIES's global trim)."""
+        return False
+
+    def prepare(self, tensors: Iterator[tuple[str, TensorInputs]]) -> None:
+        """A pass over every floating-point tensor, ``(name, inputs)`` one at a time (the same inputs the merge
+        gets, memory bounded per tensor), before any is merged; only called when :meth:`needs_prepare`."""
+
     def checkpoint_mask(self, n: int) -> list[bool]:
         """Which of the ``n`` checkpoints the rule reads (``uses_checkpoints``; a window rule overrides it).
         The engine reads only these and passes them to the rule in step order."""

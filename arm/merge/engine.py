@@ -541,6 +541,8 @@ def merge(
     writer = ShardedWriter(tmp, plan.out, settings.shard_size)
     published = False
     try:
+        if rule.needs_prepare() and isinstance(pool, _WorkerPool):  # e.g. TIES's global trim: every float tensor first
+            rule.prepare((name, pool.inputs(plan.inputs[name])) for name in plan.names if plan.inputs[name][0].is_float)
         bar = _progress(len(plan.names), progress, rule.name)
         jobs = [(name, target, plan.inputs[name]) for name, target in zip(plan.names, plan.out, strict=True)]
         if workers == 1:  # stream each chunk to disk as it is produced
@@ -647,6 +649,12 @@ class _WorkerPool:
             with self._lock:
                 self._all.append(res)
         return res
+
+    def inputs(self, infos: list[TensorInfo]) -> DiskInputs:
+        """One tensor's inputs (the slots the rule reads), on this thread's readers and buffers."""
+        readers, buffers = self._resources()
+        used_infos = [info if u else None for info, u in zip(infos, self.used, strict=True)]
+        return DiskInputs(used_infos, readers, buffers, self.device, self.chunk)
 
     def merge_tensor(
         self, name: str, target: OutTensor, infos: list[TensorInfo], copy: bool = False

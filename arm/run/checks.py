@@ -14,6 +14,7 @@ from typing import Any
 
 from arm.core.cache import to_plain
 from arm.core.errors import ConfigError
+from arm.trajectory.sft import resolve_sft_config
 from evals.runner import code_isolation, task_specs
 
 DEVICES = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -88,8 +89,6 @@ def check_tiny_schedule(cfg: Mapping[str, Any], early: list[int] | None) -> None
     traj, model, domain = cfg.get("trajectory") or {}, cfg["model"], cfg["domain"]
     if traj.get("path") or model.get("arch") is None or not domain.get("synthetic"):
         return  # a Trainer folder or a real model: its steps are read from the folder
-    from arm.trajectory.sft import resolve_sft_config
-
     sft = dict(to_plain(model.get("sft") or {}))
     steps = early if early is not None else sft.get("early_steps") or []
     sft["early_steps"] = []
