@@ -98,3 +98,29 @@ def test_rotation_effect_is_read_at_the_selected_iterate(tmp_path) -> None:
         {"iteration": 1, "rotation_effect": 0.5}, {"iteration": 2, "rotation_effect": 0.25},
         {"iteration": 3, "rotation_effect": 0.75}]}))
     assert rotation_effect(tmp_path) == 0.25
+
+
+def test_summary_joins_runs_split_by_position(tmp_path) -> None:
+    """--stages summary: the cells of two folders of one spec (e.g. run side by side with --positions) in one table."""
+    import csv
+
+    from arm.run.regime import summary_only
+
+    spec = filter_spec(load_regime_spec(DEFAULT_SPEC), schedules="constant", positions="late,middle", rows="lawa",
+                       domains="code_synth")
+    fields = ["seed", "domain", "schedule", "position", "steps", "row", "params", "score", "last", "converged",
+              "delta_last", "delta_converged", "rotation_effect"]
+    for folder, position, score in ((tmp_path / "a", "middle", 0.6), (tmp_path / "b", "late", 0.7)):
+        folder.mkdir()
+        with (folder / "cells.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for seed in (0, 1, 2):
+                writer.writerow({"seed": seed, "domain": "code_synth", "schedule": "constant", "position": position,
+                                 "steps": "[1, 2]", "row": "lawa", "params": "{}", "score": score, "last": 0.65,
+                                 "converged": 0.75, "delta_last": score - 0.65, "delta_converged": score - 0.75,
+                                 "rotation_effect": ""})
+    summary = summary_only(spec, [tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    assert [e["position"] for e in summary] == ["late", "middle"]  # the spec's order, not the folders'
+    text = (tmp_path / "out" / "regime.md").read_text()
+    assert "| constant | late (1–2, 2) | lawa |" in text and "| constant | middle (1–2, 2) | lawa |" in text

@@ -253,6 +253,36 @@ def write_summary(spec: Mapping[str, Any], cells: Sequence[Mapping[str, Any]], o
     return summary
 
 
+def summary_only(spec: Mapping[str, Any], folders: Sequence[Path], out: Path) -> list[dict[str, Any]]:
+    """The tables from the cells.csv of ``folders`` (one spec, run in parts), in the spec's cell order; an ARM
+    row's rotation effect, where a cell lacks it, read from its test job's merged model (diagnostics.json)."""
+    import csv
+
+    found: dict[tuple, dict[str, Any]] = {}
+    present = [f for f in folders if (f / "cells.csv").is_file()]
+    if not present:
+        raise InputError(f"no cells.csv in {', '.join(map(str, folders))} (run the test stage there first)")
+    for folder in present:
+        path = folder / "cells.csv"
+        for row in csv.DictReader(path.open()):
+            cell = {k: (float(v) if k in ("score", "last", "converged", "delta_last", "delta_converged") else v)
+                    for k, v in row.items()}
+            cell["seed"] = int(cell["seed"])
+            if cell.get("rotation_effect") in (None, ""):
+                results = folder / "test" / f"seed-{cell['seed']}" / cell["domain"] / cell["schedule"] / cell["position"] / \
+                    slug(cell["row"]) / "results"
+                merged = [json.loads(p.read_text()) for p in sorted(results.glob("*/results.json"))]
+                paths = [Path(r["model_path"]) for r in merged if r.get("role") == "merge"]
+                cell["rotation_effect"] = rotation_effect(paths[0]) if paths else None
+            found[(cell["seed"], cell["domain"], cell["schedule"], cell["position"], cell["row"])] = cell
+    order = {(d, s, p, r): i for i, (d, p, s, r) in enumerate(
+        (d, p, s, r) for d in spec["domains"] for p in spec["positions"][d] for s in spec["schedules"] for r in spec["rows"])}
+    cells = sorted((c for c in found.values() if (c["domain"], c["schedule"], c["position"], c["row"]) in order),
+                   key=lambda c: (order[(c["domain"], c["schedule"], c["position"], c["row"])], c["seed"]))
+    out.mkdir(parents=True, exist_ok=True)
+    return write_summary(spec, cells, out)
+
+
 def spread(v: Mapping[str, float], signed: bool = True) -> str:
     f = "{:+.1f}" if signed else "{:.1f}"
     return f"{f.format(v['mean'])} [{f.format(v['min'])}, {f.format(v['max'])}]"
@@ -348,17 +378,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--positions", default=None, help="comma-separated subset of the spec's positions")
     parser.add_argument("--rows", default=None, help="comma-separated subset of the spec's rows (methods)")
     parser.add_argument("--domains", default=None, help="comma-separated subset of the spec's domains")
-    parser.add_argument("--stages", default="select,test", help="select,test (test alone reads <out>/selected.json)")
+    parser.add_argument("--stages", default="select,test",
+                        help="select,test (test alone reads <out>/selected.json); summary: no job, the tables again from "
+                             "the cells.csv of --out and of every --also folder (runs of the same spec split by --positions)")
+    parser.add_argument("--also", type=Path, action="append", default=[], metavar="DIR",
+                        help="with --stages summary: another output folder of the same spec whose cells join the table")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every job (after the spec's own)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-        if not stages or any(s not in ("select", "test") for s in stages):
-            raise InputError(f"--stages: expected select and/or test, got {args.stages!r}")
         spec = filter_spec(load_regime_spec(args.spec), schedules=args.schedules, positions=args.positions,
                            rows=args.rows, domains=args.domains)
         out = args.out.resolve()
+        if stages == ["summary"]:
+            summary_only(spec, [out, *[d.resolve() for d in args.also]], out)
+            print((out / "regime.md").read_text())
+            return 0
+        if not stages or any(s not in ("select", "test") for s in stages):
+            raise InputError(f"--stages: expected select and/or test, or summary alone, got {args.stages!r}")
         runner = Runner(out, [*spec["overrides"], *args.overrides])
         for domain in spec["domains"]:  # every job's config is checked before the first one runs
             for schedule in spec["schedules"]:
