@@ -5,9 +5,10 @@ started by bubblewrap (``bwrap``, Debian package ``bubblewrap``) with:
 
 - its own user, PID, network, IPC, UTS, cgroup and mount namespaces (``--unshare-all``), as uid and
   gid 65534 with no capabilities, in a new session, killed with the harness (``--die-with-parent``);
-- a root that holds only read-only binds of what the interpreter needs (the shared-library folders,
-  the interpreter and its standard library), a fresh ``/proc`` and ``/dev``, and an empty private
-  ``/tmp`` (a size-capped tmpfs) as its working folder; no network (only its own loopback), a clean
+- a root that holds only read-only binds of what the interpreter needs (each shared library that the
+  interpreter and its standard library's extension modules load — files, not the folders that hold
+  them —, the interpreter and its standard library), four device nodes, no ``/proc``, and an empty
+  private ``/tmp`` (a size-capped tmpfs) as its working folder; no network (only its own loopback), a clean
   environment (``LC_ALL`` and ``PATH`` only);
 - resource limits set by the runner before any untrusted code runs: CPU seconds, address space,
   no new processes, file size, open files, no core files; and a wall-clock deadline (counted once the
@@ -612,14 +613,11 @@ def bwrap_argv(bwrap: str, seccomp_fd: int) -> list[str]:
         argv += ["--cap-drop", "ALL"]
     if _bwrap_supports(bwrap, "--disable-userns"):  # bubblewrap >= 0.8: no nested user namespaces either
         argv += ["--unshare-user", "--disable-userns"]
-    for folder in ("/usr/lib", "/usr/lib64", "/usr/lib32"):
-        if os.path.isdir(folder) and not os.path.islink(folder):
-            argv += ["--ro-bind", folder, folder]
-    for folder in ("/lib", "/lib64", "/lib32"):
+    for folder in ("/lib", "/lib64", "/lib32"):  # merged-/usr links, so that loader paths resolve
         if os.path.islink(folder):
             argv += ["--symlink", os.readlink(folder), folder]
-        elif os.path.isdir(folder):
-            argv += ["--ro-bind", folder, folder]
+    for source, target in shared_libraries():  # each library file, not the folders that hold them
+        argv += ["--ro-bind", source, target]
     for path in _interpreter_paths():
         argv += ["--ro-bind", path, path]
         site = os.path.join(path, "site-packages")
@@ -630,6 +628,39 @@ def bwrap_argv(bwrap: str, seccomp_fd: int) -> list[str]:
     argv += ["--size", str(TMPFS_BYTES), "--tmpfs", "/tmp", "--chdir", "/tmp", "--remount-ro", "/",
              "--seccomp", str(seccomp_fd)]
     return argv + [_interpreter(), "-I", "-S", "-B", "-c"]
+
+
+@functools.cache
+def shared_libraries() -> tuple[tuple[str, str], ...]:
+    """(file, path in the sandbox) of every shared library that the interpreter, its libpython and its standard
+    library's extension modules (lib-dynload) load, as the dynamic loader resolves them here (``ldd``; the loader
+    itself included). Only these are bound into the sandbox: not the folders that hold them (on these machines
+    /usr/lib also holds node modules, a cloud SDK, a JVM and PostgreSQL)."""
+    import glob
+    import re
+
+    objects = [_interpreter()] + [p for p in _interpreter_paths() if os.path.isfile(p) and ".so" in os.path.basename(p)]
+    dynload = sysconfig.get_config_var("DESTSHARED")
+    if dynload and os.path.isdir(dynload):
+        objects += sorted(p for p in glob.glob(os.path.join(dynload, "*.so"))
+                          if not os.path.basename(p).startswith("_tkinter"))  # a GUI toolkit: X11, Tcl/Tk
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        raise SandboxUnavailable("ldd is missing (Debian package libc-bin): the sandbox cannot tell which shared "
+                                 "libraries the interpreter needs")
+    found: dict[str, str] = {}
+    for obj in objects:
+        try:
+            text = subprocess.run([ldd, obj], capture_output=True, text=True, timeout=30, env={"LC_ALL": "C"}).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        for line in text.splitlines():
+            match = re.search(r"(?:=>\s*)?(/\S+)\s+\(0x", line)
+            if match and os.path.exists(match.group(1)):
+                path = match.group(1)
+                target = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+                found[target] = os.path.realpath(path)
+    return tuple((source, target) for target, source in sorted(found.items()))
 
 
 @functools.cache
