@@ -206,3 +206,13 @@ def test_the_sandbox_sees_shared_libraries_not_the_folders_that_hold_them() -> N
     result = run_program(program, tests)
     assert result.passed, result
     assert all(os.path.isfile(source) for source, _ in sandbox.shared_libraries())
+
+
+def test_threads_of_the_program_run_and_processes_still_do_not() -> None:
+    program = ("import threading, os\ndef f(x):\n    out = []\n"
+               "    ts = [threading.Thread(target=lambda i=i: out.append(i * x)) for i in range(4)]\n"
+               "    [t.start() for t in ts]\n    [t.join() for t in ts]\n    return sorted(out)\n"
+               "def spawn():\n    try:\n        os.posix_spawn('/usr/bin/true', ['true'], {})\n"
+               "    except OSError as e:\n        return e.errno\n")
+    result = run_program(program, ["assert f(2) == [0, 2, 4, 6]", "import errno\nassert spawn() == errno.EPERM"])
+    assert result.passed, result

@@ -568,7 +568,7 @@ def _interpreter_paths() -> list[str]:
     return sorted(paths)
 
 
-# seccomp (classic BPF): new processes (clone, clone3, fork, vfork), new namespaces and mounts
+# seccomp (classic BPF): new processes (clone without CLONE_THREAD, clone3, fork, vfork), new namespaces and mounts
 # (unshare, setns, mount, umount2, pivot_root), keyrings (add_key, request_key, keyctl), ptrace, bpf
 # and perf_event_open fail with EPERM. bwrap maps the sandbox user to the caller's uid, and for a
 # caller that is root RLIMIT_NPROC does not apply (the kernel exempts uid 0): the filter is what stops
@@ -579,8 +579,17 @@ _SYSCALLS = {  # machine: (AUDIT_ARCH_*, the numbers above in that order)
 }
 
 
+CLONE_THREAD = 0x00010000
+ENOSYS = 38
+
+
 def seccomp_filter(machine: str | None = None) -> bytes:
-    """The BPF program bwrap loads (``--seccomp FD``): a ``struct sock_filter`` array."""
+    """The BPF program bwrap loads (``--seccomp FD``): a ``struct sock_filter`` array.
+
+    ``clone`` is allowed only with ``CLONE_THREAD`` in its flags (a thread of the program's own process,
+    inside its PID namespace, address space and limits); every other ``clone`` (fork, posix_spawn, vfork-like)
+    fails with EPERM. ``clone3`` passes its flags in memory the filter cannot read: it fails with ENOSYS, and
+    the C library falls back to ``clone``. The other listed calls fail with EPERM."""
     import platform
     import struct
 
@@ -590,12 +599,30 @@ def seccomp_filter(machine: str | None = None) -> bytes:
                                  f"(known: {', '.join(_SYSCALLS)}); run code evaluation on one of those or set "
                                  f"{UNSAFE_FLAG}=true where unisolated execution is acceptable")
     arch, numbers = _SYSCALLS[machine]
-    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    clone, clone3 = numbers[0], numbers[1]
+    rest = [nr for nr in numbers[2:]]
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
     allow, deny, kill = 0x7FFF0000, 0x00050000 | 1, 0x80000000  # ALLOW, ERRNO(EPERM), KILL_PROCESS
-    n = len(numbers)
-    prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill), (ld, 0, 0, 0), (jge, n + 1, 0, 0x40000000)]
-    prog += [(jeq, n - i, 0, nr) for i, nr in enumerate(numbers)]
-    prog += [(ret, 0, 0, allow), (ret, 0, 0, deny)]
+    nosys = 0x00050000 | ENOSYS
+    # indices: 0 ld arch, 1 jeq arch, 2 kill, 3 ld nr, 4 jge x32, 5 jeq clone3, 6 jeq clone, 7.. jeq rest,
+    # then ALLOW, CHECK (ld args[0]), JSET, ALLOW, DENY, NOSYS
+    first = 7
+    i_allow = first + len(rest)
+    i_check, i_jset, i_allow2 = i_allow + 1, i_allow + 2, i_allow + 3
+    i_deny, i_nosys = i_allow + 4, i_allow + 5
+
+    def rel(here: int, target: int) -> int:
+        return target - here - 1
+
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill), (ld, 0, 0, 0),
+            (jge, rel(4, i_deny), 0, 0x40000000),
+            (jeq, rel(5, i_nosys), 0, clone3),
+            (jeq, rel(6, i_check), 0, clone)]
+    prog += [(jeq, rel(first + i, i_deny), 0, nr) for i, nr in enumerate(rest)]
+    prog += [(ret, 0, 0, allow),
+             (ld, 0, 0, 16),  # the low 32 bits of args[0]: clone's flags
+             (jset, rel(i_jset, i_allow2), rel(i_jset, i_deny), CLONE_THREAD),
+             (ret, 0, 0, allow), (ret, 0, 0, deny), (ret, 0, 0, nosys)]
     return b"".join(struct.pack("<HBBI", *insn) for insn in prog)
 
 
