@@ -248,3 +248,25 @@ __import__('ctypes').CDLL(None, use_errno=True).ptrace(16, 1, 0, 0) or __import_
 """)
     result = _loot(program, ["assert loot == ['-1'] * 4, loot"])
     assert result.passed, result
+
+
+@pytest.mark.parametrize(("program", "test", "why"), [
+    ("def f(x):\n    return range(10**12)\n", "assert set(f(0)) == {1, 2}", "MemoryError"),  # memory in the tests
+    ("def f(x):\n    return range(10**15)\n", "assert max(f(0)) == 3", "(judge process)"),  # work
+    ("def f(x):\n    return 10**18\n", "assert 2 ** f(0) > 0", "(judge process)"),  # a small value, huge work
+])
+def test_the_programs_values_cannot_carry_unbounded_work_into_the_harness(world: dict, program: str, test: str,
+                                                                          why: str) -> None:
+    """The trusted tests run in a judge process with limits of its own: whatever they compute from the program's
+    values, the harness's memory does not grow and the verdict comes in bounded time, as the program's error."""
+    import time
+
+    def rss_mib() -> float:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+    before, start = rss_mib(), time.monotonic()
+    result = run_program(program, [test], timeout_s=3.0)
+    elapsed = time.monotonic() - start
+    assert not result.passed and result.status == "error" and why in result.detail, result
+    assert rss_mib() - before < 100 and elapsed < 3.0 + sandbox.JUDGE_WALL_S + 15, (rss_mib() - before, elapsed)

@@ -17,7 +17,9 @@ started by bubblewrap (``bwrap``, Debian package ``bubblewrap``) with:
   ``SandboxStartError``: an infrastructure failure is never scored as a failed program.
 
 The verdict is decided in the parent. The child only executes the program and then answers calls:
-the parent runs the (trusted) test code itself, and every name the tests take from the program
+the parent runs the (trusted) test code, in a *judge* — a fork of itself that never runs program code,
+under its own address-space, CPU and wall-clock limits, so that no value of the program can carry
+unbounded work or memory into the harness (``_judge``) — and every name the tests take from the program
 (``f``, ``candidate``, a helper) is a proxy whose call sends plain arguments to the child and gets a
 plain value back (JSON of None, bool, int, float, str, bytes, complex, range, list, tuple, set,
 frozenset, dict; anything else arrives as an opaque value that cannot be compared). The expected
@@ -91,6 +93,12 @@ STARTUP_S = 60.0
 """Time the sandbox and interpreter may take to start, before the program's own wall-clock limit
 (like code_eval's, which times the program, not the process start): on a loaded machine start-up
 alone can take seconds, and it must not turn a correct program into a timeout."""
+JUDGE_MEMORY_MB = 1024
+"""Address space the judge (the process that runs the trusted tests) may map beyond the harness's."""
+JUDGE_CPU_S = 10
+"""CPU seconds of the judge (tests and relaying the program's answers)."""
+JUDGE_WALL_S = 20.0
+"""Wall-clock time the judge may take beyond the program's own budget."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -829,24 +837,112 @@ def _session(
         if not first.get("ready"):
             return SandboxResult(False, "error", _cut(f"program raised {first.get('raised')}: {first.get('message')}"),
                                  child.output_text())
-        namespace = _Namespace(child)
-        for index, (src, code) in enumerate(compiled):
-            try:
-                exec(code, namespace)  # noqa: S102 - trusted test code; the program's names are proxies
-            except AssertionError as error:
-                note = f" ({error})" if str(error) else ""
-                return SandboxResult(False, "failed", _cut(f"failed: {src}{note}"), child.output_text())
-            except Exception as error:  # the program's exceptions arrive as plain types or RemoteError
-                return SandboxResult(False, "error", _cut(f"{src}: {type(error).__name__}: {error}"), child.output_text())
-            if index == 0 and setup and entry_point:
-                namespace.pop(entry_point, None)  # the prompt's stub: the program's definition is tested
-        return SandboxResult(True, "passed", f"{len(tests)} tests passed", child.output_text())
+        return _judge(child, compiled, tests, timeout_s, setup, entry_point)
     except _Abort as abort:
         if abort.status == "timeout" or _killed_by_limit(child):
             return SandboxResult(False, "timeout", f"{abort.detail} of {timeout_s:g} s", child.output_text())
         return SandboxResult(False, abort.status, _cut(abort.detail + _stderr_note(child)), child.output_text())
     finally:
         child.kill()
+
+
+def _run_tests(child: _Child, compiled: list[tuple[str, Any]], tests: Sequence[str], setup: str,
+               entry_point: str | None) -> tuple[bool, str, str]:
+    """(passed, status, detail) of the trusted tests against the program's answers (raises _Abort)."""
+    namespace = _Namespace(child)
+    for index, (src, code) in enumerate(compiled):
+        try:
+            exec(code, namespace)  # noqa: S102 - trusted test code; the program's names are proxies
+        except AssertionError as error:
+            note = f" ({error})" if str(error) else ""
+            return False, "failed", _cut(f"failed: {src}{note}")
+        except Exception as error:  # the program's exceptions arrive as plain types or RemoteError
+            return False, "error", _cut(f"{src}: {type(error).__name__}: {error}")
+        if index == 0 and setup and entry_point:
+            namespace.pop(entry_point, None)  # the prompt's stub: the program's definition is tested
+    return True, "passed", f"{len(tests)} tests passed"
+
+
+def _judge_limits() -> None:
+    """In the judge: JUDGE_MEMORY_MB of address space beyond what the harness had mapped, JUDGE_CPU_S of CPU."""
+    import resource
+
+    mapped = 0
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmSize:"):
+                    mapped = int(line.split()[1]) << 10
+    except OSError:
+        pass
+    if mapped:
+        limit = mapped + (JUDGE_MEMORY_MB << 20)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    resource.setrlimit(resource.RLIMIT_CPU, (JUDGE_CPU_S, JUDGE_CPU_S + 1))
+
+
+def _judge(child: _Child, compiled: list[tuple[str, Any]], tests: Sequence[str], timeout_s: float, setup: str,
+           entry_point: str | None) -> SandboxResult:
+    """Run the trusted tests in a *judge*: a fork of this process that never runs program code, under limits
+    of its own (address space, CPU seconds, a wall-clock deadline), which reports the verdict over a pipe.
+    Whatever work or memory the tests spend on the program's values (``set(range(10**12))``,
+    ``max(range(10**15))``, ``2 ** f(x)``) is the judge's: past its limits the judge dies and the program
+    scores an error; the harness's own memory and time are untouched."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the judge: never returns into the harness
+        code = 0
+        try:
+            os.close(read_end)
+            _judge_limits()
+            try:
+                passed, status, detail = _run_tests(child, compiled, tests, setup, entry_point)
+                message: dict[str, Any] = {"passed": passed, "status": status, "detail": detail}
+            except _Abort as abort:
+                message = {"abort": [abort.status, abort.detail]}
+            except MemoryError:
+                message = {"passed": False, "status": "error",
+                           "detail": f"the tests' work on the program's values exceeded {JUDGE_MEMORY_MB} MiB"}
+            message["output"] = child.output_text()
+            data = json.dumps(message).encode()
+            while data:
+                data = data[os.write(write_end, data):]
+        except BaseException:  # noqa: BLE001 - a judge that cannot report is read as a failed judge
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    deadline = time.monotonic() + timeout_s + JUDGE_WALL_S
+    chunks: list[bytes] = []
+    with selectors.DefaultSelector() as sel:
+        sel.register(read_end, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if sel.select(max(0.0, deadline - time.monotonic())):
+                data = os.read(read_end, 1 << 16)
+                if not data:
+                    break
+                chunks.append(data)
+                if sum(map(len, chunks)) > 4 * MAX_MESSAGE_BYTES:
+                    break
+        else:
+            os.kill(pid, signal.SIGKILL)
+    os.close(read_end)
+    _, status_code = os.waitpid(pid, 0)
+    try:
+        message = json.loads(b"".join(chunks).decode())
+    except (ValueError, UnicodeDecodeError):
+        signal_number = -os.waitstatus_to_exitcode(status_code) if os.WIFSIGNALED(status_code) else None
+        why = {signal.SIGXCPU: f"{JUDGE_CPU_S} s of CPU", signal.SIGKILL: "its wall-clock limit"}.get(signal_number,
+                                                                                                   "its limits")
+        return SandboxResult(False, "error", f"the tests' work on the program's values exceeded {why} (judge process)")
+    output = str(message.get("output", ""))[:MAX_OUTPUT_CHARS]
+    if "abort" in message:
+        status, detail = (list(message["abort"]) + ["error", ""])[:2]
+        if status == "timeout" or _killed_by_limit(child):
+            return SandboxResult(False, "timeout", f"{detail} of {timeout_s:g} s", output)
+        return SandboxResult(False, str(status), _cut(str(detail) + _stderr_note(child)), output)
+    return SandboxResult(bool(message.get("passed")), str(message.get("status", "error")),
+                         _cut(str(message.get("detail", ""))), output)
 
 
 def _killed_by_limit(child: _Child) -> bool:
