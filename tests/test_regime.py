@@ -88,3 +88,13 @@ def test_cli_help_and_a_bad_filter(capsys) -> None:
     assert main(["--rows", "nope"]) == 2
     assert "--rows: unknown rows ['nope']" in capsys.readouterr().err
     assert Path(DEFAULT_SPEC).is_file()
+
+
+def test_rotation_effect_is_read_at_the_selected_iterate(tmp_path) -> None:
+    from arm.run.regime import rotation_effect
+
+    assert rotation_effect(tmp_path) is None  # a baseline's folder: no diagnostics
+    (tmp_path / "diagnostics.json").write_text(json.dumps({"selected_iteration": 2, "history": [
+        {"iteration": 1, "rotation_effect": 0.5}, {"iteration": 2, "rotation_effect": 0.25},
+        {"iteration": 3, "rotation_effect": 0.75}]}))
+    assert rotation_effect(tmp_path) == 0.25

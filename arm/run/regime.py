@@ -160,13 +160,27 @@ def test_cell(spec: Mapping[str, Any], runner: Runner, domain: str, schedule: st
         overrides = [*job_overrides(domain, schedule, steps, seed, "test"), "logger=none",
                      f"label={json.dumps(label)}", *merge_overrides(choice["merge"], choice["params"])]
         results = runner.run(run_dir, overrides)
-        score, _ = merged_score(results)
+        score, merged = merged_score(results)
         last = converged_score(results)
+        effect = rotation_effect(Path(merged["model_path"]))
         cells.append({"seed": seed, "domain": domain, "schedule": schedule, "position": position,
                       "steps": json.dumps(list(steps)), "row": label, "params": json.dumps(choice["params"]),
                       "score": round(score, 6), "last": round(last, 6), "converged": round(converged[seed], 6),
-                      "delta_last": round(score - last, 6), "delta_converged": round(score - converged[seed], 6)})
+                      "delta_last": round(score - last, 6), "delta_converged": round(score - converged[seed], 6),
+                      "rotation_effect": effect})
     return cells
+
+
+def rotation_effect(model_path: Path) -> float | None:
+    """ARM's rotation effect at its selected iterate (diagnostics.json; docs/method.md §8, §10), else None."""
+    path = model_path / "diagnostics.json"
+    if not path.is_file():
+        return None
+    diagnostics = json.loads(path.read_text())
+    history = {h.get("iteration"): h for h in diagnostics.get("history", [])}
+    entry = history.get(diagnostics.get("selected_iteration")) or (diagnostics.get("history") or [{}])[-1]
+    value = entry.get("rotation_effect")
+    return None if value is None else round(float(value), 6)
 
 
 def run_map(spec: Mapping[str, Any], runner: Runner, stages: Sequence[str]) -> list[dict[str, Any]]:
@@ -219,6 +233,9 @@ def summarize(cells: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         for key in ("score", "last", "converged", "delta_last", "delta_converged"):
             values = [100 * float(c[key]) for c in items]
             entry[key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+        effects = [float(c["rotation_effect"]) for c in items if c.get("rotation_effect") not in (None, "")]
+        if effects:  # ARM rows: ‖θ − θ_straight‖ / ‖θ_straight − c‖ (θ_straight: ExPO, or the average for stream)
+            entry["rotation_effect"] = {"mean": statistics.fmean(effects), "min": min(effects), "max": max(effects)}
         entry["above_last"] = sum(float(c["delta_last"]) > 0 for c in items)
         entry["above_converged"] = sum(float(c["delta_converged"]) > 0 for c in items)
         out.append(entry)
@@ -261,6 +278,12 @@ def to_markdown(summary: Sequence[Mapping[str, Any]], spec: Mapping[str, Any]) -
             lines.append(f"| {e['schedule']} | {where} | {e['row']} | {shown} | {spread(e['score'], False)} | "
                          f"{spread(e['last'], False)} | {spread(e['delta_last'])} | {e['above_last']} | "
                          f"{spread(e['delta_converged'])} | {e['above_converged']} |")
+        effects = [e for e in summary if e["domain"] == domain and e.get("rotation_effect")]
+        if effects:
+            lines += ["", "Rotation effect of the ARM rows at the chosen point, mean [min, max] over the seeds (‖θ − θ_s‖ / "
+                      "‖θ_s − c‖, θ_s the same step unrotated: ExPO's, or the average for `formulation: stream`): "
+                      + "; ".join(f"{e['schedule']}/{e['position']} {e['row']} {e['rotation_effect']['mean']:.3f} "
+                                  f"[{e['rotation_effect']['min']:.3f}, {e['rotation_effect']['max']:.3f}]" for e in effects) + "."]
         conv = next((e["converged"] for e in summary if e["domain"] == domain), None)
         if conv:
             lines += ["", f"{spec['reference_schedule']}-converged SFT: {spread(conv, False)}."]
