@@ -190,3 +190,18 @@ def write_answering_model(folder: Path, answer: str, after: str = ":", stop: str
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TINY_BASE / name, folder / name)
     return folder
+
+
+def diverging_checkpoints(checkpoints: list[Path], out: Path) -> list[Path]:
+    """The same checkpoints with a copy of the last one whose first MLP weight holds 1e37 (finite in float32): an
+    ARM step with lr 100 from it overflows to Inf on iteration 1 (merge.lr is bounded at 100)."""
+    from safetensors.torch import load_file, save_file
+
+    last = out / checkpoints[-1].name
+    shutil.copytree(checkpoints[-1], last)
+    weights = last / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(n for n in tensors if "mlp" in n and n.endswith("weight"))[0]
+    tensors[name] = tensors[name].clone().fill_(1e37)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return [*checkpoints[:-1], last]

@@ -24,7 +24,7 @@ from arm.method.activations import collect_inputs, find_linear_groups, prepare_c
 from arm.method.iteration import ARMParams, _DiskInputs
 from arm.method.layerwise import LayerwiseModel
 from arm.trajectory.sft import _loss_sums
-from tests.helpers import load_tensors
+from tests.helpers import diverging_checkpoints, load_tensors
 from tests.merge_fixtures import make_tokenizer, make_trajectory
 
 CALIB = {"n_sequences": 24, "max_length": 32, "holdout_fraction": 0.25, "seed": 0, "max_tokens": 256}
@@ -151,7 +151,8 @@ def test_layerwise_on_an_unsupported_model_fails_before_writing(traj, tmp_path, 
 
 def test_layerwise_divergence_names_the_iteration_and_parameter(traj, tmp_path) -> None:
     out = tmp_path / "out"
-    cfg = {"name": "arm", "device": "cpu", "rotation": "none", "lr": 1e39, "iterations": 2, "statistics": "layerwise"}
+    cfg = {"name": "arm", "device": "cpu", "rotation": "none", "lr": 100.0, "iterations": 2, "statistics": "layerwise"}
+    checkpoints = diverging_checkpoints(traj.checkpoints, tmp_path)
     with pytest.raises(MergeInputError, match=r"merge 'arm' diverged: ARM iteration 1: parameter '.+' became NaN/Inf"):
-        merge_from_config(cfg, traj.base, traj.checkpoints, out, progress=False)
+        merge_from_config(cfg, traj.base, checkpoints, out, progress=False)
     assert not out.exists()

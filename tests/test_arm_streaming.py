@@ -21,7 +21,7 @@ from arm.merge.engine import (
 )
 from arm.method.iteration import ARM, parse_params
 from arm.method.schedules import lr_schedule
-from tests.helpers import load_tensors
+from tests.helpers import diverging_checkpoints, load_tensors
 from tests.merge_fixtures import make_trajectory
 
 ROTATED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -187,7 +187,8 @@ def test_bad_inputs_fail_before_writing(traj, tmp_path) -> None:
     with pytest.raises(ValueError, match="merge.rank: 1000 is larger than the input width 32"):
         arm(traj, out, MergeContext(calibration=records()), rank=1000)
     with pytest.raises(MergeInputError, match=r"merge 'arm' diverged: ARM iteration 1: parameter '.+' became NaN/Inf"):
-        arm(traj, out, rotation="none", lr=1e39, iterations=2)
+        merge_from_config({"name": "arm", "device": "cpu", "rotation": "none", "lr": 100.0, "iterations": 2}, traj.base,
+                          diverging_checkpoints(traj.checkpoints, tmp_path), out, progress=False)
     assert not out.exists()
     assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from arm.merge import cli as merge_cli
+from tests.helpers import diverging_checkpoints
 from tests.merge_fixtures import make_trajectory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,12 +101,13 @@ def test_shard_size_zero_is_refused_before_any_work(traj, tmp_path, capsys) -> N
 
 def test_arm_diverging_is_a_clean_error(traj, tmp_path, capsys) -> None:
     out = tmp_path / "arm"
-    args = ["--method", "arm", "--base", str(traj.base), "--checkpoints", *map(str, traj.checkpoints), "--out", str(out),
-            "--device", "cpu", "--no-progress", "--set", "rotation=none", "--set", "lr=1e39", "--set", "iterations=2"]
+    checkpoints = diverging_checkpoints(traj.checkpoints, tmp_path / "inputs")
+    args = ["--method", "arm", "--base", str(traj.base), "--checkpoints", *map(str, checkpoints), "--out", str(out),
+            "--device", "cpu", "--no-progress", "--set", "rotation=none", "--set", "lr=100", "--set", "iterations=2"]
     assert merge_cli.main(args) == 1
     err = capsys.readouterr().err
     assert "error: merge 'arm' diverged: ARM iteration 1" in err and "lower merge.lr" in err
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["inputs"]
 
 
 def test_arm_folder_is_published_only_with_its_diagnostics(traj, tmp_path, monkeypatch) -> None:

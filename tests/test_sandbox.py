@@ -4,6 +4,7 @@ the refusal without isolation and the explicit opt-out (hostile programs: test_s
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
@@ -189,3 +190,29 @@ def test_module_objects_of_the_program_are_never_imported_by_their_name(capsys: 
     # a module the tests may use, imported by the program under its own name, is the parent's own import
     ok = run_program("import math\ndef f(x):\n    return math.sqrt(x)\n", ["assert math.isclose(f(16.0), 4.0)"])
     assert ok.passed, ok
+
+
+def test_the_sandbox_sees_shared_libraries_not_the_folders_that_hold_them() -> None:
+    """Outside the interpreter's own tree, every file a program can find is a shared library it may load
+    (docs/security.md): /usr/lib's node modules, JVM or SDKs are not there; no /proc; the stdlib's C extensions work."""
+    program = ("import os, sqlite3, ssl, ctypes, lzma, bz2, zlib, decimal\n"
+               "def files(top):\n    out = []\n    for root, _, names in os.walk(top):\n"
+               "        out += [os.path.join(root, n) for n in names]\n    return out\n"
+               "def exists(path):\n    return os.path.exists(path)\n")
+    tests = ["import re", "found = files('/usr') + files('/lib') + files('/etc') + files('/opt') + files('/home')",
+             "assert found and all(re.search(r'(\\.so(\\.[0-9]+)*|ld-linux-x86-64\\.so\\.2|ld-linux-aarch64\\.so\\.1)$', p) "
+             "for p in found), [p for p in found if not p.endswith('.so') and '.so.' not in p][:5]",
+             "assert not exists('/proc/self') and not exists('/usr/lib/node_modules') and not exists('/usr/lib/jvm')"]
+    result = run_program(program, tests)
+    assert result.passed, result
+    assert all(os.path.isfile(source) for source, _ in sandbox.shared_libraries())
+
+
+def test_threads_of_the_program_run_and_processes_still_do_not() -> None:
+    program = ("import threading, os\ndef f(x):\n    out = []\n"
+               "    ts = [threading.Thread(target=lambda i=i: out.append(i * x)) for i in range(4)]\n"
+               "    [t.start() for t in ts]\n    [t.join() for t in ts]\n    return sorted(out)\n"
+               "def spawn():\n    try:\n        os.posix_spawn('/usr/bin/true', ['true'], {})\n"
+               "    except OSError as e:\n        return e.errno\n")
+    result = run_program(program, ["assert f(2) == [0, 2, 4, 6]", "import errno\nassert spawn() == errno.EPERM"])
+    assert result.passed, result

@@ -145,10 +145,21 @@ os.posix_spawn('/usr/bin/sleep', ['sleep', '60.{marker}'], {{}})
 os.setsid() or os.fork()
 __import__('threading').Thread(target=lambda: None).start()
 """)
+    # threads of the program's own process are allowed (seccomp lets clone through with CLONE_THREAD only)
     result = _loot(program, ["assert [loot[0], loot[1], loot[3]] == ['PermissionError'] * 3 and loot[2] != '0', loot",
-                             "assert loot[4] == 'PermissionError' and loot[5] == 'RuntimeError', loot"])
+                             "assert loot[4] == 'PermissionError' and loot[5] == 'None', loot"])
     assert result.passed, result
     assert f"sleep 60.{marker}" not in os.popen("ps -eo args").read()  # nothing outlives the run
+
+
+def test_a_thread_bomb_is_bounded_by_the_address_space(world: dict) -> None:
+    """Threads may start (a correct program may use them), but each reserves stack in the capped address space:
+    starting them without end fails inside the program, and the sandbox ends with the run."""
+    program = ("import threading, time\ndef f(x):\n    n = 0\n    try:\n        while True:\n"
+               "            threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n            n += 1\n"
+               "    except RuntimeError:\n        return n\n")
+    result = run_program(program, ["assert 0 < f(0) < 10000"], timeout_s=5.0)
+    assert result.passed, result
 
 
 def test_fork_bomb_at_import_is_contained(world: dict) -> None:
@@ -237,3 +248,25 @@ __import__('ctypes').CDLL(None, use_errno=True).ptrace(16, 1, 0, 0) or __import_
 """)
     result = _loot(program, ["assert loot == ['-1'] * 4, loot"])
     assert result.passed, result
+
+
+@pytest.mark.parametrize(("program", "test", "why"), [
+    ("def f(x):\n    return range(10**12)\n", "assert set(f(0)) == {1, 2}", "MemoryError"),  # memory in the tests
+    ("def f(x):\n    return range(10**15)\n", "assert max(f(0)) == 3", "(judge process)"),  # work
+    ("def f(x):\n    return 10**18\n", "assert 2 ** f(0) > 0", "(judge process)"),  # a small value, huge work
+])
+def test_the_programs_values_cannot_carry_unbounded_work_into_the_harness(world: dict, program: str, test: str,
+                                                                          why: str) -> None:
+    """The trusted tests run in a judge process with limits of its own: whatever they compute from the program's
+    values, the harness's memory does not grow and the verdict comes in bounded time, as the program's error."""
+    import time
+
+    def rss_mib() -> float:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+    before, start = rss_mib(), time.monotonic()
+    result = run_program(program, [test], timeout_s=3.0)
+    elapsed = time.monotonic() - start
+    assert not result.passed and result.status == "error" and why in result.detail, result
+    assert rss_mib() - before < 100 and elapsed < 3.0 + sandbox.JUDGE_WALL_S + 15, (rss_mib() - before, elapsed)

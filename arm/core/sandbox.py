@@ -5,9 +5,10 @@ started by bubblewrap (``bwrap``, Debian package ``bubblewrap``) with:
 
 - its own user, PID, network, IPC, UTS, cgroup and mount namespaces (``--unshare-all``), as uid and
   gid 65534 with no capabilities, in a new session, killed with the harness (``--die-with-parent``);
-- a root that holds only read-only binds of what the interpreter needs (the shared-library folders,
-  the interpreter and its standard library), a fresh ``/proc`` and ``/dev``, and an empty private
-  ``/tmp`` (a size-capped tmpfs) as its working folder; no network (only its own loopback), a clean
+- a root that holds only read-only binds of what the interpreter needs (each shared library that the
+  interpreter and its standard library's extension modules load — files, not the folders that hold
+  them —, the interpreter and its standard library), four device nodes, no ``/proc``, and an empty
+  private ``/tmp`` (a size-capped tmpfs) as its working folder; no network (only its own loopback), a clean
   environment (``LC_ALL`` and ``PATH`` only);
 - resource limits set by the runner before any untrusted code runs: CPU seconds, address space,
   no new processes, file size, open files, no core files; and a wall-clock deadline (counted once the
@@ -16,7 +17,9 @@ started by bubblewrap (``bwrap``, Debian package ``bubblewrap``) with:
   ``SandboxStartError``: an infrastructure failure is never scored as a failed program.
 
 The verdict is decided in the parent. The child only executes the program and then answers calls:
-the parent runs the (trusted) test code itself, and every name the tests take from the program
+the parent runs the (trusted) test code, in a *judge* — a fork of itself that never runs program code,
+under its own address-space, CPU and wall-clock limits, so that no value of the program can carry
+unbounded work or memory into the harness (``_judge``) — and every name the tests take from the program
 (``f``, ``candidate``, a helper) is a proxy whose call sends plain arguments to the child and gets a
 plain value back (JSON of None, bool, int, float, str, bytes, complex, range, list, tuple, set,
 frozenset, dict; anything else arrives as an opaque value that cannot be compared). The expected
@@ -90,6 +93,12 @@ STARTUP_S = 60.0
 """Time the sandbox and interpreter may take to start, before the program's own wall-clock limit
 (like code_eval's, which times the program, not the process start): on a loaded machine start-up
 alone can take seconds, and it must not turn a correct program into a timeout."""
+JUDGE_MEMORY_MB = 1024
+"""Address space the judge (the process that runs the trusted tests) may map beyond the harness's."""
+JUDGE_CPU_S = 10
+"""CPU seconds of the judge (tests and relaying the program's answers)."""
+JUDGE_WALL_S = 20.0
+"""Wall-clock time the judge may take beyond the program's own budget."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,7 +576,7 @@ def _interpreter_paths() -> list[str]:
     return sorted(paths)
 
 
-# seccomp (classic BPF): new processes (clone, clone3, fork, vfork), new namespaces and mounts
+# seccomp (classic BPF): new processes (clone without CLONE_THREAD, clone3, fork, vfork), new namespaces and mounts
 # (unshare, setns, mount, umount2, pivot_root), keyrings (add_key, request_key, keyctl), ptrace, bpf
 # and perf_event_open fail with EPERM. bwrap maps the sandbox user to the caller's uid, and for a
 # caller that is root RLIMIT_NPROC does not apply (the kernel exempts uid 0): the filter is what stops
@@ -578,8 +587,17 @@ _SYSCALLS = {  # machine: (AUDIT_ARCH_*, the numbers above in that order)
 }
 
 
+CLONE_THREAD = 0x00010000
+ENOSYS = 38
+
+
 def seccomp_filter(machine: str | None = None) -> bytes:
-    """The BPF program bwrap loads (``--seccomp FD``): a ``struct sock_filter`` array."""
+    """The BPF program bwrap loads (``--seccomp FD``): a ``struct sock_filter`` array.
+
+    ``clone`` is allowed only with ``CLONE_THREAD`` in its flags (a thread of the program's own process,
+    inside its PID namespace, address space and limits); every other ``clone`` (fork, posix_spawn, vfork-like)
+    fails with EPERM. ``clone3`` passes its flags in memory the filter cannot read: it fails with ENOSYS, and
+    the C library falls back to ``clone``. The other listed calls fail with EPERM."""
     import platform
     import struct
 
@@ -589,12 +607,30 @@ def seccomp_filter(machine: str | None = None) -> bytes:
                                  f"(known: {', '.join(_SYSCALLS)}); run code evaluation on one of those or set "
                                  f"{UNSAFE_FLAG}=true where unisolated execution is acceptable")
     arch, numbers = _SYSCALLS[machine]
-    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    clone, clone3 = numbers[0], numbers[1]
+    rest = [nr for nr in numbers[2:]]
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
     allow, deny, kill = 0x7FFF0000, 0x00050000 | 1, 0x80000000  # ALLOW, ERRNO(EPERM), KILL_PROCESS
-    n = len(numbers)
-    prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill), (ld, 0, 0, 0), (jge, n + 1, 0, 0x40000000)]
-    prog += [(jeq, n - i, 0, nr) for i, nr in enumerate(numbers)]
-    prog += [(ret, 0, 0, allow), (ret, 0, 0, deny)]
+    nosys = 0x00050000 | ENOSYS
+    # indices: 0 ld arch, 1 jeq arch, 2 kill, 3 ld nr, 4 jge x32, 5 jeq clone3, 6 jeq clone, 7.. jeq rest,
+    # then ALLOW, CHECK (ld args[0]), JSET, ALLOW, DENY, NOSYS
+    first = 7
+    i_allow = first + len(rest)
+    i_check, i_jset, i_allow2 = i_allow + 1, i_allow + 2, i_allow + 3
+    i_deny, i_nosys = i_allow + 4, i_allow + 5
+
+    def rel(here: int, target: int) -> int:
+        return target - here - 1
+
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill), (ld, 0, 0, 0),
+            (jge, rel(4, i_deny), 0, 0x40000000),
+            (jeq, rel(5, i_nosys), 0, clone3),
+            (jeq, rel(6, i_check), 0, clone)]
+    prog += [(jeq, rel(first + i, i_deny), 0, nr) for i, nr in enumerate(rest)]
+    prog += [(ret, 0, 0, allow),
+             (ld, 0, 0, 16),  # the low 32 bits of args[0]: clone's flags
+             (jset, rel(i_jset, i_allow2), rel(i_jset, i_deny), CLONE_THREAD),
+             (ret, 0, 0, allow), (ret, 0, 0, deny), (ret, 0, 0, nosys)]
     return b"".join(struct.pack("<HBBI", *insn) for insn in prog)
 
 
@@ -612,14 +648,11 @@ def bwrap_argv(bwrap: str, seccomp_fd: int) -> list[str]:
         argv += ["--cap-drop", "ALL"]
     if _bwrap_supports(bwrap, "--disable-userns"):  # bubblewrap >= 0.8: no nested user namespaces either
         argv += ["--unshare-user", "--disable-userns"]
-    for folder in ("/usr/lib", "/usr/lib64", "/usr/lib32"):
-        if os.path.isdir(folder) and not os.path.islink(folder):
-            argv += ["--ro-bind", folder, folder]
-    for folder in ("/lib", "/lib64", "/lib32"):
+    for folder in ("/lib", "/lib64", "/lib32"):  # merged-/usr links, so that loader paths resolve
         if os.path.islink(folder):
             argv += ["--symlink", os.readlink(folder), folder]
-        elif os.path.isdir(folder):
-            argv += ["--ro-bind", folder, folder]
+    for source, target in shared_libraries():  # each library file, not the folders that hold them
+        argv += ["--ro-bind", source, target]
     for path in _interpreter_paths():
         argv += ["--ro-bind", path, path]
         site = os.path.join(path, "site-packages")
@@ -630,6 +663,39 @@ def bwrap_argv(bwrap: str, seccomp_fd: int) -> list[str]:
     argv += ["--size", str(TMPFS_BYTES), "--tmpfs", "/tmp", "--chdir", "/tmp", "--remount-ro", "/",
              "--seccomp", str(seccomp_fd)]
     return argv + [_interpreter(), "-I", "-S", "-B", "-c"]
+
+
+@functools.cache
+def shared_libraries() -> tuple[tuple[str, str], ...]:
+    """(file, path in the sandbox) of every shared library that the interpreter, its libpython and its standard
+    library's extension modules (lib-dynload) load, as the dynamic loader resolves them here (``ldd``; the loader
+    itself included). Only these are bound into the sandbox: not the folders that hold them (on these machines
+    /usr/lib also holds node modules, a cloud SDK, a JVM and PostgreSQL)."""
+    import glob
+    import re
+
+    objects = [_interpreter()] + [p for p in _interpreter_paths() if os.path.isfile(p) and ".so" in os.path.basename(p)]
+    dynload = sysconfig.get_config_var("DESTSHARED")
+    if dynload and os.path.isdir(dynload):
+        objects += sorted(p for p in glob.glob(os.path.join(dynload, "*.so"))
+                          if not os.path.basename(p).startswith("_tkinter"))  # a GUI toolkit: X11, Tcl/Tk
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        raise SandboxUnavailable("ldd is missing (Debian package libc-bin): the sandbox cannot tell which shared "
+                                 "libraries the interpreter needs")
+    found: dict[str, str] = {}
+    for obj in objects:
+        try:
+            text = subprocess.run([ldd, obj], capture_output=True, text=True, timeout=30, env={"LC_ALL": "C"}).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        for line in text.splitlines():
+            match = re.search(r"(?:=>\s*)?(/\S+)\s+\(0x", line)
+            if match and os.path.exists(match.group(1)):
+                path = match.group(1)
+                target = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+                found[target] = os.path.realpath(path)
+    return tuple((source, target) for target, source in sorted(found.items()))
 
 
 @functools.cache
@@ -771,24 +837,112 @@ def _session(
         if not first.get("ready"):
             return SandboxResult(False, "error", _cut(f"program raised {first.get('raised')}: {first.get('message')}"),
                                  child.output_text())
-        namespace = _Namespace(child)
-        for index, (src, code) in enumerate(compiled):
-            try:
-                exec(code, namespace)  # noqa: S102 - trusted test code; the program's names are proxies
-            except AssertionError as error:
-                note = f" ({error})" if str(error) else ""
-                return SandboxResult(False, "failed", _cut(f"failed: {src}{note}"), child.output_text())
-            except Exception as error:  # the program's exceptions arrive as plain types or RemoteError
-                return SandboxResult(False, "error", _cut(f"{src}: {type(error).__name__}: {error}"), child.output_text())
-            if index == 0 and setup and entry_point:
-                namespace.pop(entry_point, None)  # the prompt's stub: the program's definition is tested
-        return SandboxResult(True, "passed", f"{len(tests)} tests passed", child.output_text())
+        return _judge(child, compiled, tests, timeout_s, setup, entry_point)
     except _Abort as abort:
         if abort.status == "timeout" or _killed_by_limit(child):
             return SandboxResult(False, "timeout", f"{abort.detail} of {timeout_s:g} s", child.output_text())
         return SandboxResult(False, abort.status, _cut(abort.detail + _stderr_note(child)), child.output_text())
     finally:
         child.kill()
+
+
+def _run_tests(child: _Child, compiled: list[tuple[str, Any]], tests: Sequence[str], setup: str,
+               entry_point: str | None) -> tuple[bool, str, str]:
+    """(passed, status, detail) of the trusted tests against the program's answers (raises _Abort)."""
+    namespace = _Namespace(child)
+    for index, (src, code) in enumerate(compiled):
+        try:
+            exec(code, namespace)  # noqa: S102 - trusted test code; the program's names are proxies
+        except AssertionError as error:
+            note = f" ({error})" if str(error) else ""
+            return False, "failed", _cut(f"failed: {src}{note}")
+        except Exception as error:  # the program's exceptions arrive as plain types or RemoteError
+            return False, "error", _cut(f"{src}: {type(error).__name__}: {error}")
+        if index == 0 and setup and entry_point:
+            namespace.pop(entry_point, None)  # the prompt's stub: the program's definition is tested
+    return True, "passed", f"{len(tests)} tests passed"
+
+
+def _judge_limits() -> None:
+    """In the judge: JUDGE_MEMORY_MB of address space beyond what the harness had mapped, JUDGE_CPU_S of CPU."""
+    import resource
+
+    mapped = 0
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmSize:"):
+                    mapped = int(line.split()[1]) << 10
+    except OSError:
+        pass
+    if mapped:
+        limit = mapped + (JUDGE_MEMORY_MB << 20)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    resource.setrlimit(resource.RLIMIT_CPU, (JUDGE_CPU_S, JUDGE_CPU_S + 1))
+
+
+def _judge(child: _Child, compiled: list[tuple[str, Any]], tests: Sequence[str], timeout_s: float, setup: str,
+           entry_point: str | None) -> SandboxResult:
+    """Run the trusted tests in a *judge*: a fork of this process that never runs program code, under limits
+    of its own (address space, CPU seconds, a wall-clock deadline), which reports the verdict over a pipe.
+    Whatever work or memory the tests spend on the program's values (``set(range(10**12))``,
+    ``max(range(10**15))``, ``2 ** f(x)``) is the judge's: past its limits the judge dies and the program
+    scores an error; the harness's own memory and time are untouched."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the judge: never returns into the harness
+        code = 0
+        try:
+            os.close(read_end)
+            _judge_limits()
+            try:
+                passed, status, detail = _run_tests(child, compiled, tests, setup, entry_point)
+                message: dict[str, Any] = {"passed": passed, "status": status, "detail": detail}
+            except _Abort as abort:
+                message = {"abort": [abort.status, abort.detail]}
+            except MemoryError:
+                message = {"passed": False, "status": "error",
+                           "detail": f"the tests' work on the program's values exceeded {JUDGE_MEMORY_MB} MiB"}
+            message["output"] = child.output_text()
+            data = json.dumps(message).encode()
+            while data:
+                data = data[os.write(write_end, data):]
+        except BaseException:  # noqa: BLE001 - a judge that cannot report is read as a failed judge
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    deadline = time.monotonic() + timeout_s + JUDGE_WALL_S
+    chunks: list[bytes] = []
+    with selectors.DefaultSelector() as sel:
+        sel.register(read_end, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if sel.select(max(0.0, deadline - time.monotonic())):
+                data = os.read(read_end, 1 << 16)
+                if not data:
+                    break
+                chunks.append(data)
+                if sum(map(len, chunks)) > 4 * MAX_MESSAGE_BYTES:
+                    break
+        else:
+            os.kill(pid, signal.SIGKILL)
+    os.close(read_end)
+    _, status_code = os.waitpid(pid, 0)
+    try:
+        message = json.loads(b"".join(chunks).decode())
+    except (ValueError, UnicodeDecodeError):
+        signal_number = -os.waitstatus_to_exitcode(status_code) if os.WIFSIGNALED(status_code) else None
+        why = {signal.SIGXCPU: f"{JUDGE_CPU_S} s of CPU", signal.SIGKILL: "its wall-clock limit"}.get(signal_number,
+                                                                                                   "its limits")
+        return SandboxResult(False, "error", f"the tests' work on the program's values exceeded {why} (judge process)")
+    output = str(message.get("output", ""))[:MAX_OUTPUT_CHARS]
+    if "abort" in message:
+        status, detail = (list(message["abort"]) + ["error", ""])[:2]
+        if status == "timeout" or _killed_by_limit(child):
+            return SandboxResult(False, "timeout", f"{detail} of {timeout_s:g} s", output)
+        return SandboxResult(False, str(status), _cut(str(detail) + _stderr_note(child)), output)
+    return SandboxResult(bool(message.get("passed")), str(message.get("status", "error")),
+                         _cut(str(message.get("detail", ""))), output)
 
 
 def _killed_by_limit(child: _Child) -> bool:

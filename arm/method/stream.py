@@ -1,4 +1,4 @@
-"""``formulation: stream`` — ARM as an iterate that follows the stream of checkpoints (docs/method.md §9).
+"""``formulation: stream`` — ARM as an iterate that follows the stream of checkpoints (docs/method.md §10).
 
 Our reading of *streaming merging* (../shared/ARM.md, "What the measurements say so far"; not the paper's,
 whose text we do not have): the merge keeps an iterate θ and folds in each new checkpoint with a learning
@@ -32,6 +32,7 @@ from arm.merge.tensor_io import ModelFolder, TensorReader
 from arm.method.activations import collect_inputs, find_linear_groups, prepare_calibration
 from arm.method.models import load_model, shared_storages
 from arm.method.rotations import rotation
+from arm.method.schedules import checkpoint_step
 
 RATES = ("mean", "constant")
 DIAGNOSTICS_JSON = "diagnostics.json"
@@ -160,5 +161,7 @@ def _read(plan: Any, *, ckpt_index: int, names: Sequence[str], device: Any, read
 
 
 def _step(path: Path) -> int | None:
-    digits = Path(path).name.rsplit("-", 1)[-1]
-    return int(digits) if digits.isdigit() else None
+    try:
+        return checkpoint_step(Path(path))
+    except ValueError:
+        return None
