@@ -103,11 +103,12 @@ HEADLINE_DIR := outputs/runs/headline
 headline: $(STAMP)
 	$(BIN)/arm-tune --out $(HEADLINE_DIR)
 
-# The positive control and the regime map (docs/results.md §2-3): SFT schedule x position of the merge inputs x
+# The positive control and the regime map (docs/results.md §1-2): SFT schedule x position of the merge inputs x
 # method, selected on validation, tested over 3 SFT seeds (conf/tuning/regime.yaml, arm/run/regime.py). The two
 # domains run side by side, one process each (2 cores); each writes regime.md, cells.csv and regime.png under
 # $(REGIME_DIR)/<domain>/ after every cell, so a run stopped part-way keeps its finished cells (and resumes from
-# the cache). About 2 hours here. `make positive-control`: its constant-LR, late-window averaging cells alone.
+# the cache). Hours on 2 cores (docs/results.md §2 says when it ran). `make positive-control`: the constant-LR, late-window
+# averaging cells alone.
 REGIME_DIR ?= outputs/runs/regime
 REGIME_ARGS ?=
 regime: $(STAMP) sandbox
