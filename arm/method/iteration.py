@@ -66,7 +66,7 @@ from arm.method.formulations import (
 )
 from arm.method.layerwise import EMBED, HEAD, LayerwiseModel, unsupported_reason
 from arm.method.memory import AUTO_DEVICE_SHARE, GB, Shapes, stage_memory
-from arm.method.models import load_model, shared_storages
+from arm.method.models import complete_state, load_model, shared_storages
 from arm.method.rotations import ROTATIONS, principal_directions, rotation, trajectory_flow
 from arm.method.schedules import DIRECTIONS, SCHEDULES, checkpoint_step, direction, lr_schedule
 from arm.method.stream import RATES as STREAM_RATES
@@ -894,15 +894,8 @@ class ARM(WholeModelMethod):
             result = iterate(model, inputs, p, calib=calib, converged=converged, log_fn=log_fn, device=device,
                              layerwise=layerwise, previous=previous, span=span)
             if layerwise is None:
-                state = dict(result.state)
-                for n in plan.names:  # tied duplicates (the selected iterate of their storage) and non-float tensors
-                    if n in state:
-                        continue
-                    if n in aliases:
-                        state[n] = state[aliases[n]]
-                    else:
-                        with TensorReader() as reader:
-                            state[n] = reader.read(plan.inputs[n][0])
+                # tied duplicates (the selected iterate of their storage) and non-float tensors
+                state = complete_state(dict(result.state), plan, aliases)
             else:
 
                 extra = {}

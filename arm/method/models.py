@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from arm.merge.tensor_io import TensorReader
 from arm.method.layerwise import EMBED
 
 if TYPE_CHECKING:
@@ -39,3 +40,17 @@ def shared_storages(names: Sequence[str], storage: Callable[[str], int]) -> tupl
     kept = [n for n in names if keep[storage(n)] == n]
     aliases = {n: keep[storage(n)] for n in names if keep[storage(n)] != n}
     return kept, aliases
+
+
+def complete_state(state: dict[str, Any], plan: Any, aliases: dict[str, str]) -> dict[str, Any]:
+    """``state`` (one tensor per storage) with every other tensor of ``plan`` added: a tied alias as its storage's
+    tensor (the same iterate), a non-float tensor as the base's."""
+    for n in plan.names:
+        if n in state:
+            continue
+        if n in aliases:
+            state[n] = state[aliases[n]]
+        else:
+            with TensorReader() as reader:
+                state[n] = reader.read(plan.inputs[n][0])
+    return state

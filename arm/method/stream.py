@@ -30,7 +30,7 @@ from arm.merge.engine import MergeInputError, merge, open_folders, plan_merge, w
 from arm.merge.registry import get_method
 from arm.merge.tensor_io import ModelFolder, TensorReader
 from arm.method.activations import collect_inputs, find_linear_groups, prepare_calibration
-from arm.method.models import load_model, shared_storages
+from arm.method.models import complete_state, load_model, shared_storages
 from arm.method.rotations import rotation
 from arm.method.schedules import checkpoint_step
 
@@ -126,15 +126,7 @@ def _rotated(p: Any, base: Path, checkpoints: list[Path], out_dir: Path, setting
                             "mean_angle_deg": sum(r.mean_angle_deg() for r in rots.values()) / max(len(rots), 1),
                             "rot_dist": sum(r.distance_from_identity() for r in rots.values()) / max(len(rots), 1),
                             "rotation_effect": math.sqrt(num / den) if den > 0 else 0.0})
-    state = {n: params[n].detach() for n in names}
-    for n in plan.names:
-        if n in state:
-            continue
-        if n in aliases:
-            state[n] = state[aliases[n]]
-        else:
-            with TensorReader() as reader:
-                state[n] = reader.read(plan.inputs[n][0])
+    state = complete_state({n: params[n].detach() for n in names}, plan, aliases)
     diagnostics = {"formulation": "stream", "params": p.to_dict(), "coefficients_unrotated": stream_coefficients(
         len(checkpoints), p.stream_rate, p.lr), "etas": rates, "selected_iteration": len(checkpoints),
         "history": history, "statistics": "model",
