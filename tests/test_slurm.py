@@ -71,8 +71,15 @@ def array_tasks(cluster, sweep: Path) -> dict[int, tuple[str, str, str]]:
     submitted = sorted((p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name)),
                        key=lambda n: int(n.split("_")[0]))
     newest = submitted[-1].split("_")[0]
+    wanted = [n for n in submitted if n.split("_")[0] == newest]
+    deadline = time.monotonic() + 60
     jobs = cluster.jobs()
-    return {int(n.split("_")[1]): (n, *jobs[n]) for n in submitted if n.split("_")[0] == newest}
+    while any(n not in jobs for n in wanted) and time.monotonic() < deadline:  # slurmdbd records tasks late
+        time.sleep(0.5)
+        jobs = cluster.jobs()
+    missing = [n for n in wanted if n not in jobs]
+    assert not missing, f"accounting has no record of {missing} after 60 s: {sorted(jobs)}"
+    return {int(n.split("_")[1]): (n, *jobs[n]) for n in wanted}
 
 
 @pytest.mark.slow
