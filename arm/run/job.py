@@ -31,7 +31,7 @@ from arm.merge.registry import get_method
 from arm.run.plan import check_devices, run_plan
 from arm.run.stages import Paths, calibration_size, eval_folder, merge_folder, takes_calibration, validate
 from arm.run.tracking import start_tracker
-from arm.trajectory.build import ensure_trajectory
+from arm.trajectory.build import ensure_trajectory, own_model_name, tokenizer_folder
 from evals import runner
 from evals.results import RESULTS_NAME, build_result, load_result, write_result
 from evals.runner import check_model_folder, read_samples, task_specs
@@ -149,6 +149,10 @@ def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, An
     this layer sees a Hydra DictConfig."""
     cfg = plain_config(cfg)
     validate(cfg)
+    name, why = own_model_name(TrajectorySpec.from_config(cfg))
+    if name != cfg["model"].get("name"):  # the user's own model, named after itself (rows, tables, cache folders)
+        log.warning("%s", why)
+        cfg["model"]["name"] = name
     if not cfg["domain"].get("synthetic"):  # real tasks against the installed lm-eval, before SFT or any model loading
         check_real_tasks(task_specs(cfg["domain"]), unsafe_code=bool(cfg["domain"].get("unsafe_code", False)))
     if cfg.get("plan"):  # print every stage, cached or not, with its GPUs and memory; run nothing (arm/run/plan.py)
@@ -162,9 +166,12 @@ def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, An
     tracker = start_tracker(cfg, paths.run_dir, config)
     results: list[dict[str, Any]] = []
     try:
-        data = (ensure_data(cfg["domain"], paths.cache, cfg["model"].get("prompt_format") or "plain")
-                if cfg["domain"].get("synthetic") else None)
-        trajectory = ensure_trajectory(TrajectorySpec.from_config(cfg), data, paths.cache)
+        spec = TrajectorySpec.from_config(cfg)
+        data = None
+        if cfg["domain"].get("synthetic"):  # in the model's own chat template where it has one (arm/data/chat_templates.py)
+            data = ensure_data(cfg["domain"], paths.cache, cfg["model"].get("prompt_format") or "plain",
+                               tokenizer_folder(spec, paths.cache))
+        trajectory = ensure_trajectory(spec, data, paths.cache)
         ref_cfg = cfg.get("references") or {}
         todo: list[tuple[ModelRef, dict[str, Any]]] = [
             (ref, {"role": "reference"})

