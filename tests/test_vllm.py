@@ -176,3 +176,43 @@ def test_vllm_matches_hf_through_the_pipeline(vllm_venv, compose, tmp_path, shar
         per_model.add(tuple(p[2] for p in predictions))
     # Not a vacuous comparison: the models answer something, and not all the same.
     assert len(per_model) >= 2 and any(p.strip() for answers in per_model for p in answers)
+
+
+@pytest.mark.slow
+def test_vllm_matches_hf_on_smollm2(vllm_venv, tmp_path):
+    """The first real LLM (SmolLM2-135M from its wheel, tests/test_smollm2.py) through both backends in float32:
+    its ChatML prompts on code_synth (the base answers in prose, 64 tokens each: a long greedy comparison)
+    give the same tokens, predictions and scores from vLLM's CPU build as from transformers."""
+    from omegaconf import OmegaConf
+
+    from arm.data.splits import ensure_data
+    from arm.trajectory.wheel_model import ensure_wheel_model
+    from evals import runner
+    from tests.test_smollm2 import MODEL_CACHE, smollm2_cfg
+
+    model_cfg = smollm2_cfg()
+    folder = ensure_wheel_model(model_cfg, MODEL_CACHE)
+    domain = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "domain" / "code_synth.yaml"))
+    data = ensure_data(domain, tmp_path / "cache", "chat", folder)
+    specs = runner.task_specs(domain)
+    out = {}
+    for backend in ("hf", "vllm"):
+        eval_cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "eval" / f"{backend}.yaml"))
+        eval_cfg.update({"limit": 8, "dtype": "float32"})
+        if backend == "hf":
+            eval_cfg.update({"device": "cpu", "batch_size": 8})
+        if backend == "vllm":
+            eval_cfg["vllm"] = {**(eval_cfg.get("vllm") or {}), "enforce_eager": True}
+        eval_cfg = runner.effective_eval_cfg(eval_cfg, domain)
+        dest = tmp_path / backend
+        dest.mkdir()
+        include = runner.write_synthetic_tasks(specs, data.folder, "test", dest / "tasks")
+        evaluation = runner.evaluate(folder, specs, eval_cfg, dest, include_path=include, model_cfg=model_cfg)
+        out[backend] = (evaluation, [json.loads(line) for line in (dest / "samples.jsonl").read_text().splitlines()])
+    (hf, hf_samples), (vl, vl_samples) = out["hf"], out["vllm"]
+    assert vl["backend"] == "vllm" and vl["engine"]["device"] == "cpu" and vl["engine"]["dtype"] == "float32"
+    assert [s["prompt"] for s in hf_samples] == [s["prompt"] for s in vl_samples]
+    assert all(s["prompt"].startswith("<|im_start|>") for s in hf_samples)
+    assert [s["prediction"] for s in vl_samples] == [s["prediction"] for s in hf_samples]
+    assert vl["primary"] == hf["primary"]
+    assert sum(len(s["prediction"]) for s in hf_samples) > 8 * 100  # long generations, not empty ones
