@@ -281,5 +281,5 @@ def own_model_name(spec: TrajectorySpec) -> tuple[str, str | None]:
         differs = [f for f in ARCH_FIELDS if f in config and f in arch and config[f] != arch[f]]
         if differs:
             return folder.name, (f"trajectory.path holds a model whose {', '.join(differs)} differ from model={name}'s "
-                                 f"arch block: named after its folder {folder} (set model.name to name it)")
+                                 f"arch block: named after its folder {folder} (to name it yourself: model.arch=null model.name=<name>)")
     return str(name), None
