@@ -159,6 +159,33 @@ def test_completeness_on_real_checkpoint_files(finished_run, tmp_path):
     assert (ckpt.step, ckpt.status) == (40, "complete") and ckpt.files["model.safetensors"] == len(data)
 
 
+def test_trainer_layout_sharded_with_training_state(finished_run, tmp_path):
+    """A Trainer checkpoint: hub-style shards + index (as the project's Trainer SFT rewrites them) and the optimizer,
+    scheduler and RNG state beside the model. Complete only with every shard the index lists; the snapshot takes
+    the model files, not the training state."""
+    from arm.run.follow import model_files
+    from arm.run.watch import snapshot
+    from arm.trajectory.trainer_sft import rewrite_checkpoint
+
+    ckpt = tmp_path / "sft" / "checkpoint-40"
+    shutil.copytree(finished_run / "checkpoint-40", ckpt)
+    rewrite_checkpoint(ckpt, None, 400_000)  # float32 kept, shards of 400 kB
+    shards = sorted(p.name for p in ckpt.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (ckpt / "model.safetensors.index.json").is_file()
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+        (ckpt / name).write_bytes(b"state")
+    assert incomplete_reason(ckpt, 40) is None
+    moved = tmp_path / shards[-1]
+    (ckpt / shards[-1]).rename(moved)
+    assert f"lists shard {shards[-1]}" in incomplete_reason(ckpt, 40)
+    moved.rename(ckpt / shards[-1])
+    [taken] = FolderFollower(tmp_path / "sft", settle_s=0.0).poll()
+    assert set(taken.files) == set(model_files(ckpt)) and "optimizer.pt" not in taken.files
+    shot = snapshot(ckpt, "k", taken.files, tmp_path / "cache")
+    assert sorted(p.name for p in shot.iterdir()) == sorted(taken.files)
+    assert (shot / shards[0]).stat().st_ino == (ckpt / shards[0]).stat().st_ino  # a hard link, no copy
+
+
 def test_without_trajectory_path_it_names_the_key(tmp_path):
     proc = subprocess.run([str(BIN / "arm-watch"), "merge=lawa", f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path}/h"],
                           capture_output=True, text=True, env=env(), timeout=120)

@@ -50,10 +50,18 @@ from arm.core.errors import ArmError, ConfigError, InputError
 from arm.core.paths import CONF_DIR
 from arm.core.provenance import now_iso
 from arm.core.refs import ModelRef, Trajectory
-from arm.core.specs import plain_config
+from arm.core.specs import TrajectorySpec, plain_config
+from arm.data.splits import ensure_data
 from arm.merge.engine import merge_identity
+from arm.merge.tensor_io import ModelFolder, TensorIOError
 from arm.run.follow import Checkpoint, FolderFollower, list_checkpoints, model_files, run_ended
+from arm.run.job import evaluate_cached, merge_cached
 from arm.run.stages import Paths, validate
+from arm.run.tracking import start_tracker
+from arm.trajectory import trainer_sft as sft_hf
+from arm.trajectory.build import folder_key
+from evals.results import RESULTS_NAME, load_result, load_results, write_result
+from evals.table import build_table, to_markdown
 
 log = logging.getLogger("arm.watch")
 
@@ -325,17 +333,22 @@ class Watcher:
     """One watch: its folder, stream, caches, tracker and plot (see the module's docstring)."""
 
     def __init__(self, cfg: dict[str, Any], settings: WatchSettings, run_dir: Path | None = None):
-        from arm.data.splits import ensure_data
-
         self.cfg = cfg
         self.settings = settings
         trajectory = cfg.get("trajectory") or {}
-        if not trajectory.get("path"):
-            raise ConfigError("trajectory.path", "arm-watch follows an SFT output folder: set trajectory.path=<folder>")
         if cfg["merge"]["name"] == "none":
             raise ConfigError("merge", "arm-watch streams a merge: pick a method, e.g. merge=lawa")
         self.paths = Paths.from_cfg(cfg, run_dir)
-        self.folder = self._absolute(trajectory["path"])
+        if trajectory.get("path"):
+            self.folder = self._absolute(trajectory["path"])
+        elif cfg["model"].get("arch") is None:
+            # A real model: the folder the Trainer SFT writes in place for this config (slurm/sft.sbatch, arm.run.trainer_sft)
+            self.folder = sft_hf.trajectory_folder(TrajectorySpec.from_config(cfg), self.paths.cache)
+        else:
+            raise ConfigError("trajectory.path", "arm-watch follows an SFT output folder: set trajectory.path=<folder> "
+                                                 "(the tiny model's cached trajectory is built in a temporary folder and "
+                                                 "appears whole at the end; train one to follow with "
+                                                 "`python -m arm.run.sft --domain <domain> --out <folder>`)")
         self.eval_cfg = {**cfg, "eval": {**cfg["eval"], "split": settings.split, "limit": settings.limit}}
         self.k = configured_inputs(cfg, settings)
         self.method = cfg["merge"]["name"]
@@ -367,10 +380,10 @@ class Watcher:
 
     # ---- the base model
     def resolve_base(self) -> ModelRef:
-        from arm.trajectory.build import folder_key
-
-        given = (self.cfg.get("trajectory") or {}).get("base") or self.cfg["model"].get("path")
+        given = (self.cfg.get("trajectory") or {}).get("base")
         path = self._absolute(given) if given else self.folder / "base"
+        if not given and not path.is_dir() and self.cfg["model"].get("arch") is None:
+            path = sft_hf.resolve_model_source(self.cfg["model"])  # the Trainer SFT's base: model.path or the hub snapshot
         if not path.is_dir():
             raise ConfigError("trajectory.base", f"{path}: base model folder not found (the run's folder has no base/: "
                                                  "set trajectory.base)")
@@ -386,8 +399,6 @@ class Watcher:
     # ---- one checkpoint
     def take(self, ckpt: Checkpoint) -> ModelRef | None:
         """Snapshot a complete checkpoint; None when its files changed meanwhile (looked at again later)."""
-        from arm.trajectory.build import folder_key
-
         key = folder_key(ckpt.path)
         shot = snapshot(ckpt.path, key, ckpt.files, self.paths.cache)
         if folder_key(ckpt.path) != key or any((shot / n).stat().st_size != s for n, s in ckpt.files.items()):
@@ -398,8 +409,6 @@ class Watcher:
 
     def process(self, ckpt: Checkpoint, ref: ModelRef, seen: list[dict[str, Any]]) -> dict[str, Any]:
         """Merge (the method's rule over the checkpoints seen so far) and evaluate; the stream's record."""
-        from arm.run.job import evaluate_cached, merge_cached
-
         if self.base is None:
             self.base = self.resolve_base()
         by_step = {r["step"]: r for r in seen}
@@ -445,8 +454,6 @@ class Watcher:
         return f"{ckpt.step:0{width}d}"
 
     def _copy_result(self, result: Mapping[str, Any], folder: Path, name: str, label: bool = False) -> None:
-        from evals.results import RESULTS_NAME, write_result
-
         out = self.dir / "results" / name
         out.mkdir(parents=True, exist_ok=True)
         write_result(out / RESULTS_NAME, {**result, "label": name} if label else dict(result))
@@ -474,9 +481,6 @@ class Watcher:
 
     def _final_results(self, summary: Mapping[str, Any]) -> None:
         """The final checkpoint's row becomes `sft_converged` (arm-table's Δ SFT column is then merged − final)."""
-        from evals.results import RESULTS_NAME, load_result, write_result
-        from evals.table import build_table, to_markdown
-
         ok = [r for r in self.records if r.get("status") == "ok"]
         if not ok:
             return
@@ -490,8 +494,6 @@ class Watcher:
             if (src / "samples.jsonl").is_file():
                 shutil.copy(src / "samples.jsonl", dst / "samples.jsonl")
             shutil.rmtree(src)
-        from evals.results import load_results
-
         results = load_results([self.dir / "results"])
         atomic_write_text(self.dir / "table.md", to_markdown(build_table(results)))
 
@@ -507,8 +509,6 @@ class Watcher:
 
     # ---- the loop
     def run(self) -> dict[str, Any]:
-        from arm.run.tracking import start_tracker
-
         self.dir.mkdir(parents=True, exist_ok=True)
         lock = open(self.dir / ".lock", "a+")  # noqa: SIM115 - held for the watcher's lifetime
         try:
@@ -604,8 +604,6 @@ class Watcher:
 
 
 def incomplete_reason_base(path: Path) -> str | None:
-    from arm.merge.tensor_io import ModelFolder, TensorIOError
-
     if not (path / "config.json").is_file():
         return "no config.json"
     try:
