@@ -312,11 +312,16 @@ def test_a_checkpoint_written_slowly_is_not_read_early(finished_run, tmp_path):
     folder.mkdir()
     shutil.copytree(finished_run / "base", folder / "base")
     log = tmp_path / "watch.log"
-    proc = subprocess.Popen(watch_command(folder, tmp_path / "root", watch_dir, "merge=ema", "logger=none"),
+    proc = subprocess.Popen(watch_command(folder, tmp_path / "root", watch_dir, "merge=ema", "logger=none",
+                                          "watch.nice=3", "watch.num_threads=1"),
                             cwd=tmp_path, env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
     events: list = []
     try:
         wait_for(lambda: "arm-watch: following" in log.read_text(), "the watcher to start", procs=(proc,))
+        # Bounded: one torch thread, and a lower priority than its parent (watch.nice).
+        nice = min(os.getpriority(os.PRIO_PROCESS, 0) + 3, 19)
+        assert f"(torch threads 1, niceness {nice})" in log.read_text()
+        assert os.getpriority(os.PRIO_PROCESS, proc.pid) == nice
         write_slowly(finished_run / "checkpoint-40", folder / "checkpoint-40", ["trainer_state.json", "config.json"], 2.5, events)
         write_slowly(finished_run / "checkpoint-80", folder / "checkpoint-80", [], 0.0, events)
         shutil.copy(finished_run / "manifest.json", folder / "manifest.json")

@@ -546,7 +546,10 @@ class Watcher:
         done = {r["step"] for r in self.records}
         follower = FolderFollower(self.folder, s.settle_s, done,
                                   on_wait=lambda step, reason: log.info("checkpoint-%d: not complete yet (%s)", step, reason))
-        print(f"arm-watch: following {self.folder} -> {self.dir}", file=sys.stderr, flush=True)
+        import torch
+
+        print(f"arm-watch: following {self.folder} -> {self.dir} (torch threads {torch.get_num_threads()}, "
+              f"niceness {os.getpriority(os.PRIO_PROCESS, 0)})", file=sys.stderr, flush=True)
         final_seen = any(r.get("final") for r in self.records)
         end_reason = None
         while True:
