@@ -385,3 +385,33 @@ def test_deleted_and_corrupt_checkpoints_are_skipped(finished_run, tmp_path):
     assert "checkpoint-40: deleted, skipped" in text and "checkpoint-120: corrupt, skipped" in text
     summary = json.loads((watch_dir / "summary.json").read_text())
     assert [s["step"] for s in summary["skipped"]] == [40, 120] and summary["finished"]
+
+
+@pytest.mark.slow
+def test_offline_arm_pass_shares_the_jobs_caches(finished_run, tmp_path, compose):
+    """ARM streamed from the latest pair (watch.follow=false: one pass over a finished run); an `arm` job on the same
+    folder and settings then finds the watcher's merge and evaluations in the cache (the same content keys) and
+    recomputes nothing. (~30-60 s here.)"""
+    from arm.run.job import run_job
+
+    root, watch_dir = tmp_path / "root", tmp_path / "watch"
+    subprocess.run(watch_command(finished_run, root, watch_dir, "merge=arm", "logger=none", "watch.follow=false"),
+                   cwd=tmp_path, env=env(), check=True, capture_output=True, timeout=600)
+    records = {r["step"]: r for r in read_stream(watch_dir / "stream.jsonl")}
+    assert [records[s]["inputs"] for s in STEPS] == [[40], [40, 80], [80, 120], [120, 160]]  # ARM: the latest pair
+    merged_dirs = {s: root / "cache" / "merged" / records[s]["merge"] for s in STEPS}
+    assert all((d / "merge_summary.json").is_file() for d in merged_dirs.values())
+    stamp = (merged_dirs[80] / "merge_summary.json").stat().st_mtime_ns
+
+    cfg = compose("merge=arm", "domain=math_synth", f"paths.root={root}", f"trajectory.path={finished_run}",
+                  "trajectory.early_steps=[40,80]", "eval.split=validation", "eval.limit=20", "eval.batch_size=20",
+                  "references.base=false", "references.converged=false", "logger=none")
+    out = run_job(cfg, run_dir=tmp_path / "job")
+    job = {r["name"]: r for r in out["results"]}
+    watched = {name: json.loads((watch_dir / "results" / name / "results.json").read_text())
+               for name in ("sft@40", "sft@80", "arm@080")}
+    for name, twin in (("sft@40", "sft@40"), ("sft@80", "sft@80"), ("arm", "arm@080")):
+        assert job[name]["cache_key"] == watched[twin]["cache_key"]
+        assert job[name]["created"] == watched[twin]["created"]  # the same evaluation, not a second one
+        assert job[name]["primary"] == watched[twin]["primary"]
+    assert (merged_dirs[80] / "merge_summary.json").stat().st_mtime_ns == stamp  # the merge was not redone
