@@ -190,6 +190,8 @@ def test_without_trajectory_path_it_names_the_key(tmp_path):
     proc = subprocess.run([str(BIN / "arm-watch"), "merge=lawa", f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path}/h"],
                           capture_output=True, text=True, env=env(), timeout=120)
     assert proc.returncode == 2 and "trajectory.path" in proc.stderr
+    help_text = subprocess.run([str(BIN / "arm-watch"), "--help"], capture_output=True, text=True, env=env(), timeout=120)
+    assert help_text.returncode == 0 and help_text.stdout.startswith("arm-watch: follow an SFT output folder")
 
 
 # ------------------------------------------------------------------------------------------- real runs

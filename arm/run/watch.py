@@ -643,7 +643,19 @@ def _app(cfg: DictConfig) -> dict | None:
         sys.exit(2)
 
 
+HELP_HEADER = ("arm-watch: follow an SFT output folder while it is written (trajectory.path=...); at each complete "
+               "checkpoint, update the streaming merge (merge=...), score it and the raw checkpoint on watch.split, and "
+               "append a record to stream.jsonl in the watch folder. Same config groups and overrides as `arm`; its own keys: "
+               "watch.* (conf/config.yaml).")
+HELP_FOOTER = ("Examples:\n  python -m arm.run.sft --domain code_synth --out runs/sft &\n"
+               "  arm-watch trajectory.path=runs/sft domain=code_synth merge=ema\n"
+               "  arm-watch trajectory.path=runs/sft domain=code_synth merge=ema watch.follow=false   # one pass, offline")
+
+
 def main() -> None:
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        sys.argv += ["hydra.help.app_name=arm-watch", f'hydra.help.header="{HELP_HEADER}"',
+                     f'hydra.help.footer="{HELP_FOOTER}"']
     _app()
 
 
