@@ -115,6 +115,7 @@ def test_summary_first_step_and_share_saved():
     assert t["final_step"] == 400 and t["final_score"] == 0.6
     assert t["first_step_merged_reaches_final"] == 200  # 0.6 >= 0.6 at step 200, not at 100
     assert t["share_of_steps_saved"] == pytest.approx(0.5)
+    assert t["first_step_raw_reaches_final"] == 400 and t["share_of_steps_saved_raw"] == 0.0  # raw: only at the end
     assert s["skipped"] == [{"step": 300, "status": "deleted", "reason": "gone"}]
     records[1]["merged"]["t"] = 0.59
     assert summarize(records, True)["tasks"]["t"]["first_step_merged_reaches_final"] is None
@@ -261,6 +262,7 @@ def test_concurrent_run_killed_and_resumed_equals_offline(tmp_path):
     assert task["final_score"] == final and task["first_step_merged_reaches_final"] == (reached[0] if reached else None)
     if reached:
         assert task["share_of_steps_saved"] == pytest.approx((STEPS[-1] - reached[0]) / STEPS[-1])
+    assert task["first_step_raw_reaches_final"] == next(r["step"] for r in records if r["raw"]["math_synth"] >= final)
 
     # Nothing was written into the training folder: exactly what the SFT loop writes.
     written = {str(p.relative_to(sft_dir)) for p in sft_dir.rglob("*")}

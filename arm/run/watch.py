@@ -233,6 +233,7 @@ def summarize(records: Sequence[Mapping[str, Any]], finished: bool, end_reason: 
         for task, final_score in final["raw"].items():
             reached = [r["step"] for r in ok if (r.get("merged") or {}).get(task) is not None and r["merged"][task] >= final_score]
             first = reached[0] if reached else None
+            raw_first = next(r["step"] for r in ok if r["raw"][task] >= final_score)  # the final one at the latest
             tasks[task] = {
                 "metric": final.get("metric", {}).get(task),
                 "final_step": final["step"],
@@ -241,9 +242,19 @@ def summarize(records: Sequence[Mapping[str, Any]], finished: bool, end_reason: 
                 "best_raw": max(r["raw"][task] for r in ok),
                 "first_step_merged_reaches_final": first,
                 "share_of_steps_saved": (final["step"] - first) / final["step"] if first is not None and final["step"] else None,
+                # the same for the raw checkpoints: what stopping the SFT early would have saved without a merge
+                "first_step_raw_reaches_final": raw_first,
+                "share_of_steps_saved_raw": (final["step"] - raw_first) / final["step"] if final["step"] else None,
             }
     return {"finished": finished, "end_reason": end_reason, "checkpoints": len(ok), "rows": rows, "tasks": tasks,
             "skipped": skipped}
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    """A merge's input steps: all of them when few, else the first, the last and how many."""
+    if len(steps) <= 4:
+        return ", ".join(map(str, steps))
+    return f"{steps[0]} … {steps[-1]} ({len(steps)})"
 
 
 def summary_markdown(summary: Mapping[str, Any], title: str) -> str:
@@ -255,14 +266,16 @@ def summary_markdown(summary: Mapping[str, Any], title: str) -> str:
         cells = "".join(f" {100 * row['raw'][t]:.1f} | "
                         f"{'' if (row.get('merged') or {}).get(t) is None else format(100 * row['merged'][t], '.1f')} |"
                         for t in tasks)
-        lines.append(f"| {row['step']} | {','.join(map(str, row.get('inputs') or []))} |{cells}")
+        lines.append(f"| {row['step']} | {_steps_text(row.get('inputs') or [])} |{cells}")
     lines.append("")
     for task, t in summary["tasks"].items():
         first = t["first_step_merged_reaches_final"]
         saved = t["share_of_steps_saved"]
         lines.append(f"- {task}: final checkpoint (step {t['final_step']}) {100 * t['final_score']:.1f}; the merge first "
                      f"reaches it at step {first if first is not None else 'never'}"
-                     + (f", saving {100 * saved:.1f}% of the SFT steps" if saved is not None else "") + ".")
+                     + (f", saving {100 * saved:.1f}% of the SFT steps" if saved is not None else "")
+                     + f"; the raw checkpoint itself first reaches it at step {t['first_step_raw_reaches_final']} "
+                       f"({100 * t['share_of_steps_saved_raw']:.1f}%).")
     for s in summary["skipped"]:
         lines.append(f"- step {s['step']}: {s['status']} ({s['reason']})")
     lines.append(f"- finished: {summary['finished']} ({summary['end_reason'] or 'still running'})")
@@ -293,7 +306,8 @@ def plot_watch(records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
             if t["first_step_merged_reaches_final"] is not None:
                 ax.axvline(t["first_step_merged_reaches_final"], color="gray", ls=":", lw=1,
                            label=f"merge reaches it: step {t['first_step_merged_reaches_final']} "
-                                 f"({100 * t['share_of_steps_saved']:.0f}% of steps saved)")
+                                 f"({100 * t['share_of_steps_saved']:.0f}% of steps saved; "
+                                 f"raw: step {t['first_step_raw_reaches_final']})")
         metric = (ok[-1].get("metric") or {}).get(task, "score").split(",")[0]
         ax.set_xlabel("SFT step")
         ax.set_ylabel(f"{task} {metric} (%)")
