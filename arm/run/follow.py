@@ -220,5 +220,6 @@ class FolderFollower:
         self._seen.pop(step, None)
 
     def forget(self, step: int) -> None:
-        """Look at `step` again from scratch (its files changed while it was being taken)."""
-        self._seen.pop(step, None)
+        """Look at `step` again from scratch (its files changed while it was being taken): it must settle anew,
+        and is reported deleted if it disappears."""
+        self._seen[step] = _Seen(("changed",), self.clock())

@@ -415,7 +415,9 @@ class Watcher:
         """Snapshot a complete checkpoint; None when its files changed meanwhile (looked at again later)."""
         key = folder_key(ckpt.path)
         shot = snapshot(ckpt.path, key, ckpt.files, self.paths.cache)
-        if folder_key(ckpt.path) != key or any((shot / n).stat().st_size != s for n, s in ckpt.files.items()):
+        whole = all((shot / n).stat().st_size == s for n, s in ckpt.files.items())
+        # Deleted right after it was taken: the copy is whole and stays; changed in place: look at it again.
+        if not whole or (ckpt.path.is_dir() and folder_key(ckpt.path) != key):
             log.warning("%s changed while it was taken; looking at it again", ckpt.path)
             shutil.rmtree(shot, ignore_errors=True)
             return None
