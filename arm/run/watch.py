@@ -425,8 +425,6 @@ class Watcher:
 
     def process(self, ckpt: Checkpoint, ref: ModelRef, seen: list[dict[str, Any]]) -> dict[str, Any]:
         """Merge (the method's rule over the checkpoints seen so far) and evaluate; the stream's record."""
-        if self.base is None:
-            self.base = self.resolve_base()
         by_step = {r["step"]: r for r in seen}
         by_step[ckpt.step] = {"step": ckpt.step, "key": ref.key, "snapshot": str(ref.path)}
         chosen = merge_inputs(self.cfg["merge"], list(by_step), self.k)
@@ -608,6 +606,8 @@ class Watcher:
                     follower.forget(ckpt.step)
                     return
                 seen = [r for r in self.records if r.get("status") == "ok" and r["step"] < ckpt.step]
+                if self.base is None:  # a missing or incomplete base stops the watcher with its error (not a skip)
+                    self.base = self.resolve_base()
                 try:
                     record = self.process(ckpt, ref, seen)
                 except InputError as exc:  # unreadable weights, a diverging merge: named, skipped
