@@ -333,7 +333,7 @@ def test_a_sweep_over_sizes_submits_each_size_with_its_own_resources(cluster, tm
 def test_watch_sbatch_beside_an_sft_job(cluster, tmp_path):
     """slurm/watch.sbatch as a job beside an SFT job (the tiny loop, `python -m arm.run.sft`) on the same file system:
     the watcher follows the folder the other job writes, ends by itself when the run has finished, and its summary
-    holds every checkpoint. (~1 min here.)"""
+    holds every checkpoint. (35 s here, with the cluster's start.)"""
     from tests.test_watch import SFT_SETS, STEPS
 
     outputs, sft_dir = tmp_path / "outputs", tmp_path / "sft"
