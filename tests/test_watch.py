@@ -22,7 +22,8 @@ import pytest
 
 from arm.core.errors import ConfigError
 from arm.run.follow import FolderFollower, incomplete_reason
-from arm.run.watch import WatchSettings, merge_inputs, read_stream, summarize
+from arm.run.watch import WatchSettings, merge_inputs, read_stream
+from arm.run.watch_report import summarize
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -103,6 +104,8 @@ def test_merge_inputs_follow_each_methods_rule():
     assert merge_inputs({"name": "ties", "density": 0.5}, seen, 2)[0] == [80, 120]  # the configured k
     assert merge_inputs({"name": "linear", "weights": [1, 2, 3]}, [40, 80], 3) is None  # one weight per input: waits
     assert merge_inputs({"name": "linear", "weights": [1, 2, 3]}, seen, 3)[0] == seen
+    assert merge_inputs({"name": "ties", "density": [0.3, 0.5]}, [40], 2) is None  # one density per input
+    assert merge_inputs({"name": "dare", "drop_rate": 0.5}, [40], 2)[0] == [40]
 
 
 def test_summary_first_step_and_share_saved():
