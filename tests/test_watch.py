@@ -181,6 +181,9 @@ def test_trainer_layout_sharded_with_training_state(finished_run, tmp_path):
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
         (ckpt / name).write_bytes(b"state")
     assert incomplete_reason(ckpt, 40) is None
+    # As the project's Trainer SFT: final once config.json names model.sft.save_dtype (the rewrite's last write).
+    assert "not yet bfloat16" in incomplete_reason(ckpt, 40, dtype="bfloat16")
+    assert incomplete_reason(ckpt, 40, dtype="float32") is None
     moved = tmp_path / shards[-1]
     (ckpt / shards[-1]).rename(moved)
     assert f"lists shard {shards[-1]}" in incomplete_reason(ckpt, 40)
@@ -427,3 +430,60 @@ def test_offline_arm_pass_shares_the_jobs_caches(finished_run, tmp_path, compose
         assert job[name]["created"] == watched[twin]["created"]  # the same evaluation, not a second one
         assert job[name]["primary"] == watched[twin]["primary"]
     assert (merged_dirs[80] / "merge_summary.json").stat().st_mtime_ns == stamp  # the merge was not redone
+
+
+@pytest.mark.slow
+def test_follows_a_transformers_trainer_run(compose, tmp_path):
+    """The project's Trainer SFT (transformers' Trainer: checkpoints written in place with optimizer, scheduler and
+    RNG state, then rewritten as bf16 shards through `.rewrite.tmp/`) on a small model in the hub's layout, followed
+    by arm-watch as it runs; every checkpoint taken once, whole, in its final (sharded bf16) form. (~40 s here.)"""
+    from arm.core.specs import TrajectorySpec
+    from arm.trajectory.trainer_sft import trajectory_folder
+    from tests.test_real_scale import FIXTURES, SFT_SMALL, save_real_layout
+
+    base = save_real_layout(tmp_path / "base", tied=False)
+    sft_args = ["model=qwen3-1.7b", "domain=math", f"model.path={base}", f"domain.sft_data.path={FIXTURES / 'metamathqa.jsonl'}",
+                f"paths.root={tmp_path / 'out'}", *SFT_SMALL]
+    folder = trajectory_folder(TrajectorySpec.from_config(compose(*sft_args)), tmp_path / "out" / "cache")
+    watch_dir, log = tmp_path / "watch", tmp_path / "watch.log"
+    # Scored on math_synth (the real domains' benchmarks are not available offline); the model block is the SFT's.
+    watcher = subprocess.Popen(
+        [str(BIN / "arm-watch"), "model=qwen3-1.7b", f"model.path={base}", f"trajectory.path={folder}",
+         f"trajectory.base={base}", f"paths.root={tmp_path / 'root'}", f"watch.dir={watch_dir}",
+         f"hydra.run.dir={tmp_path}/hydra", "merge=ties", "logger=none", "watch.limit=4", "eval.batch_size=4",
+         *[w for w in WATCH if not w.startswith(("watch.limit", "eval.batch_size"))]],
+        cwd=tmp_path, env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "arm-watch: following" in log.read_text(), "the watcher to start", procs=(watcher,))
+        sft = subprocess.Popen([sys.executable, "-m", "arm.run.trainer_sft", *sft_args], cwd=tmp_path, env=env(),
+                               stdout=open(tmp_path / "sft.log", "w"), stderr=subprocess.STDOUT)
+
+        def rewritten(step: int) -> bool:  # the rewrite's last write: config.json's dtype
+            try:
+                return json.loads((folder / f"checkpoint-{step}" / "config.json").read_text()).get("dtype") == "bfloat16"
+            except (OSError, ValueError):
+                return False
+
+        # Paused once its first checkpoint is final, until the watcher has taken it: followed while it runs.
+        wait_for(lambda: rewritten(1), "the Trainer's first checkpoint", procs=(sft,))
+        sft.send_signal(signal.SIGSTOP)
+        wait_for(lambda: 1 in stream_steps(watch_dir), "the watcher's first record", procs=(watcher,))
+        assert not (folder / "manifest.json").exists()
+        sft.send_signal(signal.SIGCONT)
+        assert sft.wait(timeout=600) == 0, (tmp_path / "sft.log").read_text()[-3000:]
+        assert watcher.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        for proc in (watcher, locals().get("sft")):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+                proc.wait()
+    records = read_stream(watch_dir / "stream.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["status"] == "ok" for r in records)
+    assert [r["inputs"] for r in records] == [[1], [1, 2], [2, 3], [3, 4]]  # TIES on the latest k = 2
+    for r in records:
+        ckpt = folder / r["checkpoint"]
+        assert "optimizer.pt" not in r["files"] and "model.safetensors.index.json" in r["files"]
+        assert r["files"] == {name: (ckpt / name).stat().st_size for name in r["files"]}  # the final, rewritten files
+        assert json.loads((Path(r["snapshot"]) / "config.json").read_text())["dtype"] == "bfloat16"
+    assert records[-1]["final"] and json.loads((watch_dir / "summary.json").read_text())["finished"]

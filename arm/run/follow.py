@@ -16,7 +16,10 @@ A checkpoint is **complete** when
     checkpoint has appeared, or the run has ended (manifest.json).
 A checkpoint that is still incomplete once a later one has appeared and its files have settled, or once the run
 has ended, is **corrupt** (named with the reason, skipped); one that disappears before it is complete (Trainer's
-`save_total_limit`) is **deleted** (skipped). Nothing here writes into the folder.
+`save_total_limit`) is **deleted** (skipped). Following the project's own Trainer SFT (the folder arm-watch finds from
+the model and domain), a checkpoint is final only once its config.json names `model.sft.save_dtype`: the rewrite
+reads the Trainer's weights (seconds to minutes for a large model) before it changes anything. Nothing here writes
+into the folder.
 """
 
 from __future__ import annotations
@@ -91,8 +94,11 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def incomplete_reason(path: Path, step: int) -> str | None:
-    """Why the checkpoint at `path` is not (yet) a complete model folder, or None when it is."""
+def incomplete_reason(path: Path, step: int, dtype: str | None = None) -> str | None:
+    """Why the checkpoint at `path` is not (yet) a complete model folder, or None when it is.
+
+    `dtype`: the dtype its config.json must name (the project's Trainer SFT rewrites each checkpoint's weights in
+    `model.sft.save_dtype` after the Trainer has saved it, config.json last: until then it is not final)."""
     path = Path(path)
     try:
         busy = sorted(p.name for p in path.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp"))
@@ -109,6 +115,10 @@ def incomplete_reason(path: Path, step: int) -> str | None:
             return f"{name} is not (yet) valid JSON"
         except OSError as exc:
             return f"{name}: {exc.strerror or exc}"
+        if name == "config.json" and dtype is not None and isinstance(content, dict):
+            found = content.get("dtype", content.get("torch_dtype"))
+            if found != dtype:
+                return f"config.json names dtype {found}, not yet {dtype} (the SFT rewrites its checkpoints in {dtype})"
         if name == TRAINER_STATE:
             if not isinstance(content, dict):
                 return f"{name} holds no JSON object"
@@ -155,8 +165,10 @@ class FolderFollower:
     """
 
     def __init__(self, folder: Path, settle_s: float, done: set[int] | None = None,
-                 on_wait: Callable[[int, str], None] | None = None, clock: Callable[[], float] = time.monotonic):
+                 on_wait: Callable[[int, str], None] | None = None, clock: Callable[[], float] = time.monotonic,
+                 dtype: str | None = None):
         self.folder = Path(folder)
+        self.dtype = dtype
         self.settle_s = float(settle_s)
         self.done = set(done or ())
         self.on_wait = on_wait
@@ -190,7 +202,7 @@ class FolderFollower:
                 continue  # gone between the listing and now: reported as deleted at the next poll
             settled = now - seen.since >= self.settle_s
             later = any(s > step for s in present)
-            reason = incomplete_reason(path, step)
+            reason = incomplete_reason(path, step, self.dtype)
             if reason is None:
                 if settled or later or ended:
                     out.append(self._complete(step, path))

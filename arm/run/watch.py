@@ -250,11 +250,14 @@ class Watcher:
         if cfg["merge"]["name"] == "none":
             raise ConfigError("merge", "arm-watch streams a merge: pick a method, e.g. merge=lawa")
         self.paths = Paths.from_cfg(cfg, run_dir)
+        self.dtype: str | None = None  # the dtype a checkpoint's config.json names once it is final (arm/run/follow.py)
         if trajectory.get("path"):
             self.folder = self._absolute(trajectory["path"])
         elif cfg["model"].get("arch") is None:
-            # A real model: the folder the Trainer SFT writes in place for this config (slurm/sft.sbatch, arm.run.trainer_sft)
+            # A real model: the folder the Trainer SFT writes in place for this config (slurm/sft.sbatch, arm.run.trainer_sft),
+            # whose checkpoints are final once rewritten in model.sft.save_dtype
             self.folder = sft_hf.trajectory_folder(TrajectorySpec.from_config(cfg), self.paths.cache)
+            self.dtype = sft_hf.resolve_sft_config(cfg["model"].get("sft"))["save_dtype"]
         else:
             raise ConfigError("trajectory.path", "arm-watch follows an SFT output folder: set trajectory.path=<folder> "
                                                  "(the tiny model's cached trajectory is built in a temporary folder and "
@@ -455,7 +458,7 @@ class Watcher:
     def _loop(self) -> dict[str, Any]:
         s = self.settings
         done = {r["step"] for r in self.records}
-        follower = FolderFollower(self.folder, s.settle_s, done,
+        follower = FolderFollower(self.folder, s.settle_s, done, dtype=self.dtype,
                                   on_wait=lambda step, reason: log.info("checkpoint-%d: not complete yet (%s)", step, reason))
         import torch
 
