@@ -4,7 +4,7 @@ The slow tests drive the real pieces: the tiny SFT loop as a background process 
 `arm-watch` console script as a process that is killed (SIGKILL) and started again, lm-eval's hf backend on the
 tiny model, real safetensors files written slowly, deleted or corrupted under the watcher, W&B offline.
 Times in the docstrings: `pytest tests/test_watch.py --durations=0` on the project's 2-core machine, 2026-12-06 (the
-whole file: 11 passed in 83 s).
+whole file: 12 passed in 98 s).
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def test_without_trajectory_path_it_names_the_key(tmp_path):
 def test_concurrent_run_killed_and_resumed_equals_offline(tmp_path):
     """A tiny SFT writes checkpoints in the background while arm-watch follows it; the watcher is killed (SIGKILL)
     mid-run and started again; its final summary equals an offline pass over the same checkpoints with a fresh
-    cache. (36 s here.) The SFT is paused (SIGSTOP) from its first checkpoint until the restart, so that the
+    cache. (35 s here.) The SFT is paused (SIGSTOP) from its first checkpoint until the restart, so that the
     kill lands before the run has finished however fast it trains."""
     sft_dir, root, watch_dir = tmp_path / "sft", tmp_path / "root", tmp_path / "watch"
     logs = tmp_path / "logs"
@@ -436,7 +436,7 @@ def test_offline_arm_pass_shares_the_jobs_caches(finished_run, tmp_path, compose
 def test_follows_a_transformers_trainer_run(compose, tmp_path):
     """The project's Trainer SFT (transformers' Trainer: checkpoints written in place with optimizer, scheduler and
     RNG state, then rewritten as bf16 shards through `.rewrite.tmp/`) on a small model in the hub's layout, followed
-    by arm-watch as it runs; every checkpoint taken once, whole, in its final (sharded bf16) form. (~40 s here.)"""
+    by arm-watch as it runs; every checkpoint taken once, whole, in its final (sharded bf16) form. (18 s here.)"""
     from arm.core.specs import TrajectorySpec
     from arm.trajectory.trainer_sft import trajectory_folder
     from tests.test_real_scale import FIXTURES, SFT_SMALL, save_real_layout
