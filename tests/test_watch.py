@@ -142,6 +142,7 @@ def test_stream_drops_a_line_cut_short(tmp_path):
     assert path.read_text() == json.dumps({"step": 1}) + "\n"
 
 
+@pytest.mark.slow  # trains the short SFT (finished_run)
 def test_completeness_on_real_checkpoint_files(finished_run, tmp_path):
     """A checkpoint copied file by file is complete only once every file is whole, whatever the order."""
     src = finished_run / "checkpoint-40"
@@ -165,6 +166,7 @@ def test_completeness_on_real_checkpoint_files(finished_run, tmp_path):
     assert (ckpt.step, ckpt.status) == (40, "complete") and ckpt.files["model.safetensors"] == len(data)
 
 
+@pytest.mark.slow  # trains the short SFT (finished_run)
 def test_trainer_layout_sharded_with_training_state(finished_run, tmp_path):
     """A Trainer checkpoint: hub-style shards + index (as the project's Trainer SFT rewrites them) and the optimizer,
     scheduler and RNG state beside the model. Complete only with every shard the index lists; the snapshot takes
