@@ -125,7 +125,7 @@ stream-control: $(STAMP) sandbox
 	$(BIN)/arm-regime --spec conf/tuning/stream.yaml --out outputs/runs/stream
 
 # arm-watch beside a running SFT on the embedded default (README "Watching a running SFT"): the tiny model's
-# code_synth SFT (375 steps, 22 checkpoints, one thread) and, at the same time, arm-watch streaming an EMA of its
+# code_synth SFT (375 steps, 23 checkpoints, one thread) and, at the same time, arm-watch streaming an EMA of its
 # checkpoints; then the watch's plot is copied to docs/figures/. WATCH_ARGS: more overrides for arm-watch.
 WATCH_DEMO_DIR ?= outputs/runs/watch-demo
 WATCH_ARGS ?=
