@@ -140,6 +140,20 @@ positive-control:
 stream-control: $(STAMP) sandbox
 	$(BIN)/arm-regime --spec conf/tuning/stream.yaml --out outputs/runs/stream
 
+# arm-watch beside a running SFT on the embedded default (README "Watching a running SFT"): the tiny model's
+# code_synth SFT (375 steps, 23 checkpoints, one thread) and, at the same time, arm-watch streaming an EMA of its
+# checkpoints; then the watch's plot is copied to docs/figures/. WATCH_ARGS: more overrides for arm-watch.
+WATCH_DEMO_DIR ?= outputs/runs/watch-demo
+WATCH_ARGS ?=
+.PHONY: watch-demo
+watch-demo: $(STAMP) sandbox
+	rm -rf $(WATCH_DEMO_DIR) && mkdir -p $(WATCH_DEMO_DIR)
+	$(BIN)/python -m arm.run.sft --domain code_synth --out $(WATCH_DEMO_DIR)/sft --threads 1 > $(WATCH_DEMO_DIR)/sft.log 2>&1 & s=$$!; \
+	$(BIN)/arm-watch trajectory.path=$(WATCH_DEMO_DIR)/sft domain=code_synth merge=ema watch.dir=$(WATCH_DEMO_DIR)/watch $(WATCH_ARGS) \
+		> $(WATCH_DEMO_DIR)/watch.log 2>&1; w=$$?; wait $$s; t=$$?; test $$w = 0 && test $$t = 0
+	mkdir -p docs/figures && cp $(WATCH_DEMO_DIR)/watch/watch.png docs/figures/watch_code_synth.png
+	cat $(WATCH_DEMO_DIR)/watch/summary.md
+
 # Merge engine vs mergekit and the I/O floor, then ARM's cost vs the SFT it replaces, then the
 # evaluation time of the reference rows through hf and through vLLM on CPU.
 bench: $(STAMP) vllm-cpu

@@ -42,7 +42,8 @@ def test_the_wheel_carries_configs_tasks_and_the_base(installed):
     scripts = configparser.ConfigParser()
     scripts.read(dist / "entry_points.txt")
     assert dict(scripts["console_scripts"]) == {"arm": "arm.run.cli:main", "arm-table": "evals.report:main",
-                                                "arm-tune": "arm.run.tune:main", "arm-regime": "arm.run.regime:main"}
+                                                "arm-tune": "arm.run.tune:main", "arm-regime": "arm.run.regime:main",
+                                                "arm-watch": "arm.run.watch:main"}
 
 
 def test_arm_runs_from_another_directory(installed, tmp_path):

@@ -13,6 +13,7 @@ again report) the failed jobs.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -326,3 +327,31 @@ def test_a_sweep_over_sizes_submits_each_size_with_its_own_resources(cluster, tm
         for results in (job_dir / "results").glob("*/results.json"):
             check_result_against_samples(results.parent, expected_n=8)  # eval.limit=8, recomputed from samples
         assert result["model"] in {n.replace("_", "-") for n in SIZES} and job_dir.name.split("-", 1)[1].startswith(result["model"])
+
+
+@pytest.mark.slow
+def test_watch_sbatch_beside_an_sft_job(cluster, tmp_path):
+    """slurm/watch.sbatch as a job beside an SFT job (the tiny loop, `python -m arm.run.sft`) on the same file system:
+    the watcher follows the folder the other job writes, ends by itself when the run has finished, and its summary
+    holds every checkpoint. (35 s here, with the cluster's start.)"""
+    from tests.test_watch import SFT_SETS, STEPS
+
+    outputs, sft_dir = tmp_path / "outputs", tmp_path / "sft"
+    env = {**cluster.env, "ARM_OUTPUTS": str(outputs), "ARM_BIN": str(Path(sys.executable).parent),
+           "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    sft_cmd = " ".join([sys.executable, "-m", "arm.run.sft", "--domain", "math_synth", "--out", str(sft_dir), "--threads",
+                        "1", "--cache", str(tmp_path / "cache"), *[f"--set '{s}'" for s in SFT_SETS]])
+    watch_dir = outputs / "runs" / "watch" / "test"
+    watch = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/watch-%j.out", "slurm/watch.sbatch", "tiny",
+                            "math_synth", "merge=ema", f"trajectory.path={sft_dir}", f"watch.dir={watch_dir}", "watch.limit=20",
+                            "watch.poll_s=0.5", "watch.settle_s=1", "watch.idle_timeout_s=600", "logger=none"],
+                           cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    sft = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/sft-%j.out", f"--chdir={tmp_path}",
+                          f"--wrap={sft_cmd}"], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    cluster.wait_until_drained(timeout=900)
+    jobs = cluster.jobs()
+    logs = "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("*.out"))
+    assert jobs[sft] == ("COMPLETED", "0:0") and jobs[watch] == ("COMPLETED", "0:0"), logs
+    summary = json.loads((watch_dir / "summary.json").read_text())
+    assert summary["finished"] and [r["step"] for r in summary["rows"]] == STEPS, logs
+    assert (watch_dir / "results" / "sft_converged" / "results.json").is_file()
