@@ -29,6 +29,7 @@ from typing import Any
 
 from arm.merge.tensor_io import ModelFolder, TensorReader
 from arm.trajectory.build import find_checkpoints
+from arm.trajectory.schedules import lr_at
 
 
 def _base(folder: Path, manifest: dict, given: Path | None) -> Path:
@@ -44,8 +45,6 @@ def lr_points(folder: Path, manifest: dict, last_checkpoint: Path) -> list[tuple
     """(step, learning rate) pairs of the run, sorted, starting at (0, 0)."""
     sft = manifest.get("sft") or {}
     if {"lr", "total_steps", "schedule"} <= set(sft):  # the tiny loop: its schedule, every step
-        from arm.trajectory.schedules import lr_at
-
         return [(0, 0.0)] + [(s, lr_at(s, sft)) for s in range(1, int(sft["total_steps"]) + 1)]
     state = last_checkpoint / "trainer_state.json"
     if not state.is_file():

@@ -60,7 +60,7 @@ from arm.run.stages import Paths, validate
 from arm.run.tracking import start_tracker
 from arm.run.watch_report import plot_watch, summarize, summary_markdown
 from arm.trajectory import trainer_sft as sft_hf
-from arm.trajectory.build import folder_key
+from arm.trajectory.build import folder_key, own_model_name, tokenizer_folder
 from evals.results import RESULTS_NAME, load_result, load_results, write_result
 from evals.table import build_table, to_markdown
 
@@ -251,12 +251,17 @@ class Watcher:
             raise ConfigError("merge", "arm-watch streams a merge: pick a method, e.g. merge=lawa")
         self.paths = Paths.from_cfg(cfg, run_dir)
         self.dtype: str | None = None  # the dtype a checkpoint's config.json names once it is final (arm/run/follow.py)
+        spec = TrajectorySpec.from_config(cfg)
+        # the job's data: a synthetic domain in the model's own chat template where it has one (arm/data/chat_templates.py)
+        self.data = (ensure_data(cfg["domain"], self.paths.cache, cfg["model"].get("prompt_format") or "plain",
+                                 tokenizer_folder(spec, self.paths.cache))
+                     if cfg["domain"].get("synthetic") else None)
         if trajectory.get("path"):
             self.folder = self._absolute(trajectory["path"])
         elif cfg["model"].get("arch") is None:
             # A real model: the folder the Trainer SFT writes in place for this config (slurm/sft.sbatch, arm.run.trainer_sft),
             # whose checkpoints are final once rewritten in model.sft.save_dtype
-            self.folder = sft_hf.trajectory_folder(TrajectorySpec.from_config(cfg), self.paths.cache)
+            self.folder = sft_hf.trajectory_folder(spec, self.paths.cache, self.data.key if self.data else None)
             self.dtype = sft_hf.resolve_sft_config(cfg["model"].get("sft"))["save_dtype"]
         else:
             raise ConfigError("trajectory.path", "arm-watch follows an SFT output folder: set trajectory.path=<folder> "
@@ -266,8 +271,6 @@ class Watcher:
         self.eval_cfg = {**cfg, "eval": {**cfg["eval"], "split": settings.split, "limit": settings.limit}}
         self.k = configured_inputs(cfg, settings)
         self.method = cfg["merge"]["name"]
-        self.data = (ensure_data(cfg["domain"], self.paths.cache, cfg["model"].get("prompt_format") or "plain")
-                     if cfg["domain"].get("synthetic") else None)
         key = content_key("watch", str(self.folder.resolve()), merge_identity(cfg["merge"]),
                           to_plain(self.eval_cfg["eval"]), cfg["model"]["name"], cfg["domain"]["name"],
                           trajectory.get("base"), self.k, self.data.key if self.data else None)
@@ -297,7 +300,8 @@ class Watcher:
         given = (self.cfg.get("trajectory") or {}).get("base")
         path = self._absolute(given) if given else self.folder / "base"
         if not given and not path.is_dir() and self.cfg["model"].get("arch") is None:
-            path = sft_hf.resolve_model_source(self.cfg["model"])  # the Trainer SFT's base: model.path or the hub snapshot
+            # the Trainer SFT's base: model.path, the model's converted wheel, or the hub snapshot
+            path = sft_hf.resolve_model_source(self.cfg["model"], self.paths.cache)
         if not path.is_dir():
             raise ConfigError("trajectory.base", f"{path}: base model folder not found (the run's folder has no base/: "
                                                  "set trajectory.base)")
@@ -543,6 +547,10 @@ def _fmt(scores: Mapping[str, float]) -> str:
 def run_watch(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
     """Follow `trajectory.path` until the run ends; returns the summary (also written to the watch's folder)."""
     cfg = plain_config(cfg)
+    name, why = own_model_name(TrajectorySpec.from_config(cfg))
+    if name != cfg["model"].get("name"):  # the user's own model, named after itself, as `arm` names it
+        log.warning("%s", why)
+        cfg["model"]["name"] = name
     settings = WatchSettings.from_cfg(cfg.get("watch"))
     # The job's checks, with the evaluation the watcher runs; a window average's window is not checked against the
     # configured early steps (the watcher shortens it to the checkpoints seen so far).

@@ -195,8 +195,12 @@ def tokenizer_folder(spec: TrajectorySpec, cache_dir: Path) -> Path | None:
         base = base_folder(spec)
         if base is not None and ((base / "tokenizer.json").is_file() or (base / "tokenizer_config.json").is_file()):
             return base
-        checkpoints = find_checkpoints(Path(spec.path))
-        return next(iter(checkpoints.values()))
+        try:
+            return next(iter(find_checkpoints(Path(spec.path)).values()))
+        except InputError:  # a run being written, no checkpoint yet: the model's own source (none for a model built here)
+            if spec.model.get("arch") is not None:
+                return None
+            return sft_hf.resolve_model_source(spec.model, cache_dir)
     if spec.model.get("arch") is not None:
         return None
     return sft_hf.resolve_model_source(spec.model, cache_dir)
@@ -273,10 +277,10 @@ def own_model_name(spec: TrajectorySpec) -> tuple[str, str | None]:
         return folder.name, f"model.name is null: named after {folder}"
     arch = spec.model.get("arch")
     if spec.path and arch:
-        probe = folder if (folder / "config.json").is_file() else next(iter(find_checkpoints(Path(spec.path)).values()))
-        try:
+        try:  # (a run being written may have no checkpoint yet: the config's name stands)
+            probe = folder if (folder / "config.json").is_file() else next(iter(find_checkpoints(Path(spec.path)).values()))
             config = json.loads((probe / "config.json").read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, InputError):
             return str(name), None
         differs = [f for f in ARCH_FIELDS if f in config and f in arch and config[f] != arch[f]]
         if differs:
