@@ -10,7 +10,9 @@ in float64, one tensor at a time (memory: four copies of the largest tensor):
 - cos(c* − c_m, c_m − θ0)      does the rest of SFT continue the update so far (1: a straight line)?
 - cos(c* − c_m, c_m − c_{m−1}) does the rest continue the *latest* step (what ExPO/ARM extrapolate)?
 - ‖c_m − c_{m−1}‖ / Σ lr        displacement per unit of learning rate spent between the two checkpoints:
-                                constant for coherent steps, falling as the steps start to cancel (a noisy walk).
+                                constant for coherent steps, falling as the steps start to cancel (a noisy walk);
+                                also as a share of √N (N weights): Adam moves each weight by about lr per step, so
+                                steps that all point the same way would give √N per unit of learning rate.
 
 The learning rates: the tiny loop's schedule from its manifest (arm/trajectory/schedules.py, exact per step);
 for a Trainer folder, the `learning_rate` that Trainer logged (trainer_state.json of the last checkpoint,
@@ -79,6 +81,7 @@ def geometry(folder: Path, base: Path | None = None) -> dict[str, Any]:
     # accumulators per checkpoint: ⟨a,b⟩ for the vectors above
     acc = {s: {"uu": 0.0, "cc": 0.0, "uc": 0.0, "rr": 0.0, "ru": 0.0, "dd": 0.0, "rd": 0.0} for s in rows_steps}
     total_conv = 0.0
+    n_weights = sum(conv.tensors[n].numel for n in names)
     with TensorReader() as reader:
         for name in names:
             t0 = reader.read(theta0.tensors[name]).double()
@@ -118,10 +121,11 @@ def geometry(folder: Path, base: Path | None = None) -> dict[str, Any]:
             "rel_update": math.sqrt(a["uu"] / a["cc"]) if a["cc"] else None,
             "step_norm": math.sqrt(a["dd"]), "lr_spent": spent,
             "displacement_per_lr": math.sqrt(a["dd"]) / spent if spent > 0 else None,
+            "coherence": math.sqrt(a["dd"]) / spent / math.sqrt(n_weights) if spent > 0 else None,
             "from_step": prev_step,
         })
         prev_step = s
-    return {"trajectory": str(folder), "converged_step": converged_step, "n_tensors": len(names),
+    return {"trajectory": str(folder), "converged_step": converged_step, "n_tensors": len(names), "n_weights": n_weights,
             "converged_update_norm": math.sqrt(total_conv), "rows": rows}
 
 
@@ -129,11 +133,11 @@ def to_markdown(result: dict[str, Any]) -> str:
     def f(v: float | None, fmt: str = ".3f") -> str:
         return "–" if v is None else format(v, fmt)
 
-    lines = ["| step (share) | cos(c_m−θ0, c*−θ0) | cos(c*−c_m, c_m−θ0) | cos(c*−c_m, c_m−c_{m−1}) | ‖c_m−θ0‖/‖c*−θ0‖ | ‖c_m−c_{m−1}‖ / Σlr |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| step (share) | cos(c_m−θ0, c*−θ0) | cos(c*−c_m, c_m−θ0) | cos(c*−c_m, c_m−c_{m−1}) | ‖c_m−θ0‖/‖c*−θ0‖ | ‖c_m−c_{m−1}‖ / Σlr | ÷ √N |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['step']} ({r['share_of_steps']:.0%}) | {f(r['cos_update_converged'])} | {f(r['cos_rest_update'])} | "
-                     f"{f(r['cos_rest_last_step'])} | {f(r['rel_update'])} | {f(r['displacement_per_lr'], '.0f')} (steps {r['from_step']}–{r['step']}) |")
+                     f"{f(r['cos_rest_last_step'])} | {f(r['rel_update'])} | {f(r['displacement_per_lr'], '.0f')} (steps {r['from_step']}–{r['step']}) | {f(r['coherence'], '.2f')} |")
     return "\n".join(lines)
 
 
@@ -145,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = geometry(args.trajectory, args.base)
     print(f"{result['trajectory']}: converged step {result['converged_step']}, {result['n_tensors']} tensors, "
+          f"N = {result['n_weights']:,} weights, "
           f"‖c* − θ0‖ = {result['converged_update_norm']:.4g}")
     print(to_markdown(result))
     if args.json:
