@@ -122,8 +122,8 @@ def build_tasks(requests: Sequence[str | dict], manager: Any) -> list[Any]:
     config of those two keys alone, not as an override of the registered task: its dataset, prompts and metrics
     are lost (load_dataset(None) fails). Loading by name and setting `num_fewshot` on the Task object (as
     simple_evaluate itself does for a global count) keeps the task's own definition."""
-    if all(isinstance(r, str) for r in requests):
-        return list(requests)
+    if all(isinstance(r, str) for r in requests) or not hasattr(manager, "load"):
+        return list(requests)  # (an lm-eval before TaskManager.load merged a dict request into the registered task)
     names = [r if isinstance(r, str) else r["task"] for r in requests]
     loaded = manager.load(names)["tasks"]
     out = []

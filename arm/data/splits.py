@@ -71,7 +71,7 @@ def ensure_data(domain_cfg: Mapping, cache_dir: Path, prompt_format: str = "plai
     """Generate the synthetic domain's splits once per (generator code, knobs, seed, prompt format, chat template)."""
     generator = domain_cfg.get("generator")
     ref = data_ref(domain_cfg, cache_dir, prompt_format, tokenizer_dir)
-    templated = ref.folder.name.startswith(f"{domain_cfg['name']}-template-")
+    templated = chat_templates.chat_template_for(prompt_format, tokenizer_dir) is not None
     params, seed = data_params(domain_cfg)
     folder = ref.folder
 
