@@ -32,12 +32,22 @@ sandbox:
 RUN_DIR := outputs/runs/make-run
 RUN_METHODS ?= none,arm,linear,task_arithmetic,ties,expo,dare
 
-run: $(STAMP) sandbox
-	rm -rf $(RUN_DIR)
+# Where its time went (set-up, SFT, each evaluation and merge) is printed last and written to
+# $(RUN_DIR)/timing.md and timing.json (python -m evals.stage_times; clock.txt holds make's own timestamps).
+run:
+	@mkdir -p outputs/runs && echo "start $$(date +%s.%N)" > outputs/runs/.make-run-clock
+	@$(MAKE) --no-print-directory $(STAMP) sandbox
+	rm -rf $(RUN_DIR) && mkdir -p $(RUN_DIR) && mv outputs/runs/.make-run-clock $(RUN_DIR)/clock.txt
+	@echo "arm $$(date +%s.%N)" >> $(RUN_DIR)/clock.txt
 	$(BIN)/arm -m domain=math_synth,code_synth merge=$(RUN_METHODS) hydra.sweep.dir=$(RUN_DIR)
+	@echo "table $$(date +%s.%N)" >> $(RUN_DIR)/clock.txt
 	$(BIN)/arm-table $(RUN_DIR) --out $(RUN_DIR)/table.md
+	@echo "end $$(date +%s.%N)" >> $(RUN_DIR)/clock.txt
 	@echo
 	@cat $(RUN_DIR)/table.md
+	@echo
+	@echo "Where the time went ($(RUN_DIR)/timing.md):"
+	@$(BIN)/python -m evals.stage_times $(RUN_DIR)
 	@echo
 	@echo "results.json per model:  $(RUN_DIR)/*/results/*/results.json"
 	@echo "plots (loss, score/step): $(RUN_DIR)/*/trajectory.png"

@@ -124,6 +124,14 @@ def build_models(spec: dict[str, Any], root: Path) -> tuple[Path, list[Path]]:
     return folders[0], folders[1:]
 
 
+def models_folder(spec: dict[str, Any], official: bool) -> Path:
+    """The cache folder of a size: ``bench-models`` for the official one, else named by its shape."""
+    if official:
+        return CACHE / "bench-models"
+    shape = "x".join(str(spec[k]) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+    return CACHE / f"bench-models-{shape}"
+
+
 def _seed(*parts: object) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode())
 
@@ -206,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     spec = model_spec(args)
     official = spec == model_spec(p.parse_args([]))
-    models_dir = CACHE / ("bench-models" if official else "bench-models-small")
+    models_dir = models_folder(spec, official)
     if args.build_only:
         build_models(spec, models_dir)
         return 0

@@ -94,7 +94,7 @@ def build_result(
         "primary": evaluation["primary"],
         "eval": {k: evaluation.get(k) for k in ("backend", "device", "model_args", "gen_kwargs", "limit", "num_fewshot",
                                                   "n_shot", "gen_kwargs_override", "apply_chat_template", "engine",
-                                                  "code_execution", "dataset_source")},
+                                                  "code_execution", "dataset_source", "num_threads")},
         "wall_s": {"eval": evaluation.get("eval_wall_s"), "merge": merge_wall_s},
         "git": git_revision(),
         "versions": evaluation.get("versions") or versions(),  # of the process that ran lm-eval

@@ -48,6 +48,7 @@ def test_math_job_end_to_end_and_cache_reuse(compose, shared_root, small_math_jo
         assert result["config"]["domain"]["name"] == "math_synth"
         assert result["eval"]["gen_kwargs"]["math_synth"]["max_gen_toks"] == 40  # evals/tasks/math_synth.yaml
         assert result["wall_s"]["eval"] > 0
+        assert result["eval"]["num_threads"] == 1  # eval.num_threads=auto: one torch thread for a tiny model on the CPU
         assert_git_revision(result)
         assert (run_dir / "results" / name / "samples.jsonl").is_file()
     assert load_result(run_dir / "results" / "sft@12" / "results.json")["step"] == 12
@@ -213,6 +214,27 @@ def test_multirun_over_merge_methods_adds_their_rows(tmp_path, shared_root, smal
         assert_git_revision(merges[method])
     table = build_table(results)
     assert table.rows == ["base", "sft@6", "sft@12", "sft_converged", *methods]
+
+    # Each job timed its stages (stages.json): the shared data, trajectory and references found in the cache,
+    # its own merge and that merge's evaluation built now; the sweep's breakdown sums them by row.
+    from evals.stage_times import breakdown
+
+    for job in jobs:
+        stages = json.loads((job / "stages.json").read_text())
+        assert stages["job"]["domain"] == "math_synth" and stages["job"]["merge"] in methods
+        kinds = {(s["kind"], s["name"]): s for s in stages["stages"]}
+        assert all(kinds[("eval", name)]["cached"] for name in references)
+        assert not kinds[("merge", stages["job"]["merge"])]["cached"]
+        assert not kinds[("eval", stages["job"]["merge"])]["cached"]
+        assert kinds[("sft", "math_synth")]["cached"] and kinds[("data", "math_synth")]["cached"]
+        assert all(s["wall_s"] >= 0 for s in stages["stages"])
+    report = breakdown(sweep)
+    rows = {r["stage"]: r for r in report["rows"]}
+    for method in methods:
+        assert rows[f"math_synth · merge · {method}"]["built"] == 1
+        assert rows[f"math_synth · evaluation · {method}"]["built"] == 1
+    assert rows["math_synth · evaluation · base"] == {**rows["math_synth · evaluation · base"], "built": 0, "cached": 5}
+    assert report["jobs"] == len(methods) and report["total_s"] is None  # no make clock: stages only
 
     # The merged folders are plain Hugging Face model folders.
     from transformers import AutoModelForCausalLM

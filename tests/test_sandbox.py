@@ -216,3 +216,47 @@ def test_threads_of_the_program_run_and_processes_still_do_not() -> None:
                "    except OSError as e:\n        return e.errno\n")
     result = run_program(program, ["assert f(2) == [0, 2, 4, 6]", "import errno\nassert spawn() == errno.EPERM"])
     assert result.passed, result
+
+
+def test_each_program_gets_a_sandbox_of_its_own_through_the_warm_pool() -> None:
+    """The pool starts sandboxes ahead of need; each still runs one program and is killed after its verdict:
+    a file, a global or a module attribute left by one program is not there for the next."""
+    leave = ("import sys\nopen('/tmp/left', 'w').write('x')\nsys.left = 1\nLEFT = 1\n"
+             "def f(x):\n    return x*3+2\n")
+    look = ("import os, sys\ndef seen():\n    return [os.path.exists('/tmp/left'), hasattr(sys, 'left'), 'LEFT' in globals()]\n"
+            + PROGRAM)
+    for _ in range(3):  # the second and later programs come from the pool
+        assert run_program(leave, TESTS).passed
+        result = run_program(look, ["assert seen() == [False, False, False]", *TESTS])
+        assert result.passed, result
+    assert len(sandbox._POOL.ready) == sandbox.POOL_SIZE
+    assert all(child.proc.poll() is None for child in sandbox._POOL.ready)
+
+
+def test_a_waiting_sandbox_that_died_is_replaced_not_scored() -> None:
+    assert run_program(PROGRAM, TESTS).passed
+    for child in list(sandbox._POOL.ready):
+        child.kill()  # ended from outside while waiting for a program
+    assert run_program(PROGRAM, TESTS).passed
+    assert all(child.proc.poll() is None for child in sandbox._POOL.ready)
+
+
+def test_a_forked_process_starts_its_own_pool_and_leaves_the_parents_alone() -> None:
+    assert run_program(PROGRAM, TESTS).passed
+    parents = list(sandbox._POOL.ready)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its verdicts come from sandboxes of its own
+        code = 1
+        try:
+            ok = run_program(PROGRAM, TESTS).passed and all(c not in sandbox._POOL.ready for c in parents)
+            os.write(write_end, b"ok" if ok else b"no")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(read_end, 16) == b"ok" and status == 0
+    os.close(read_end)
+    assert all(child.proc.poll() is None for child in parents)  # the child neither used nor killed them
+    assert run_program(PROGRAM, TESTS).passed

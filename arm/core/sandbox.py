@@ -38,6 +38,7 @@ without the OS isolation; it is logged as a warning and recorded in results.json
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import functools
 import json
@@ -51,7 +52,9 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -796,15 +799,7 @@ def _run(
         return SandboxResult(False, "error", f"the program exceeds {MAX_MESSAGE_BYTES} bytes")
     deadline = time.monotonic() + STARTUP_S  # until the runner reports "started"; then timeout_s (see _session)
     if bwrap is not None:
-        read_end, write_end = os.pipe()
-        try:
-            os.write(write_end, seccomp_filter())
-        finally:
-            os.close(write_end)
-        try:
-            child = _Child(bwrap_argv(bwrap, read_end) + [runner], None, deadline, (read_end,))
-        finally:
-            os.close(read_end)
+        child = _POOL.take(bwrap, runner)
         return _session(child, compiled, program, tests, timeout_s, memory_mb, setup, entry_point)
     workdir = tempfile.mkdtemp(prefix="arm-sandbox-")
     try:
@@ -812,6 +807,78 @@ def _run(
         return _session(child, compiled, program, tests, timeout_s, memory_mb, setup, entry_point)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _start_sandbox(bwrap: str, runner: str) -> _Child:
+    """A new bubblewrap sandbox running the runner, which waits for its one program (and its limits)."""
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, seccomp_filter())
+    finally:
+        os.close(write_end)
+    try:
+        return _Child(bwrap_argv(bwrap, read_end) + [runner], None, time.monotonic() + STARTUP_S, (read_end,))
+    finally:
+        os.close(read_end)
+
+
+POOL_SIZE = 2
+"""Sandboxes started ahead of need (``_SandboxPool``)."""
+
+
+class _SandboxPool:
+    """Sandboxes started before their program arrives, so that a program does not wait for bubblewrap and the
+    interpreter to start: while one program runs and is judged, the next sandboxes boot (on another core).
+
+    Nothing is shared: each sandbox is a new process that runs exactly one program and is killed after its
+    verdict, as without the pool. A waiting sandbox has run only the runner (no program code, no limits yet:
+    the runner sets them on receiving its program, before running it). The pool belongs to the process that
+    filled it: after a fork the child starts its own and leaves the parent's sandboxes alone. Waiting
+    sandboxes are killed at exit (and die with the harness anyway: ``--die-with-parent``)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.owner: tuple[Any, ...] | None = None
+        self.ready: deque[_Child] = deque()
+        self.lock = threading.Lock()
+
+    def take(self, bwrap: str, runner: str) -> _Child:
+        with self.lock:
+            owner = (os.getpid(), bwrap, runner, bwrap_argv)  # sandboxes started by this process, this way
+            if self.owner != owner:
+                if self.owner is not None and self.owner[0] == owner[0]:
+                    self._close()  # another bwrap or runner in this process: its sandboxes are of no use
+                self.ready = deque()  # a forked child's copy holds the parent's sandboxes: forget, never kill them
+                self.owner = owner
+            child = None
+            while self.ready and child is None:
+                waiting = self.ready.popleft()
+                if waiting.proc.poll() is None:
+                    child = waiting
+                else:
+                    waiting.kill()  # ended while waiting (killed from outside): never handed a program
+            if child is None:
+                child = _start_sandbox(bwrap, runner)
+            child.deadline, child.budget = time.monotonic() + STARTUP_S, STARTUP_S
+            while len(self.ready) < self.size:
+                self.ready.append(_start_sandbox(bwrap, runner))
+            return child
+
+    def _close(self) -> None:
+        while self.ready:
+            self.ready.popleft().kill()
+
+    def close(self) -> None:
+        """Kill the waiting sandboxes (this process's own)."""
+        with self.lock:
+            if self.owner is not None and self.owner[0] == os.getpid():
+                self._close()
+            self.ready = deque()
+            self.owner = None
+
+
+_POOL = _SandboxPool(POOL_SIZE)
+atexit.register(_POOL.close)
 
 
 def _session(

@@ -62,6 +62,9 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     device = eval_cfg.get("device", "auto")
     if not (isinstance(device, str) and DEVICES.fullmatch(device)):
         raise ConfigError("eval.device", f"expected auto, cpu, cuda, cuda:<n> or mps, got {device!r}")
+    threads = eval_cfg.get("num_threads", "auto")
+    if not (threads in (None, "auto") or (_is_int(threads) and 1 <= threads <= 1024)):
+        raise ConfigError("eval.num_threads", f"expected auto or an integer in [1, 1024], got {threads!r}")
     shots = eval_cfg.get("num_fewshot")
     if shots is not None and not (_is_int(shots) and shots >= 0):
         raise ConfigError("eval.num_fewshot", f"expected null or an integer >= 0, got {shots!r}")

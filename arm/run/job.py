@@ -24,6 +24,7 @@ from arm.core.cache import (
 from arm.core.errors import InputError
 from arm.core.refs import ModelRef, Trajectory
 from arm.core.specs import TrajectorySpec, plain_config
+from arm.core.timing import StageClock, built_since
 from arm.data.sft_data import ensure_calibration_data
 from arm.data.splits import DomainData, ensure_data
 from arm.merge.engine import MergeContext, merge_from_config
@@ -53,8 +54,9 @@ def evaluate_cached(
     method: str | None = None,
     params: Mapping[str, Any] | None = None,
     merge_wall_s: float | None = None,
+    clock: StageClock | None = None,
 ) -> tuple[dict[str, Any], Path]:
-    """Evaluate `model` once per evaluation key; returns the result and its folder."""
+    """Evaluate `model` once per evaluation key; returns the result and its folder (timed on `clock`)."""
 
     folder = eval_folder(model, cfg, data, paths)
     key = folder.name.rsplit("-", 1)[1]
@@ -76,7 +78,9 @@ def evaluate_cached(
         )
         write_result(tmp / RESULTS_NAME, result)
 
-    if not build_once(folder, build, is_complete=lambda p: (p / RESULTS_NAME).is_file()):
+    with (clock or StageClock()).stage("eval", model.name) as stage:
+        stage["cached"] = not build_once(folder, build, is_complete=lambda p: (p / RESULTS_NAME).is_file())
+    if stage["cached"]:
         log.info("reusing evaluation of %s (%s)", model.name, folder.name)
     return load_result(folder / RESULTS_NAME), folder
 
@@ -87,6 +91,7 @@ def merge_cached(
     paths: Paths,
     data: DomainData | None = None,
     tracker: Any = None,
+    clock: StageClock | None = None,
 ) -> tuple[ModelRef, dict[str, Any]]:
     """Run the configured merge method on the trajectory's early checkpoints, once per key.
 
@@ -100,29 +105,36 @@ def merge_cached(
     method = merge_cfg["name"]
     key, folder = merge_folder(trajectory, cfg, paths, data)
     summary_file = folder / "merge_summary.json"
-    if not summary_file.is_file():
-
-        with file_lock(folder.with_name(folder.name + ".lock")):
-            if not summary_file.is_file():
-                if folder.exists():
-                    shutil.rmtree(folder)
-                context = MergeContext(
-                    calibration=data.split("train") if data is not None else None,
-                    converged=trajectory.converged.path if trajectory.converged is not None else None,
-                    log=tracker.log_metrics if tracker is not None else None,
-                )
-                start = time.perf_counter()
-                try:
-                    summary = merge_from_config({**merge_cfg, "overwrite": False}, trajectory.base.path, trajectory.inputs,
-                                                folder, progress=False, context=context)
-                except ValueError as exc:  # bad inputs or parameters: the message names the file, tensor or key
-                    raise InputError(f"merge '{method}': {exc}") from exc
-                summary = {**to_plain(summary), "wall_s": round(time.perf_counter() - start, 3), "out_dir": str(folder)}
-                atomic_write_json(summary_file, summary)
-
+    with (clock or StageClock()).stage("merge", method) as stage:
+        stage["cached"] = summary_file.is_file()
+        if not stage["cached"]:
+            _merge_once(trajectory, merge_cfg, folder, summary_file, data, tracker)
     summary = read_json(summary_file)
     get_method(method).write_report(folder)   # e.g. ARM's diagnostics.png: drawn after the merge, not timed with it
     return ModelRef(method, folder, key), summary
+
+
+def _merge_once(trajectory: Trajectory, merge_cfg: dict[str, Any], folder: Path, summary_file: Path,
+                data: DomainData | None, tracker: Any) -> None:
+    """The merge itself, under the folder's lock; the stage is built once across concurrent jobs."""
+    method = merge_cfg["name"]
+    with file_lock(folder.with_name(folder.name + ".lock")):
+        if not summary_file.is_file():
+            if folder.exists():
+                shutil.rmtree(folder)
+            context = MergeContext(
+                calibration=data.split("train") if data is not None else None,
+                converged=trajectory.converged.path if trajectory.converged is not None else None,
+                log=tracker.log_metrics if tracker is not None else None,
+            )
+            start = time.perf_counter()
+            try:
+                summary = merge_from_config({**merge_cfg, "overwrite": False}, trajectory.base.path, trajectory.inputs,
+                                            folder, progress=False, context=context)
+            except ValueError as exc:  # bad inputs or parameters: the message names the file, tensor or key
+                raise InputError(f"merge '{method}': {exc}") from exc
+            summary = {**to_plain(summary), "wall_s": round(time.perf_counter() - start, 3), "out_dir": str(folder)}
+            atomic_write_json(summary_file, summary)
 
 
 def plot_job(trajectory: Trajectory, results: list[dict[str, Any]], cfg: Mapping[str, Any], out: Path) -> Path | None:
@@ -165,13 +177,18 @@ def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, An
     config = to_plain(cfg)
     tracker = start_tracker(cfg, paths.run_dir, config)
     results: list[dict[str, Any]] = []
+    clock = StageClock()  # each stage's wall time, built or cached: <run dir>/stages.json (python -m evals.stage_times)
     try:
         spec = TrajectorySpec.from_config(cfg)
         data = None
         if cfg["domain"].get("synthetic"):  # in the model's own chat template where it has one (arm/data/chat_templates.py)
-            data = ensure_data(cfg["domain"], paths.cache, cfg["model"].get("prompt_format") or "plain",
-                               tokenizer_folder(spec, paths.cache))
-        trajectory = ensure_trajectory(spec, data, paths.cache)
+            with clock.stage("data", cfg["domain"]["name"]) as stage:
+                data = ensure_data(cfg["domain"], paths.cache, cfg["model"].get("prompt_format") or "plain",
+                                   tokenizer_folder(spec, paths.cache))
+                stage["cached"] = not built_since(data.folder, stage["start"])
+        with clock.stage("sft", cfg["domain"]["name"]) as stage:
+            trajectory = ensure_trajectory(spec, data, paths.cache)
+            stage["cached"] = not built_since(trajectory.folder / "manifest.json", stage["start"])
         ref_cfg = cfg.get("references") or {}
         todo: list[tuple[ModelRef, dict[str, Any]]] = [
             (ref, {"role": "reference"})
@@ -185,11 +202,11 @@ def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, An
             if calibration is None and cfg["domain"].get("sft_data") and takes_calibration(cfg["merge"]):
 
                 calibration = ensure_calibration_data(cfg["domain"], paths.cache, calibration_size(cfg), seed=int(cfg.get("seed", 0)))
-            merged, summary = merge_cached(trajectory, cfg, paths, calibration, tracker)
+            merged, summary = merge_cached(trajectory, cfg, paths, calibration, tracker, clock)
             todo.append((merged, {"role": "merge", "method": merged.name, "params": summary.get("params"),
                                   "merge_wall_s": summary.get("wall_s")}))
         for model, extra in todo:
-            result, folder = evaluate_cached(model, cfg=cfg, data=data, paths=paths, **extra)
+            result, folder = evaluate_cached(model, cfg=cfg, data=data, paths=paths, clock=clock, **extra)
             if extra["role"] == "merge" and cfg.get("label"):
                 result = {**result, "label": str(cfg["label"])}
             job_copy = paths.run_dir / "results" / model.name
@@ -209,6 +226,7 @@ def run_job(cfg: Mapping[str, Any], run_dir: Path | None = None) -> dict[str, An
             tracker.log_image("trajectory", plot)
     finally:
         tracker.finish()
+        clock.write(paths.run_dir, model=cfg["model"]["name"], domain=cfg["domain"]["name"], merge=cfg["merge"]["name"])
     print(f"\n== {cfg['model']['name']} / {cfg['domain']['name']} / merge={cfg['merge']['name']} ==\n{markdown}")
     print(f"results: {paths.run_dir / 'results'}\ntrajectory: {trajectory.folder}")
     if plot is not None:
