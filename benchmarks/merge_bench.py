@@ -9,13 +9,14 @@
    (for each round: every method, ours then mergekit), ``--runs`` rounds (default 3); the reported
    wall time is the median per command.
 3. Peak RSS of a command is ``ru_maxrss`` of its process, from ``os.wait4`` on that one child.
-4. The I/O floor: read every input tensor once (all four models, in 64 MiB blocks) and write
-   one output copy (the last model's bytes), streamed, in this process (no interpreter start-up).
-   It runs once untimed first, so every round finds the inputs in the page cache, then once per
-   round, interleaved with the merges: immediately before that round's ``ours`` linear command
-   (at the start of the round when linear is not benchmarked), so the floor has as many samples
-   as every command and each sample sees the load its neighbour sees. Reported: the median, and
-   the median over rounds of the paired ratio ours-linear / floor of the same round.
+4. The I/O floor, like for like (benchmarks/io_floor.py): read every byte of the files our linear merge
+   reads (the three checkpoints; linear does not read the base) and write one output of the same size,
+   streamed. Timed two ways, each paired with ours in every round: as a whole process that starts the same
+   interpreter and imports the libraries our command has loaded by its end (found by running it once), and
+   in one process beside our engine called in that process (arm.merge.cli.main; one untimed warm-up of
+   each). On two model sizes (the official ~0.5B and a ~1.5B one, ``--large-*``), so that the marginal
+   cost per byte, (t_large − t_small) / (bytes_large − bytes_small), cancels fixed start-up costs: ours /
+   floor per byte is the target (≤ 1.2×), the whole-process ratio is reported next to it.
 
 Writes ``benchmarks/results/merge.json`` and prints a markdown table with the ratios. Inputs and
 parameters are identical for both tools: mergekit's config dtype is bfloat16 (the models'),
@@ -43,8 +44,9 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "benchmarks" / ".cache"
 RESULTS = REPO / "benchmarks" / "results" / "merge.json"
 METHODS = ("linear", "task_arithmetic", "ties")
-TARGETS = {"linear": 0.5, "task_arithmetic": 0.5, "ties": 0.1}  # ours / mergekit wall time
-FLOOR_TARGET = 2.5  # linear / I/O floor
+TARGETS = {"linear": 0.5, "task_arithmetic": 0.5, "ties": 0.05}  # ours / mergekit wall time
+FLOOR_TARGET = 1.2  # ours-linear / I/O floor, marginal time per byte (in process)
+LARGE = {"hidden": 1536, "intermediate": 8960}  # ~1.5B parameters with the official layers and vocabulary: ~3x
 DENSITY = 0.5
 
 
@@ -173,24 +175,100 @@ def run_timed(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024.0  # ru_maxrss is in KiB on Linux
 
 
-def io_floor(folders: list[Path], out_dir: Path, block: int = 64 << 20) -> float:
-    """Seconds to read every input safetensors file once and write one output copy, streamed."""
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
-    buf = bytearray(block)
-    view = memoryview(buf)
-    t0 = time.perf_counter()
-    last = folders[-1]
-    for folder in folders:
-        for f in sorted(folder.glob("*.safetensors")):
-            dst = open(out_dir / f.name, "wb") if folder == last else None  # noqa: SIM115
-            with open(f, "rb", buffering=0) as src:
-                while n := src.readinto(view):
-                    if dst is not None:
-                        dst.write(view[:n])
-            if dst is not None:
-                dst.close()
-    return time.perf_counter() - t0
+def digest_folder(folder: Path) -> str:
+    """sha256 over the folder's safetensors files (names and bytes, in name order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()
+
+
+PROBE = """
+import atexit, runpy, sys
+atexit.register(lambda: print("@@imports@@" + ",".join(m for m in ("numpy", "torch", "safetensors", "transformers")
+                                                        if m in sys.modules)))
+sys.argv = ["arm.merge.cli", *sys.argv[1:]]
+runpy.run_module("arm.merge.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def probe_imports(cmd: list[str], work: Path) -> str:
+    """The heavy libraries our merge command has loaded when it ends (what the whole-process floor imports)."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, *cmd[3:]], cwd=REPO, capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("@@imports@@")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"probing our merge's imports failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return line[len("@@imports@@"):]
+
+
+def _floor_json(text: str) -> dict[str, Any]:
+    from benchmarks.io_floor import MARK
+
+    line = next((ln for ln in text.splitlines() if ln.startswith(MARK)), None)
+    if line is None:
+        raise RuntimeError(f"benchmarks.io_floor printed no result:\n{text[-3000:]}")
+    return json.loads(line[len(MARK):])
+
+
+def floor_section(sizes: dict[str, tuple[dict[str, Any], Path, list[Path]]], runs: int, work: Path) -> dict[str, Any]:
+    """ours-linear against the I/O floor on each size: whole processes paired round by round, then the
+    same in one process; medians, plain ratios and the marginal per-byte ratio between the sizes."""
+    from benchmarks.io_floor import input_files
+
+    out: dict[str, Any] = {"sizes": {}}
+    work.mkdir(parents=True, exist_ok=True)
+    for label, (spec, base, cks) in sizes.items():
+        ours = ours_cmd("linear", base, cks, work / "out-ours")
+        imports = probe_imports(ours, work)
+        shutil.rmtree(work / "out-ours", ignore_errors=True)
+        inputs = list(cks)  # linear reads the checkpoints, not the base (arm.merge.engine._used_slots)
+        read = sum(f.stat().st_size for f in input_files(inputs))
+        written = sum(f.stat().st_size for f in input_files(inputs[-1:]))
+        floor_cmd = [sys.executable, "-m", "benchmarks.io_floor", "--process", "--imports", imports,
+                     "--inputs", *map(str, inputs), "--out", str(work / "floor")]
+        whole: dict[str, list[float]] = {"floor_s": [], "ours_s": []}
+        for r in range(runs):
+            for key, cmd, target in (("floor_s", floor_cmd, work / "floor"), ("ours_s", ours, work / "out-ours")):
+                shutil.rmtree(target, ignore_errors=True)
+                wall, _ = run_timed(cmd, REPO, work / "floor.log")
+                shutil.rmtree(target, ignore_errors=True)
+                whole[key].append(round(wall, 3))
+            print(f"floor {label} round {r + 1}/{runs}: whole process floor {whole['floor_s'][-1]:.2f} s, "
+                  f"ours-linear {whole['ours_s'][-1]:.2f} s", flush=True)
+        argv = json.dumps(ours[3:ours.index("--out")] + ours[ours.index("--out") + 2:])
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.io_floor", "--inprocess", "--rounds", str(runs),
+                               "--inputs", *map(str, inputs), "--out", str(work / "floor"), "--ours-out",
+                               str(work / "out-ours"), "--merge-argv", argv], cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the in-process floor failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        rounds = _floor_json(proc.stdout)["rounds"]
+        inproc = {k: [round(x[k], 3) for x in rounds] for k in ("floor_s", "ours_s")}
+        print(f"floor {label} in process: floor {inproc['floor_s']} s, ours-linear {inproc['ours_s']} s", flush=True)
+        med = {f"{form}_{k}": round(statistics.median(v[k]), 3) for form, v in (("whole", whole), ("inproc", inproc))
+               for k in ("floor_s", "ours_s")}
+        out["sizes"][label] = {"parameters": sum(_param_counts(spec).values()), "read_bytes": read,
+                               "written_bytes": written, "imports": imports, **med,
+                               "whole_ratio": round(med["whole_ours_s"] / med["whole_floor_s"], 3),
+                               "inproc_ratio": round(med["inproc_ours_s"] / med["inproc_floor_s"], 3),
+                               "raw": {"whole": whole, "inproc": inproc}}
+    if {"small", "large"} <= set(out["sizes"]):
+        s, l_ = out["sizes"]["small"], out["sizes"]["large"]
+        moved = (l_["read_bytes"] + l_["written_bytes"]) - (s["read_bytes"] + s["written_bytes"])
+        for form in ("whole", "inproc"):
+            d_ours = l_[f"{form}_ours_s"] - s[f"{form}_ours_s"]
+            d_floor = l_[f"{form}_floor_s"] - s[f"{form}_floor_s"]
+            out[f"{form}_marginal"] = {
+                "bytes": moved,
+                "ours_bytes_per_s": round(moved / d_ours) if d_ours > 0 else None,
+                "floor_bytes_per_s": round(moved / d_floor) if d_floor > 0 else None,
+                "ours_over_floor_per_byte": round(d_ours / d_floor, 3) if d_floor > 0 else None,
+            }
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--work", type=Path, default=CACHE / "bench-work", help="scratch folder for outputs")
+    p.add_argument("--large-hidden", type=int, default=LARGE["hidden"], help="the I/O floor's second size")
+    p.add_argument("--large-intermediate", type=int, default=LARGE["intermediate"])
+    p.add_argument("--no-floor", action="store_true", help="skip the I/O floor section (two sizes)")
     p.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -236,17 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     for method in methods:
         (work / f"{method}.yml").write_text(mergekit_config(method, base, cks))
 
-    io_floor([base, *cks], work / "floor")  # untimed warm-up: inputs in the page cache for every round
     raw: dict[str, Any] = {m: {"ours": [], "mergekit": []} for m in methods}
-    raw["io_floor_s"] = []
-    raw["linear_over_floor"] = []
-    floor_before = "linear" if "linear" in methods else methods[0]
     for r in range(args.runs):
         for method in methods:
-            if method == floor_before:  # interleaved: right before this round's ours-linear command
-                floor = io_floor([base, *cks], work / "floor")
-                raw["io_floor_s"].append(round(floor, 3))
-                print(f"round {r + 1}/{args.runs} {'I/O floor':16s} {'':8s} {floor:7.2f} s", flush=True)
             commands = {
                 "ours": ours_cmd(method, base, cks, work / "out-ours"),
                 "mergekit": [str(mergekit), str(work / f"{method}.yml"), str(work / "out-mergekit")]
@@ -256,13 +329,23 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(work / f"out-{tool}", ignore_errors=True)
                 wall, rss = run_timed(cmd, REPO, work / f"{tool}.log")
                 raw[method][tool].append({"wall_s": round(wall, 3), "peak_rss_mib": round(rss, 1)})
-                if method == "linear" and tool == "ours":
-                    raw["linear_over_floor"].append(round(wall / raw["io_floor_s"][-1], 4))
                 print(
                     f"round {r + 1}/{args.runs} {method:16s} {tool:8s} {wall:7.2f} s {rss:8.0f} MiB",
                     flush=True,
                 )
+            if method == "ties":  # the same output bytes, ours against itself across versions (docs/merging.md)
+                raw.setdefault("ties_output_sha256", digest_folder(work / "out-ours"))
     shutil.rmtree(work, ignore_errors=True)
+    floor = None
+    if not args.no_floor:
+        large_args = ["--hidden", str(args.large_hidden), "--intermediate", str(args.large_intermediate)]
+        large_args += ["--layers", str(args.layers), "--vocab", str(args.vocab)]
+        subprocess.run([sys.executable, "-m", "benchmarks.merge_bench", "--build-only", *large_args], check=True, cwd=REPO)
+        large_spec = model_spec(p.parse_args(large_args))
+        large_base, large_cks = build_models(large_spec, models_folder(large_spec, False))
+        sizes = {"small": (spec, base, cks), "large": (large_spec, large_base, large_cks)}
+        floor = floor_section(sizes, args.runs, work)
+        shutil.rmtree(work, ignore_errors=True)
 
     results: dict[str, Any] = {}
     for method in methods:
@@ -273,9 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             for tool, runs in raw[method].items()
         }
-    results["io_floor_s"] = round(statistics.median(raw["io_floor_s"]), 3)
-    if raw["linear_over_floor"]:
-        results["linear_over_floor_paired"] = round(statistics.median(raw["linear_over_floor"]), 4)
+    if floor is not None:
+        results["io_floor"] = floor
     params = sum(_param_counts(spec).values())
     results["meta"] = {
         "model": spec,
@@ -284,10 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "wall": "median over runs of the whole command (interleaved)",
         "peak_rss": "max over runs of ru_maxrss of the command's process (os.wait4)",
-        "io_floor": "read all 4 input models once + write one output copy, streamed, in-process; once per round, "
-        "right before that round's ours-linear command; median over rounds",
-        "linear_over_floor_paired": "median over rounds of ours-linear wall / the I/O floor of the same round "
-        "(what the ≤ 2.5x target is checked on)",
+        "io_floor": "benchmarks/io_floor.py: read every byte of the files ours-linear reads (the checkpoints) + write "
+        "one output of the same size, streamed; whole process (same interpreter and imports) and in process "
+        "(beside arm.merge.cli.main), paired with ours each round; two sizes; per byte = marginal time ratio",
         "mergekit": "mergekit 0.1.5, dtype bfloat16, --no-copy-tokenizer --device cpu",
         "ours": "python -m arm.merge.cli --device cpu (float32 math, bfloat16 output)",
         "raw": raw,
@@ -314,10 +395,9 @@ def _param_counts(spec: dict[str, Any]) -> dict[str, int]:
 
 
 def render_table(results: dict[str, Any]) -> str:
-    floor = results["io_floor_s"]
     rows = [
-        "| method | ours s | mergekit s | wall ratio (target) | ours RSS MiB | mergekit RSS MiB | RSS ratio (≤ 1) | ours / I/O floor |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | ours s | mergekit s | wall ratio (target) | ours RSS MiB | mergekit RSS MiB | RSS ratio (≤ 1) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for method, target in TARGETS.items():
         if method not in results:
@@ -325,20 +405,31 @@ def render_table(results: dict[str, Any]) -> str:
         o, m = results[method]["ours"], results[method]["mergekit"]
         wall_ratio = o["wall_s"] / m["wall_s"]
         rss_ratio = o["peak_rss_mib"] / m["peak_rss_mib"]
-        floor_ratio = o["wall_s"] / floor
         ok = "✓" if wall_ratio <= target else "✗"
         ok_rss = "✓" if rss_ratio <= 1 else "✗"
-        floor_cell = f"{floor_ratio:.2f}×"
-        if method == "linear":
-            paired = results.get("linear_over_floor_paired", floor_ratio)
-            floor_cell = (f"{floor_ratio:.2f}×; paired {paired:.2f}× "
-                          f"({'✓' if paired <= FLOOR_TARGET else '✗'} ≤ {FLOOR_TARGET}×)")
         rows.append(
             f"| {method} | {o['wall_s']:.2f} | {m['wall_s']:.2f} | {wall_ratio:.3f}× {ok} (≤ {target}×) | "
-            f"{o['peak_rss_mib']:.0f} | {m['peak_rss_mib']:.0f} | {rss_ratio:.2f}× {ok_rss} | {floor_cell} |"
+            f"{o['peak_rss_mib']:.0f} | {m['peak_rss_mib']:.0f} | {rss_ratio:.2f}× {ok_rss} |"
         )
-    rows.append(f"\nI/O floor (read every input tensor once, write one output copy; median of one per round, "
-                f"interleaved): {floor:.2f} s")
+    floor = results.get("io_floor")
+    if floor:
+        rows += ["", "I/O floor (benchmarks/io_floor.py: read every byte ours-linear reads, write one output; medians, "
+                     "paired round by round):", "",
+                 "| size | GB read + written | whole process: floor s | ours s | ratio | in process: floor s | ours s | ratio |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for label, x in floor["sizes"].items():
+            moved = (x["read_bytes"] + x["written_bytes"]) / 1e9
+            rows.append(f"| {label} ({x['parameters'] / 1e9:.2f}B) | {moved:.2f} | {x['whole_floor_s']:.2f} | "
+                        f"{x['whole_ours_s']:.2f} | {x['whole_ratio']:.2f}× | {x['inproc_floor_s']:.2f} | "
+                        f"{x['inproc_ours_s']:.2f} | {x['inproc_ratio']:.2f}× |")
+        for form, name in (("inproc", "in process"), ("whole", "whole process")):
+            mg = floor.get(f"{form}_marginal")
+            if not mg or mg["ours_over_floor_per_byte"] is None:
+                continue
+            ratio = mg["ours_over_floor_per_byte"]
+            mark = f" ({'✓' if ratio <= FLOOR_TARGET else '✗'} ≤ {FLOOR_TARGET}×)" if form == "inproc" else ""
+            rows.append(f"\nMarginal, {name}: ours {mg['ours_bytes_per_s'] / 1e9:.2f} GB/s, floor "
+                        f"{mg['floor_bytes_per_s'] / 1e9:.2f} GB/s: ours / floor per byte **{ratio:.2f}×**{mark}")
     return "\n".join(rows)
 
 

@@ -782,7 +782,16 @@ def run_program(
     if timeout_s <= 0 or memory_mb <= 0:
         raise ValueError(f"timeout_s and memory_mb must be positive, got {timeout_s}, {memory_mb}")
     bwrap = shutil.which("bwrap") if isolation() == ISOLATED else None
-    return _run(bwrap, program, tests, timeout_s, memory_mb, setup, entry_point)
+    start = time.perf_counter()
+    try:
+        return _run(bwrap, program, tests, timeout_s, memory_mb, setup, entry_point)
+    finally:
+        STATS["programs"] += 1
+        STATS["wall_s"] += time.perf_counter() - start
+
+
+STATS: dict[str, float] = {"programs": 0, "wall_s": 0.0}
+"""Programs run by ``run_program`` in this process and the wall time they took (benchmarks/eval_bench.py)."""
 
 
 def _run(
