@@ -64,7 +64,10 @@ class Linear(ElementwiseRule):
     ) -> np.ndarray:
         """:meth:`combine` on numpy float32 arrays, op for op (bit-identical)."""
 
-        nops.mul(checkpoints[0], self.weights[0], out)
+        if nops.f32(self.weights[0]) == 1:
+            out = checkpoints[0]  # x·1 is x bit for bit: the first input's (scratch) buffer accumulates, one pass less
+        else:
+            nops.mul(checkpoints[0], self.weights[0], out)
         for c, w in zip(checkpoints[1:], self.weights[1:], strict=True):
             nops.add_scaled_(out, c, w, ws)
         if base is not None and self.base_weight is not None:

@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--large-hidden", type=int, default=LARGE["hidden"], help="the I/O floor's second size")
     p.add_argument("--large-intermediate", type=int, default=LARGE["intermediate"])
     p.add_argument("--no-floor", action="store_true", help="skip the I/O floor section (two sizes)")
+    p.add_argument("--floor-runs", type=int, default=5,
+                   help="rounds of the I/O floor section (its marginal ratio is a difference of noisy times)")
     p.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         large_spec = model_spec(p.parse_args(large_args))
         large_base, large_cks = build_models(large_spec, models_folder(large_spec, False))
         sizes = {"small": (spec, base, cks), "large": (large_spec, large_base, large_cks)}
-        floor = floor_section(sizes, args.runs, work)
+        floor = floor_section(sizes, args.floor_runs, work)
         shutil.rmtree(work, ignore_errors=True)
 
     results: dict[str, Any] = {}
@@ -363,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": spec,
         "parameters": params,
         "runs": args.runs,
+        "floor_runs": None if args.no_floor else args.floor_runs,
         "cpus": os.cpu_count(),
         "wall": "median over runs of the whole command (interleaved)",
         "peak_rss": "max over runs of ru_maxrss of the command's process (os.wait4)",
