@@ -260,3 +260,40 @@ def test_a_forked_process_starts_its_own_pool_and_leaves_the_parents_alone() -> 
     os.close(read_end)
     assert all(child.proc.poll() is None for child in parents)  # the child neither used nor killed them
     assert run_program(PROGRAM, TESTS).passed
+
+
+def test_judges_are_forked_by_the_judge_server_not_by_the_harness() -> None:
+    """A judge is a fork of the small judge server (via its watcher), not of the harness, which may hold lm-eval
+    and a model: the trusted tests see a parent process other than the harness."""
+    result = run_program(PROGRAM, ["import os", f"assert os.getppid() != {os.getpid()}", *TESTS])
+    assert result.passed, result
+    assert sandbox._JUDGES.proc is not None and sandbox._JUDGES.proc.poll() is None and not sandbox._JUDGES.disabled
+
+
+def test_a_judge_server_that_died_is_started_again() -> None:
+    assert run_program(PROGRAM, TESTS).passed
+    old = sandbox._JUDGES.proc
+    old.kill()
+    old.wait()
+    assert run_program(PROGRAM, TESTS).passed and not run_program("def f(x):\n    return x\n", TESTS).passed
+    assert sandbox._JUDGES.proc is not old and sandbox._JUDGES.proc.poll() is None
+
+
+def test_without_a_judge_server_the_harness_forks_its_judges(monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    broken = sandbox._JudgeServer()
+    monkeypatch.setattr(sandbox, "_JUDGES", broken)
+    monkeypatch.setattr(sandbox, "_SERVER", "import sys\nsys.exit(3)\n{root}{fd}")
+    with caplog.at_level(logging.WARNING, logger="arm.core.sandbox"):
+        results = [run_program(PROGRAM, ["import os", f"assert os.getppid() == {os.getpid()}", *TESTS]) for _ in range(2)]
+    assert all(r.passed for r in results), results  # judged by forks of this process
+    assert broken.disabled and "judge server failed" in caplog.text
+    assert run_program("def f(x):\n    return range(10**15)\n", ["assert max(f(0)) == 3"]).detail.endswith("(judge process)")
+
+
+def test_a_judge_past_its_wall_clock_limit_is_killed_with_its_watcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox, "JUDGE_WALL_S", 1.0)
+    result = run_program(PROGRAM, ["import time", "time.sleep(30)"], timeout_s=0.5)
+    assert (result.passed, result.status) == (False, "error")
+    assert result.detail == "the tests' work on the program's values exceeded its wall-clock limit (judge process)"
+    assert run_program(PROGRAM, TESTS).passed  # the server goes on

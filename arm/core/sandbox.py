@@ -384,6 +384,24 @@ def _limits(timeout_s: float, memory_mb: int) -> dict[str, int]:
     }
 
 
+class _Pipes:
+    """The runner's pipes as a judge started by the judge server holds them: the runner is not its child
+    (the harness waits for it and kills it), so it only ever reads and writes them."""
+
+    def __init__(self, fds: Sequence[int]):
+        self.stdin = os.fdopen(fds[0], "wb", buffering=0)
+        self.stdout = os.fdopen(fds[1], "rb", buffering=0)
+        self.stderr = os.fdopen(fds[2], "rb", buffering=0)
+        self.pid = -1
+
+    def poll(self) -> int | None:
+        return None
+
+    def wait(self, timeout: float | None = None) -> int:
+        time.sleep(min(timeout or 0.01, 0.01))
+        raise subprocess.TimeoutExpired("sandbox", timeout or 0.0)
+
+
 class _Child:
     """One sandboxed runner: JSON lines on its stdin (requests) and stdout (replies), the program's
     output on stderr; every read and write bounded by the run's deadline and the size caps."""
@@ -391,10 +409,32 @@ class _Child:
     def __init__(self, argv: list[str], cwd: str | None, deadline: float, pass_fds: tuple[int, ...] = ()):
         self.deadline = deadline
         self.budget = max(0.0, deadline - time.monotonic())  # seconds of waiting for the child left
-        self.proc = subprocess.Popen(
+        self.proc: Any = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
             env=dict(_ENV), start_new_session=True, close_fds=True, pass_fds=pass_fds,
         )
+        self._watch()
+
+    @classmethod
+    def attached(cls, fds: Sequence[int], state: dict[str, Any]) -> _Child:
+        """In a judge started by the judge server: the same runner, reached through its pipes (stdin, stdout,
+        stderr), with the harness's deadline, budget and the output and replies it had read so far."""
+        self = cls.__new__(cls)
+        self.deadline = time.monotonic() + float(state["budget"])
+        self.budget = float(state["budget"])
+        self.proc = _Pipes(fds)
+        self._watch()
+        self.replies = bytearray(state["replies"].encode("latin-1"))
+        self.output = bytearray(state["output"].encode("latin-1"))
+        self.output_bytes = int(state["output_bytes"])
+        return self
+
+    def state(self) -> dict[str, Any]:
+        """What a judge in another process needs to go on from here (``attached``)."""
+        return {"budget": self.budget, "replies": bytes(self.replies).decode("latin-1"),
+                "output": bytes(self.output).decode("latin-1"), "output_bytes": self.output_bytes}
+
+    def _watch(self) -> None:
         self.selector = selectors.DefaultSelector()
         for stream in (self.proc.stdout, self.proc.stderr):
             os.set_blocking(stream.fileno(), False)  # type: ignore[union-attr]
@@ -957,57 +997,92 @@ def _judge_limits() -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (JUDGE_CPU_S, JUDGE_CPU_S + 1))
 
 
-def _judge(child: _Child, compiled: list[tuple[str, Any]], tests: Sequence[str], timeout_s: float, setup: str,
-           entry_point: str | None) -> SandboxResult:
-    """Run the trusted tests in a *judge*: a fork of this process that never runs program code, under limits
-    of its own (address space, CPU seconds, a wall-clock deadline), which reports the verdict over a pipe.
-    Whatever work or memory the tests spend on the program's values (``set(range(10**12))``,
-    ``max(range(10**15))``, ``2 ** f(x)``) is the judge's: past its limits the judge dies and the program
-    scores an error; the harness's own memory and time are untouched."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the judge: never returns into the harness
-        code = 0
+def _judge_work(child: _Child, compiled: list[tuple[str, Any]], tests: Sequence[str], setup: str,
+                entry_point: str | None, write_end: int) -> None:
+    """In a judge (a process that never runs program code): its limits, the tests, the verdict written to
+    ``write_end`` as JSON; then exits, never returning into its caller."""
+    code = 0
+    try:
+        _judge_limits()
         try:
-            os.close(read_end)
-            _judge_limits()
-            try:
-                passed, status, detail = _run_tests(child, compiled, tests, setup, entry_point)
-                message: dict[str, Any] = {"passed": passed, "status": status, "detail": detail}
-            except _Abort as abort:
-                message = {"abort": [abort.status, abort.detail]}
-            except MemoryError:
-                message = {"passed": False, "status": "error",
-                           "detail": f"the tests' work on the program's values exceeded {JUDGE_MEMORY_MB} MiB"}
-            message["output"] = child.output_text()
-            data = json.dumps(message).encode()
-            while data:
-                data = data[os.write(write_end, data):]
-        except BaseException:  # noqa: BLE001 - a judge that cannot report is read as a failed judge
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    deadline = time.monotonic() + timeout_s + JUDGE_WALL_S
+            passed, status, detail = _run_tests(child, compiled, tests, setup, entry_point)
+            message: dict[str, Any] = {"passed": passed, "status": status, "detail": detail}
+        except _Abort as abort:
+            message = {"abort": [abort.status, abort.detail]}
+        except MemoryError:
+            message = {"passed": False, "status": "error",
+                       "detail": f"the tests' work on the program's values exceeded {JUDGE_MEMORY_MB} MiB"}
+        message["output"] = child.output_text()
+        data = json.dumps(message).encode()
+        while data:
+            data = data[os.write(write_end, data):]
+    except BaseException:  # noqa: BLE001 - a judge that cannot report is read as a failed judge
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _read_until(read_end: int, deadline: float | None) -> tuple[bytes, bool]:
+    """(what was written to ``read_end`` until EOF, True) or (what came before ``deadline``, False; None: no deadline)."""
     chunks: list[bytes] = []
     with selectors.DefaultSelector() as sel:
         sel.register(read_end, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if sel.select(max(0.0, deadline - time.monotonic())):
+        while deadline is None or time.monotonic() < deadline:
+            if sel.select(None if deadline is None else max(0.0, deadline - time.monotonic())):
                 data = os.read(read_end, 1 << 16)
                 if not data:
-                    break
+                    return b"".join(chunks), True
                 chunks.append(data)
                 if sum(map(len, chunks)) > 4 * MAX_MESSAGE_BYTES:
-                    break
-        else:
-            os.kill(pid, signal.SIGKILL)
-    os.close(read_end)
-    _, status_code = os.waitpid(pid, 0)
+                    return b"".join(chunks), True
+    return b"".join(chunks), False
+
+
+def _judge(child: _Child, compiled: list[tuple[str, Any]], tests: Sequence[str], timeout_s: float, setup: str,
+           entry_point: str | None) -> SandboxResult:
+    """Run the trusted tests in a *judge*: a process that never runs program code, under limits of its own
+    (address space, CPU seconds, a wall-clock deadline), which reports the verdict over a pipe. Whatever work or
+    memory the tests spend on the program's values (``set(range(10**12))``, ``max(range(10**15))``,
+    ``2 ** f(x)``) is the judge's: past its limits the judge dies and the program scores an error; the harness's
+    own memory and time are untouched. The judge is forked by the judge server (``_JudgeServer``: a small
+    process started once, so a judge does not copy a harness that holds lm-eval and a model); where that
+    server cannot run, by the harness itself."""
+    read_end, write_end = os.pipe()
     try:
-        message = json.loads(b"".join(chunks).decode())
+        pid = _JUDGES.submit(child, tests, setup, entry_point, write_end)
+        served = pid is not None
+        if pid is None:
+            pid = os.fork()
+            if pid == 0:  # the judge: never returns into the harness
+                os.close(read_end)
+                _judge_work(child, compiled, tests, setup, entry_point, write_end)
+    finally:
+        os.close(write_end)
+    data, ended = _read_until(read_end, time.monotonic() + timeout_s + JUDGE_WALL_S)
+    os.close(read_end)
+    status_code: int | None = None
+    if served:
+        if not ended:
+            try:
+                os.killpg(pid, signal.SIGKILL)  # the judge and the process that watches it
+            except (ProcessLookupError, PermissionError):
+                pass
+            status_code = signal.SIGKILL  # a raw wait status: killed by SIGKILL
+            data = b""
+        else:
+            try:
+                served_reply = json.loads(data.decode())
+                data, status_code = str(served_reply["message"]).encode(), int(served_reply["status"])
+            except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+                data = b""
+    else:
+        if not ended:
+            os.kill(pid, signal.SIGKILL)
+        _, status_code = os.waitpid(pid, 0)
+    try:
+        message = json.loads(data.decode())
     except (ValueError, UnicodeDecodeError):
-        signal_number = -os.waitstatus_to_exitcode(status_code) if os.WIFSIGNALED(status_code) else None
+        signal_number = -os.waitstatus_to_exitcode(status_code) if status_code is not None and os.WIFSIGNALED(status_code) else None
         why = {signal.SIGXCPU: f"{JUDGE_CPU_S} s of CPU", signal.SIGKILL: "its wall-clock limit"}.get(signal_number,
                                                                                                    "its limits")
         return SandboxResult(False, "error", f"the tests' work on the program's values exceeded {why} (judge process)")
@@ -1019,6 +1094,180 @@ def _judge(child: _Child, compiled: list[tuple[str, Any]], tests: Sequence[str],
         return SandboxResult(False, str(status), _cut(str(detail) + _stderr_note(child)), output)
     return SandboxResult(bool(message.get("passed")), str(message.get("status", "error")),
                          _cut(str(message.get("detail", ""))), output)
+
+
+# ---------------------------------------------------------------------------------------------
+# the judge server
+
+_SERVER = """
+import sys
+sys.path.insert(0, {root!r})
+from arm.core.sandbox import _serve_judges
+_serve_judges({fd})
+"""
+
+
+def _send_frame(sock: Any, obj: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    import socket
+
+    data = json.dumps(obj).encode()
+    header = len(data).to_bytes(8, "little")
+    if fds:
+        socket.send_fds(sock, [header], list(fds))
+    else:
+        sock.sendall(header)
+    sock.sendall(data)
+
+
+def _recv_exact(sock: Any, n: int) -> bytes:
+    parts, left = [], n
+    while left:
+        part = sock.recv(left)
+        if not part:
+            raise EOFError("the other end closed")
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+def _recv_frame(sock: Any, maxfds: int = 0) -> tuple[dict[str, Any], list[int]]:
+    import socket
+
+    fds: list[int] = []
+    if maxfds:
+        header, fds, _, _ = socket.recv_fds(sock, 8, maxfds)
+        if not header:
+            raise EOFError("the other end closed")
+        header += _recv_exact(sock, 8 - len(header)) if len(header) < 8 else b""
+    else:
+        header = _recv_exact(sock, 8)
+    return json.loads(_recv_exact(sock, int.from_bytes(header, "little"))), list(fds)
+
+
+def _serve_judges(fd: int) -> None:
+    """The judge server's loop (its own small process): per request, the runner's pipes and a verdict pipe
+    arrive with the tests; it forks a watcher (a process group of its own, which the harness kills at the
+    deadline), answers with the watcher's pid, and goes on. The watcher forks the judge, waits for it and
+    writes ``{"message": the judge's verdict, "status": its wait status}`` to the verdict pipe."""
+    import socket
+
+    sock = socket.socket(fileno=fd)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # watchers are reaped by the kernel
+    while True:
+        try:
+            request, fds = _recv_frame(sock, 4)
+        except (OSError, EOFError, ValueError):
+            os._exit(0)  # the harness is gone
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            _watch_judge(request, fds)
+        try:
+            os.setpgid(pid, pid)
+        except OSError:
+            pass
+        for f in fds:
+            os.close(f)
+        try:
+            _send_frame(sock, {"pid": pid})
+        except OSError:
+            os._exit(0)
+
+
+def _watch_judge(request: dict[str, Any], fds: list[int]) -> None:
+    """The watcher: fork the judge (limits, tests, verdict), relay its verdict and wait status; never returns."""
+    code = 0
+    try:
+        os.setpgid(0, 0)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # it waits for its judge
+        stdin, stdout, stderr, verdict = fds
+        read_end, write_end = os.pipe()
+        judge = os.fork()
+        if judge == 0:
+            os.close(read_end)
+            os.close(verdict)
+            tests = [str(t) for t in request["tests"]]
+            setup = str(request["setup"])
+            compiled = [(src, compile(src, "<test>", "exec")) for src in ([setup] if setup else []) + tests]
+            child = _Child.attached((stdin, stdout, stderr), request["state"])
+            _judge_work(child, compiled, tests, setup, request["entry_point"], write_end)
+        for f in (write_end, stdin, stdout, stderr):
+            os.close(f)
+        data, _ = _read_until(read_end, None)
+        _, status = os.waitpid(judge, 0)
+        reply = json.dumps({"message": data.decode("utf-8", "replace"), "status": status}).encode()
+        while reply:
+            reply = reply[os.write(verdict, reply):]
+    except BaseException:  # noqa: BLE001 - the harness reads a watcher that cannot report as a failed judge
+        code = 1
+    finally:
+        os._exit(code)
+
+
+class _JudgeServer:
+    """The process that forks judges: started once per harness process (``python -I``, importing only this
+    module), so that a judge is a fork of a ~20 MB process, not of a harness that holds lm-eval, a model or a
+    vLLM engine. It gets each runner's pipes over a Unix socket (SCM_RIGHTS). Where it cannot start or dies,
+    ``submit`` returns None and the harness forks the judge itself, as before."""
+
+    def __init__(self) -> None:
+        self.owner: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self.sock: Any = None
+        self.lock = threading.Lock()
+        self.disabled = False
+
+    def _start(self) -> None:
+        import socket
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-I", "-c", _SERVER.format(root=root, fd=theirs.fileno())],
+                                         pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
+        finally:
+            theirs.close()
+        self.sock, self.owner = ours, os.getpid()
+
+    def submit(self, child: _Child, tests: Sequence[str], setup: str, entry_point: str | None,
+               verdict: int) -> int | None:
+        """Start a judge of ``child`` in the server; the pid of its watcher (kill its group at the deadline)."""
+        if self.disabled:
+            return None
+        with self.lock:
+            try:
+                if self.owner != os.getpid() or self.proc is None or self.proc.poll() is not None:
+                    if self.owner == os.getpid():
+                        self._close()
+                    self.proc = self.sock = None  # a forked child's copy: the parent's server is not ours
+                    self._start()
+                fds = [child.proc.stdin.fileno(), child.proc.stdout.fileno(), child.proc.stderr.fileno(), verdict]
+                _send_frame(self.sock, {"tests": list(tests), "setup": setup, "entry_point": entry_point,
+                                        "state": child.state()}, fds)
+                reply, _ = _recv_frame(self.sock)
+                return int(reply["pid"])
+            except (OSError, EOFError, ValueError, KeyError) as error:
+                log.warning("the judge server failed (%s): judges are forked by the harness from now on", error)
+                self._close()
+                self.disabled = True
+                return None
+
+    def _close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        self.sock = self.proc = None
+
+    def close(self) -> None:
+        with self.lock:
+            if self.owner == os.getpid():
+                self._close()
+
+
+_JUDGES = _JudgeServer()
+atexit.register(_JUDGES.close)
 
 
 def _killed_by_limit(child: _Child) -> bool:
