@@ -1,7 +1,8 @@
 """Run untrusted generated Python in an OS-isolated process; decide its verdict in the parent.
 
-The boundary is the operating system, not the interpreter. Each program runs in its own process
-started by bubblewrap (``bwrap``, Debian package ``bubblewrap``) with:
+The boundary is the operating system, not the interpreter. Each program runs in its own process (started
+ahead of need by ``_SandboxPool``, never shared) started by bubblewrap (``bwrap``, Debian package
+``bubblewrap``) with:
 
 - its own user, PID, network, IPC, UTS, cgroup and mount namespaces (``--unshare-all``), as uid and
   gid 65534 with no capabilities, in a new session, killed with the harness (``--die-with-parent``);
@@ -17,9 +18,10 @@ started by bubblewrap (``bwrap``, Debian package ``bubblewrap``) with:
   ``SandboxStartError``: an infrastructure failure is never scored as a failed program.
 
 The verdict is decided in the parent. The child only executes the program and then answers calls:
-the parent runs the (trusted) test code, in a *judge* — a fork of itself that never runs program code,
-under its own address-space, CPU and wall-clock limits, so that no value of the program can carry
-unbounded work or memory into the harness (``_judge``) — and every name the tests take from the program
+the parent runs the (trusted) test code, in a *judge* — a process that never runs program code, forked by
+a small judge server (or, where that cannot run, by the harness itself), under its own address-space, CPU
+and wall-clock limits, so that no value of the program can carry unbounded work or memory into the harness
+(``_judge``, ``_JudgeServer``) — and every name the tests take from the program
 (``f``, ``candidate``, a helper) is a proxy whose call sends plain arguments to the child and gets a
 plain value back (JSON of None, bool, int, float, str, bytes, complex, range, list, tuple, set,
 frozenset, dict; anything else arrives as an opaque value that cannot be compared). The expected
@@ -1206,7 +1208,7 @@ def _watch_judge(request: dict[str, Any], fds: list[int]) -> None:
 
 class _JudgeServer:
     """The process that forks judges: started once per harness process (``python -I``, importing only this
-    module), so that a judge is a fork of a ~20 MB process, not of a harness that holds lm-eval, a model or a
+    module), so that a judge is a fork of a small process (16 MB resident here), not of a harness that holds lm-eval, a model or a
     vLLM engine. It gets each runner's pipes over a Unix socket (SCM_RIGHTS). Where it cannot start or dies,
     ``submit`` returns None and the harness forks the judge itself, as before."""
 
