@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run run-real test test-fast test-compat bench headline regime positive-control stream-control lint install clean-cache vllm-cpu pretrain spread sandbox
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py arm/merge/_kernels.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"

@@ -18,12 +18,19 @@ bracket missed, it is widened and counted again). The whole merge streams the te
 one counting pass, one merging pass, memory bounded by a few chunks. Entries equal to the
 threshold are all kept, so an exact tie at the threshold keeps more than k entries; mergekit's
 argsort keeps an arbitrary k of them. With distinct magnitudes both keep the same set.
+
+On CPU the counting pass and the whole combine (steps 1-6) run as two fused C kernels
+(arm/merge/_kernels.c): one pass over the inputs each, the same float32 operations in the same
+order as the torch path below, so the same output bytes (tests/test_ties_kernels.py). The torch
+path runs on GPUs, where the extension was not built, and with ``ARM_MERGE_BACKEND=torch``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from arm.merge.contract import (
@@ -37,7 +44,13 @@ from arm.merge.contract import (
     per_checkpoint,
 )
 
+try:  # compiled by setup.py; a small module with no imports of its own
+    from arm.merge import _kernels as _KERNELS
+except ImportError:  # not built (no C compiler at install): the torch path
+    _KERNELS = None
+
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     Scratch = Callable[..., torch.Tensor]  # (key, numel, dtype=None) -> a reusable 1-D buffer
@@ -47,13 +60,26 @@ _SAMPLE = None  # sample size; None: adaptive (sample_size)
 _IN_MEMORY = 1 << 24  # tensors up to this size keep their deltas in memory (one read of the inputs)
 _WINDOWS = 16  # the sample is read as this many windows at random offsets over the tensor
 TRIMS = ("tensor", "global")  # trim each tensor (mergekit) | each task vector over all its entries (the TIES paper)
+BACKEND_ENV = "ARM_MERGE_BACKEND"  # "torch": no C kernels (the same as arm.merge.engine.BACKEND_ENV)
+
+
+def cpu_kernels() -> ModuleType | None:
+    """The fused C kernels (arm.merge._kernels), or None where the extension was not built or
+    ``ARM_MERGE_BACKEND=torch`` asks for the torch path."""
+    if os.environ.get(BACKEND_ENV, "auto") == "torch":
+        return None
+    return _KERNELS
 
 
 def kth_largest(values: torch.Tensor, k: int) -> float:
     """The k-th largest of a 1-D tensor (numpy's introselect: ~10x faster than torch.kthvalue on CPU)."""
+    return kth_largest_np(values.detach().cpu().numpy(), k)
+
+
+def kth_largest_np(arr: np.ndarray, k: int) -> float:
+    """The k-th largest of a 1-D numpy array (introselect, in a copy)."""
     import numpy as np
 
-    arr = values.detach().cpu().numpy()
     idx = arr.size - k
     return float(np.partition(arr, idx)[idx])
 
@@ -64,12 +90,12 @@ def sample_size(n: int) -> int:
     return min(n, _SAMPLE or min(1 << 20, max(1 << 12, int((2.5 * n) ** (2 / 3)))))
 
 
-def bracket(sample: torch.Tensor, n: int, k: int) -> tuple[float, float]:
+def bracket(sample: torch.Tensor | np.ndarray, n: int, k: int) -> tuple[float, float]:
     """An interval [lo, hi] that holds the k-th largest of n values with high probability, from a
     sample of their magnitudes (5 standard deviations of the sample rank on either side)."""
     import numpy as np
 
-    arr = sample.detach().cpu().numpy()
+    arr = sample if isinstance(sample, np.ndarray) else sample.detach().cpu().numpy()
     size = arr.size
     q = (n - k) / n  # fraction of entries below the threshold
     sd = math.sqrt(size * q * (1 - q))
@@ -124,11 +150,42 @@ class ThresholdCounter:
         cand = torch.cat(self.candidates).cpu() if self.candidates else torch.empty(0)
         if 1 <= rank <= cand.numel():
             return kth_largest(cand, rank)
+        self.widen(rank)
+        return None
+
+    def widen(self, rank: int) -> None:
+        """Move the bracket past where the threshold was missed and start counting anew."""
         if rank < 1:  # more than k entries above hi: the threshold is above the bracket
             self.lo, self.hi = self.hi, math.inf
         else:  # the threshold is below the bracket
             self.lo, self.hi = 0.0, self.lo
         self.above, self.candidates = 0, []
+
+
+class KernelCounter(ThresholdCounter):
+    """:class:`ThresholdCounter` of ``c − base`` by the C kernel, on float32 numpy arrays: one
+    pass, the deltas never written."""
+
+    def __init__(self, lo: float, hi: float, kernels: ModuleType, candidates: np.ndarray):
+        self.lo, self.hi = lo, hi
+        self.above = 0
+        self.candidates: list[Any] = []
+        self._kernels, self._cand = kernels, candidates  # a buffer of at least chunk + 1 entries
+
+    def add_pair(self, c: np.ndarray, base: np.ndarray) -> None:
+        above, kept = self._kernels.ties_count(c, base, self.lo, self.hi, self._cand[: c.size + 1])
+        self.above += above
+        if kept:
+            self.candidates.append(self._cand[:kept].copy())
+
+    def resolve(self, k: int) -> float | None:
+        import numpy as np
+
+        rank = k - self.above
+        n_cand = sum(c.size for c in self.candidates)
+        if 1 <= rank <= n_cand:
+            return kth_largest_np(np.concatenate(self.candidates), rank)
+        self.widen(rank)
         return None
 
 
@@ -163,12 +220,12 @@ def _fresh(device: torch.device) -> Scratch:
 
 def shrink_level(threshold: float) -> float | None:
     """The hardshrink level that zeroes exactly |x| < threshold (float32), None for no trimming."""
-    import torch
+    import numpy as np
 
     if threshold <= 0:
         return None
-    t = torch.tensor(threshold, dtype=torch.float32)
-    return float(torch.nextafter(t, torch.tensor(-math.inf)))  # hardshrink zeroes |x| <= level
+    t = np.float32(threshold)
+    return float(np.nextafter(t, np.float32(-math.inf)))  # hardshrink zeroes |x| <= level
 
 
 def trim_(delta: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -337,14 +394,13 @@ class Ties(TensorRule):
     def merge(self, name: str, inputs: TensorInputs) -> Iterator[torch.Tensor]:
         n, chunk = inputs.numel, inputs.chunk_elems
         size = min(chunk, n)
-        ks = [max(1, int(d * n)) if d < 1 else 0 for d in self.density]
-        todo = [i for i, k in enumerate(ks) if k and n]
-        thresholds = [0.0] * len(ks)
-        if self.trim == "global":
-            if self.global_thresholds is None and todo:
-                raise RuntimeError("merge.trim: global needs the engine's prepare pass (arm.merge.engine.merge)")
-            thresholds = list(self.global_thresholds or thresholds)
-            todo = []
+        ks, todo, thresholds = self._plan(n)
+        if inputs.device.type == "cpu" and cpu_kernels() is not None:  # the C kernels, on numpy views
+            import torch
+
+            for part in self._merge_kernels(inputs.numel, thresholds, todo, ks, _NumpyView(inputs)):
+                yield torch.from_numpy(part)
+            return
         if n <= _IN_MEMORY:
             # moderate tensors: deltas held in (reused) memory, one read of the inputs
             base, cks = inputs.full()
@@ -385,6 +441,112 @@ class Ties(TensorRule):
         )
         for base_chunk, deltas in pairs:
             yield combine(base_chunk, deltas)
+
+    def _plan(self, n: int) -> tuple[list[int], list[int], list[float]]:
+        """(k per checkpoint, the checkpoints whose threshold is still to find, thresholds so far)."""
+        ks = [max(1, int(d * n)) if d < 1 else 0 for d in self.density]
+        todo = [i for i, k in enumerate(ks) if k and n]
+        thresholds = [0.0] * len(ks)
+        if self.trim == "global":
+            if self.global_thresholds is None and todo:
+                raise RuntimeError("merge.trim: global needs the engine's prepare pass (arm.merge.engine.merge)")
+            thresholds = list(self.global_thresholds or thresholds)
+            todo = []
+        return ks, todo, thresholds
+
+    def merges_numpy(self) -> bool:
+        """On the numpy path with the C kernels built (the global trim's prepare pass runs on torch)."""
+        return not self.needs_prepare() and cpu_kernels() is not None
+
+    def merge_numpy(self, name: str, inputs: Any) -> Iterator[np.ndarray]:
+        ks, todo, thresholds = self._plan(inputs.numel)
+        return self._merge_kernels(inputs.numel, thresholds, todo, ks, inputs)
+
+    def _merge_kernels(
+        self, n: int, thresholds: list[float], todo: list[int], ks: list[int], inputs: Any
+    ) -> Iterator[np.ndarray]:
+        """TIES by the C kernels on float32 numpy arrays (``inputs`` as for :meth:`merge_numpy`):
+        the thresholds exact as on the torch path (the sample that brackets them is numpy's, the
+        k-th largest the same), the combine the same float32 operations: the same output bytes."""
+        import numpy as np
+
+        kernels = cpu_kernels()
+        assert kernels is not None
+        chunk = inputs.chunk_elems
+        cand = inputs.scratch("ties.cand", min(chunk, n) + 1)
+        rng = np.random.default_rng(n)
+        if n <= _IN_MEMORY:
+            base, cks = inputs.full()
+            for i in todo:
+                if n <= _EXACT_BELOW:
+                    thresholds[i] = kth_largest_np(np.abs(cks[i] - base), ks[i])
+                    continue
+                idx = rng.integers(0, n, sample_size(n))
+                counter = KernelCounter(*bracket(np.abs(cks[i][idx] - base[idx]), n, ks[i]), kernels, cand)
+                t = None
+                while t is None:
+                    for s in range(0, n, chunk):
+                        counter.add_pair(cks[i][s : s + chunk], base[s : s + chunk])
+                    t = counter.resolve(ks[i])
+                thresholds[i] = t
+            pairs: Iterator[tuple[np.ndarray, list[np.ndarray]]] = iter([(base, cks)])  # one call, in blocks
+        else:  # too large to hold: a sample, counting passes over the streamed chunks, a merging pass
+            samples = _sample_numpy(inputs, sample_size(n), rng)
+            counters = {i: KernelCounter(*bracket(samples[i], n, ks[i]), kernels, cand) for i in todo}
+            while todo:
+                for base, cks in inputs.chunks():
+                    for i in todo:
+                        counters[i].add_pair(cks[i], base)
+                for i in list(todo):
+                    t = counters[i].resolve(ks[i])
+                    if t is not None:
+                        thresholds[i] = t
+                        todo.remove(i)
+            pairs = inputs.chunks()
+        levels = [-1.0 if lv is None else lv for lv in (shrink_level(t) for t in thresholds)]
+        positive = all(w > 0 for w in self.weights)
+        for base, cks in pairs:
+            kernels.ties_combine(base, cks, levels, self.weights, self.normalize, self.lam, positive, min(self.weights))
+            yield base
+
+
+def _sample_numpy(inputs: Any, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """:func:`sample_deltas` on numpy inputs: |c_i − θ0| in ``_WINDOWS`` windows at random offsets."""
+    import numpy as np
+
+    n = inputs.numel
+    length = max(1, -(-size // _WINDOWS))
+    starts = sorted(rng.integers(0, max(1, n - length + 1), min(_WINDOWS, n)).tolist())
+    parts = []
+    for s in starts:
+        base, cks = inputs.window(s, min(length, n - s))
+        parts.append([np.abs(c - base) for c in cks])
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+class _NumpyView:
+    """A CPU :class:`TensorInputs` seen as numpy arrays (views of its float32 tensors)."""
+
+    def __init__(self, inputs: TensorInputs):
+        self._in, self.numel, self.chunk_elems = inputs, inputs.numel, inputs.chunk_elems
+
+    def scratch(self, key: str, numel: int) -> np.ndarray:
+        return self._in.scratch(key, numel).numpy()
+
+    def full(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        base, cks = self._in.full()
+        assert base is not None
+        return base.numpy(), [c.numpy() for c in cks]
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+        for base, cks in self._in.chunks():
+            assert base is not None
+            yield base.numpy(), [c.numpy() for c in cks]
+
+    def window(self, start: int, length: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        base, cks = self._in.window(start, length)
+        assert base is not None
+        return base.numpy(), [c.numpy() for c in cks]
 
 
 def global_thresholds(items: Sequence[tuple[str, TensorInputs]], density: Sequence[float]) -> list[float]:

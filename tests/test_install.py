@@ -1,5 +1,5 @@
 """The package installs as a package: a non-editable `pip install .` (the wheel pip builds) carries its
-configs (conf/ as arm/conf), task templates and the shipped base, and `arm --help`, `arm --cfg job` and a
+configs (conf/ as arm/conf), task templates, the shipped base and TIES's compiled kernels, and `arm --help`, `arm --cfg job` and a
 plan work from another directory, importing only the installed copy."""
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def test_the_wheel_carries_configs_tasks_and_the_base(installed):
     assert sorted(p.name for p in (installed / "evals" / "tasks").glob("*.yaml")) == ["code_synth.yaml", "math_synth.yaml"]
     assert (installed / "evals" / "tasks" / "code" / "humaneval_sandboxed.yaml").is_file()
     assert (installed / "arm" / "assets" / "tiny-base" / "manifest.json").is_file()
+    assert list((installed / "arm" / "merge").glob("_kernels*.so")), "TIES's C kernels were not built (setup.py)"
     (dist,) = installed.glob("arm_harness*.dist-info") or installed.glob("*.dist-info")
     scripts = configparser.ConfigParser()
     scripts.read(dist / "entry_points.txt")
@@ -47,8 +48,8 @@ def test_the_wheel_carries_configs_tasks_and_the_base(installed):
 
 
 def test_arm_runs_from_another_directory(installed, tmp_path):
-    where = _run(installed, tmp_path, "-c", "import arm, arm.core.paths as p, evals; print(arm.__file__); "
-                                            "print(p.CONF_DIR); print(evals.__file__)")
+    where = _run(installed, tmp_path, "-c", "import arm, arm.core.paths as p, evals, arm.merge._kernels as k; "
+                                            "print(arm.__file__); print(p.CONF_DIR); print(evals.__file__); print(k.__file__)")
     assert where.returncode == 0, where.stderr
     assert all(line.startswith(str(installed)) for line in where.stdout.split()), where.stdout
 

@@ -280,3 +280,54 @@ def test_numpy_path_only_where_it_applies(tmp_path, monkeypatch):
     info = plan64.inputs[name][1]
     plan64.inputs[name][1] = type(info)(info.name, info.file, "F64", info.shape, info.offset, info.nbytes * 4)
     assert not engine._numpy_path(Linear(3), plan64, used)
+
+
+# ---------------------------------------------------------------------------------------------
+# TIES: the numpy path with the C kernels (arm/merge/_kernels.c) against the torch path
+
+TIES_PARAMS = [
+    {"density": 0.5},
+    {"density": 0.2, "weights": [0.3, 0.5, 0.2]},
+    {"density": [0.3, 0.6, 0.9], "weights": [1.0, -0.5, 0.7], "normalize": False, "lambda": 0.8},
+    {"density": 0.7, "weights": [2.0, 0.0, 0.5], "lambda": 1.3},
+    {"density": 1.0},
+    {"density": 0.4, "trim": "global"},  # the torch pool (its prepare pass) with the kernels' combine
+]
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_ties_kernels_are_bit_identical_to_torch(tmp_path, monkeypatch, model):
+    """Every TIES option, each output dtype, one and two threads; sizes patched so that every tensor
+    takes another of TIES's three ways to its thresholds: exact selection (norms), bracket and count
+    in memory (up_proj), and the streamed passes (the embedding, over several chunks)."""
+    from baselines import ties
+
+    dtypes, lm_head = MODELS[model]
+    folders = _build(tmp_path / "in", dtypes, lm_head)
+    monkeypatch.setattr(engine, "NUMPY_CHUNK", 5000)
+    monkeypatch.setattr(engine, "CPU_CHUNK", 7000)
+    monkeypatch.setattr(ties, "_EXACT_BELOW", 1000)  # up_proj (2,211 entries) and the embedding count
+    monkeypatch.setattr(ties, "_IN_MEMORY", 20_000)  # the embedding (35,217 entries) streams
+    numpy_pool = []
+    real_pool = engine._NumpyPool
+    monkeypatch.setattr(engine, "_NumpyPool", lambda *a, **k: numpy_pool.append(1) or real_pool(*a, **k))
+    compared = 0
+    for i, params in enumerate(TIES_PARAMS):
+        for dtype in (None, "bfloat16", "float32"):
+            cfg = {"name": "ties", "device": "cpu", "dtype": dtype, "shard_size": 50_000, **params}
+            ref = _run(monkeypatch, "torch", "1", cfg, folders, tmp_path / f"torch-{i}-{dtype}")
+            for threads in ("1", "2"):
+                numpy_pool.clear()
+                out = tmp_path / f"kernels-{i}-{dtype}-{threads}"
+                got = _run(monkeypatch, "auto", threads, cfg, folders, out)
+                assert bool(numpy_pool) == (params.get("trim") != "global"), params
+                assert got == ref, (params, dtype)
+                if isinstance(ref, str):
+                    continue
+                compared += 1
+                want_dir = tmp_path / f"torch-{i}-{dtype}"
+                names = sorted(p.name for p in want_dir.iterdir())
+                assert names == sorted(p.name for p in out.iterdir())
+                for name in names:
+                    assert (out / name).read_bytes() == (want_dir / name).read_bytes(), (params, dtype, name)
+    assert compared == len(TIES_PARAMS) * 3 * 2, compared

@@ -273,6 +273,17 @@ class TensorRule(MergeMethod):
     def merge(self, name: str, inputs: TensorInputs) -> Iterator[torch.Tensor]:
         """Yield the merged tensor as consecutive float32 1-D chunks."""
 
+    def merges_numpy(self) -> bool:
+        """Whether :meth:`merge_numpy` can run this configuration (a CPU merge then never imports torch)."""
+        return False
+
+    def merge_numpy(self, name: str, inputs: Any) -> Iterator[Any]:
+        """:meth:`merge` on float32 numpy arrays, bit-identical to it on CPU: ``inputs`` has ``numel``,
+        ``chunk_elems``, ``full()``, ``chunks()``, ``window(start, length)`` and ``scratch(key, numel)``
+        as :class:`TensorInputs`, with numpy arrays for tensors (``arm.merge.engine.NumpyDiskInputs``).
+        Only called where :meth:`merges_numpy` says so."""
+        raise NotImplementedError(f"method {self.name!r} has no numpy merge")
+
     def apply(
         self, name: str, base: torch.Tensor | None, checkpoints: Sequence[torch.Tensor]
     ) -> torch.Tensor:

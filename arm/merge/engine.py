@@ -697,15 +697,19 @@ class _WorkerPool:
 
 def _numpy_path(rule: TensorRule, plan: _Plan, used: list[bool]) -> bool:
     """Whether a CPU merge can run on numpy alone (no torch import): an element-wise rule whose
-    ``combine`` comes with a ``combine_numpy`` from the same class, float tensors read and written
-    as float32, float16 or bfloat16. ``ARM_MERGE_BACKEND=torch`` turns it off."""
-    if os.environ.get(BACKEND_ENV, "auto") == "torch" or not rule.elementwise:
+    ``combine`` comes with a ``combine_numpy`` from the same class, or a rule whose
+    ``merges_numpy()`` says it can (TIES with its C kernels); float tensors read and written as
+    float32, float16 or bfloat16. ``ARM_MERGE_BACKEND=torch`` turns it off."""
+    if os.environ.get(BACKEND_ENV, "auto") == "torch":
         return False
-    mro = type(rule).__mro__
-    owner = {key: next((c for c in mro if key in vars(c)), None) for key in ("combine", "combine_numpy")}
-    if owner["combine_numpy"] is None or owner["combine_numpy"] is not owner["combine"]:
-        return False
-    if getattr(rule, "combine_numpy", None) is None:
+    if rule.elementwise:
+        mro = type(rule).__mro__
+        owner = {key: next((c for c in mro if key in vars(c)), None) for key in ("combine", "combine_numpy")}
+        if owner["combine_numpy"] is None or owner["combine_numpy"] is not owner["combine"]:
+            return False
+        if getattr(rule, "combine_numpy", None) is None:
+            return False
+    elif not rule.merges_numpy():
         return False
     from arm.merge import numpy_ops as nops  # numpy: off the start-up path
 
@@ -762,21 +766,14 @@ class _NumpyPool:
         used_infos = [info if u else None for info, u in zip(infos, self.used, strict=True)]
         numel = infos[0].numel
         chunk = min(self.chunk, numel)
+        if not self.rule.elementwise:
+            yield from self._merge_whole(name, target, used_infos, readers, ws, copy)
+            return
+        inputs = NumpyDiskInputs(used_infos, readers, ws, self.chunk)
         for s in range(0, numel, self.chunk):
             n = min(self.chunk, numel - s)
-            loaded: list[Any] = []
-            for j, info in enumerate(used_infos):
-                if info is None:
-                    loaded.append(None)
-                    continue
-                f32 = ws.get(f"in.{j}", chunk)[:n]
-                if info.dtype == "F32":
-                    readers[j].read_into_buffer(info, s, n, f32)
-                else:
-                    raw = ws.get("in.raw", chunk * 4, np.uint8)
-                    readers[j].read_into_buffer(info, s, n, raw)
-                    nops.load_float32(raw[: n * itemsize(info.dtype)], info.dtype, f32)
-                loaded.append(f32)
+            loaded = [inputs.load(j, s, n, ws.get(f"in.{j}", chunk)[:n]) if info is not None else None
+                      for j, info in enumerate(used_infos)]
             with np.errstate(all="ignore"):
                 part = self.rule.combine_numpy(
                     loaded[0], [t for t in loaded[1:] if t is not None], ws.get("rule.out", chunk)[:n], ws
@@ -791,10 +788,92 @@ class _NumpyPool:
                 staged = nops.store(part, target.dtype, stage, ws.get("out.tmp", chunk, np.uint32)[:n])
             yield staged.copy() if copy else staged
 
+    def _merge_whole(
+        self, name: str, target: OutTensor, infos: list[TensorInfo | None], readers: list[TensorReader],
+        ws: Any, copy: bool,
+    ) -> Iterator[Any]:
+        """A rule's ``merge_numpy`` (not element-wise: it may read the whole tensor first); its float32
+        parts checked and narrowed to the output dtype chunk by chunk."""
+        import numpy as np
+
+        from arm.merge import numpy_ops as nops
+
+        inputs = NumpyDiskInputs(infos, readers, ws, self.chunk)
+        chunk = min(self.chunk, inputs.numel)
+        written = 0
+        for part in self.rule.merge_numpy(name, inputs):
+            with np.errstate(all="ignore"):
+                if not nops.all_finite(part):
+                    raise MergeInputError(_find_nonfinite(name, infos))
+                for s in range(0, part.size, chunk):
+                    piece = part[s : s + chunk]
+                    stage = ws.get("out.stage", chunk * 4, np.uint8)
+                    staged = nops.store(piece, target.dtype, stage, ws.get("out.tmp", chunk, np.uint32)[: piece.size])
+                    yield staged.copy() if copy else staged
+            written += part.size
+        if written != inputs.numel:
+            raise RuntimeError(f"method {self.rule.name} produced {written} of {inputs.numel} values for {name!r}")
+
     def close(self) -> None:
         for readers in self._all:
             for r in readers:
                 r.close()
+
+
+class NumpyDiskInputs:
+    """:class:`DiskInputs` for the numpy path: one tensor of each input model as float32 numpy
+    arrays, read chunk by chunk (``None`` for a slot the rule does not read)."""
+
+    device_type = "cpu"
+
+    def __init__(self, infos: Sequence[TensorInfo | None], readers: Sequence[TensorReader], ws: Any, chunk: int):
+        present = [i for i in infos if i is not None]
+        self.numel = present[0].numel
+        self.chunk_elems = chunk
+        self._infos, self._readers, self._ws = infos, readers, ws
+
+    def scratch(self, key: str, numel: int, dtype: Any = None) -> Any:
+        import numpy as np
+
+        return self._ws.get(key, numel, dtype or np.float32)
+
+    def load(self, slot: int, start: int, n: int, out: Any) -> Any:
+        """Entries [start, start + n) of input ``slot`` into the float32 array ``out``."""
+        import numpy as np
+
+        from arm.merge import numpy_ops as nops
+
+        info = self._infos[slot]
+        assert info is not None
+        if info.dtype == "F32":
+            self._readers[slot].read_into_buffer(info, start, n, out)
+            return out
+        raw = self._ws.get("in.raw", self.chunk_elems * 4, np.uint8)
+        for s in range(0, n, self.chunk_elems):  # the raw bytes a chunk at a time (bounded staging)
+            m = min(self.chunk_elems, n - s)
+            self._readers[slot].read_into_buffer(info, start + s, m, raw)
+            nops.load_float32(raw[: m * itemsize(info.dtype)], info.dtype, out[s : s + m])
+        return out
+
+    def _split(self, loaded: list[Any]) -> tuple[Any, list[Any]]:
+        return loaded[0], [t for t in loaded[1:] if t is not None]
+
+    def chunks(self) -> Iterator[tuple[Any, list[Any]]]:
+        chunk = min(self.chunk_elems, self.numel)
+        for s in range(0, self.numel, self.chunk_elems):
+            n = min(self.chunk_elems, self.numel - s)
+            yield self._split([self.load(j, s, n, self.scratch(f"in.{j}", chunk)[:n]) if info is not None else None
+                               for j, info in enumerate(self._infos)])
+
+    def window(self, start: int, length: int) -> tuple[Any, list[Any]]:
+        import numpy as np
+
+        return self._split([self.load(j, start, length, np.empty(length, dtype=np.float32)) if info is not None
+                            else None for j, info in enumerate(self._infos)])
+
+    def full(self) -> tuple[Any, list[Any]]:
+        return self._split([self.load(j, 0, self.numel, self.scratch(f"inputs.full.{j}", self.numel))
+                            if info is not None else None for j, info in enumerate(self._infos)])
 
 
 def write_state_dict(
