@@ -45,6 +45,7 @@ CACHE = REPO / "benchmarks" / ".cache"
 RESULTS = REPO / "benchmarks" / "results" / "merge.json"
 METHODS = ("linear", "task_arithmetic", "ties")
 TARGETS = {"linear": 0.5, "task_arithmetic": 0.5, "ties": 0.05}  # ours / mergekit wall time
+BACKEND_ENV = "ARM_MERGE_BACKEND"  # =torch: our merge without its numpy path and C kernels (arm.merge.engine)
 FLOOR_TARGET = 1.2  # ours-linear / I/O floor, marginal time per byte (in process)
 LARGE = {"hidden": 1536, "intermediate": 8960}  # ~1.5B parameters with the official layers and vocabulary: ~3x
 DENSITY = 0.5
@@ -162,11 +163,12 @@ def mergekit_config(method: str, base: Path, cks: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_timed(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float]:
+def run_timed(cmd: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of one command, which must succeed; its output goes to ``log``."""
     with open(log, "wb") as fh:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
+                                env=None if env is None else {**os.environ, **env})
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -337,6 +339,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if method == "ties" and r == 0:  # the output bytes, to check a faster TIES against (docs/merging.md)
                 raw["ties_output_sha256"] = digest_folder(work / "out-ours")
+    if "ties" in methods:  # the same bytes as TIES's torch path (no C kernels), timed once beside
+        out = work / "out-ours"
+        shutil.rmtree(out, ignore_errors=True)
+        wall, rss = run_timed(ours_cmd("ties", base, cks, out), REPO, work / "ours-torch.log", {BACKEND_ENV: "torch"})
+        sha = digest_folder(out)
+        raw["ties_torch_path"] = {"wall_s": round(wall, 3), "peak_rss_mib": round(rss, 1), "sha256": sha,
+                                  "same_bytes": sha == raw["ties_output_sha256"]}
+        print(f"ties torch path ({BACKEND_ENV}=torch) {wall:7.2f} s {rss:8.0f} MiB, same bytes: "
+              f"{raw['ties_torch_path']['same_bytes']}", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     floor = None
     if not args.no_floor:
@@ -414,6 +425,12 @@ def render_table(results: dict[str, Any]) -> str:
             f"| {method} | {o['wall_s']:.2f} | {m['wall_s']:.2f} | {wall_ratio:.3f}× {ok} (≤ {target}×) | "
             f"{o['peak_rss_mib']:.0f} | {m['peak_rss_mib']:.0f} | {rss_ratio:.2f}× {ok_rss} |"
         )
+    raw = results.get("meta", {}).get("raw", {})
+    torch_path = raw.get("ties_torch_path")
+    if torch_path:
+        mark = "✓ the same bytes" if torch_path["same_bytes"] else "✗ DIFFERENT BYTES"
+        rows += ["", f"TIES output sha256 {raw['ties_output_sha256'][:16]}…: {mark} as its torch path "
+                     f"({BACKEND_ENV}=torch, no C kernels: {torch_path['wall_s']:.2f} s, one run)"]
     floor = results.get("io_floor")
     if floor:
         rows += ["", "I/O floor (benchmarks/io_floor.py: read every byte ours-linear reads, write one output; medians, "

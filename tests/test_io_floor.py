@@ -50,3 +50,12 @@ def test_the_floor_section_pairs_ours_with_the_floor_on_two_sizes(tmp_path: Path
     assert not (tmp_path / "work" / "out-ours").exists() and not (tmp_path / "work" / "floor").exists()
     table = merge_bench.render_table({"io_floor": out})
     assert "| small (" in table and "| large (" in table
+
+
+def test_the_table_says_whether_ties_kept_its_bytes():
+    raw = {"ties_output_sha256": "ab" * 32,
+           "ties_torch_path": {"wall_s": 9.5, "peak_rss_mib": 800.0, "sha256": "cd" * 32, "same_bytes": False}}
+    table = merge_bench.render_table({"meta": {"raw": raw}})
+    assert "✗ DIFFERENT BYTES as its torch path (ARM_MERGE_BACKEND=torch, no C kernels: 9.50 s" in table
+    raw["ties_torch_path"].update(sha256=raw["ties_output_sha256"], same_bytes=True)
+    assert "✓ the same bytes" in merge_bench.render_table({"meta": {"raw": raw}})
