@@ -92,12 +92,13 @@ test-fast: $(STAMP) sandbox
 
 # GPU machines get another transformers: the vllm extra (0.32.x) needs transformers>=5.16.1,<5.20,
 # while this CPU install takes the newest 5.x. The tests that drive transformers (tiny and Trainer SFT,
-# ARM in memory and layer by layer, the engine, the pipeline with lm-eval, the real layout) run again
-# against that version in a second venv. CI runs this after `make test`.
+# ARM in memory and layer by layer, the engine, the pipeline with lm-eval, the real layout, SmolLM2's GGUF
+# conversion and tokenizer) run again against that version in a second venv. CI runs this after `make test`.
 COMPAT_VENV ?= .venv-compat
 COMPAT_PIN ?= transformers==5.19.0
 COMPAT_TESTS ?= tests/test_tiny.py tests/test_sft.py tests/test_arm_streaming.py tests/test_arm_layerwise.py \
-	tests/test_merge_engine.py tests/test_pipeline.py tests/test_real_scale.py
+	tests/test_merge_engine.py tests/test_pipeline.py tests/test_real_scale.py \
+	tests/test_smollm2.py::test_conversion_equals_ggufs_own_dequantization tests/test_smollm2.py::test_tokenizer_and_chat_template
 
 test-compat:
 	$(MAKE) test VENV=$(COMPAT_VENV) PIN="$(COMPAT_PIN)" TESTS="$(COMPAT_TESTS)"

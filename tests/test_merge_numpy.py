@@ -41,12 +41,30 @@ def _rounding_patterns() -> np.ndarray:
     return f[np.isfinite(f)]
 
 
-def test_bf16_narrowing_matches_torch():
+@pytest.fixture(params=["kernels", "numpy"])
+def conversions(request, monkeypatch):
+    """The bf16 conversions by arm/merge/_kernels.c (where built: always here) and by numpy's formulas."""
+    if request.param == "numpy":
+        monkeypatch.setattr(nops, "_KERNELS", None)
+    else:
+        assert nops._KERNELS is not None, "arm.merge._kernels is not built (setup.py)"
+    return request.param
+
+
+def test_bf16_narrowing_matches_torch(conversions):
     f = _rounding_patterns()
     stage = np.empty(f.size * 4, np.uint8)
     got = nops.store(f, "BF16", stage, np.empty(f.size, np.uint32))
     want = torch.from_numpy(f).to(torch.bfloat16).view(torch.uint16).numpy()
     assert np.array_equal(got, want)
+    with np.errstate(all="ignore"):  # as the engine calls it (the finite check's sum may overflow)
+        checked, finite = nops.store_checked(f, "BF16", np.empty(f.size * 4, np.uint8), np.empty(f.size, np.uint32))
+    assert finite and np.array_equal(checked, want)
+    for bad in (np.inf, -np.inf, np.nan):
+        g = f[:1000].copy()
+        g[517] = bad
+        with np.errstate(all="ignore"):  # as the engine calls it
+            assert nops.store_checked(g, "BF16", stage, np.empty(g.size, np.uint32))[1] is False
 
 
 def test_f16_narrowing_matches_torch():
@@ -60,7 +78,7 @@ def test_f16_narrowing_matches_torch():
 
 
 @pytest.mark.parametrize("dtype", ["BF16", "F16"])
-def test_widening_matches_torch(dtype):
+def test_widening_matches_torch(dtype, conversions):
     raw = np.arange(1 << 16, dtype=np.uint16)
     tdt = torch.bfloat16 if dtype == "BF16" else torch.float16
     want = torch.from_numpy(raw.view(np.int16).copy()).view(tdt).to(torch.float32).numpy()
@@ -166,13 +184,14 @@ PARAMS = [
 ]
 MODELS = {
     "bf16": ({"*": "BF16"}, False),
+    "bf16-no-kernels": ({"*": "BF16"}, False),  # the numpy path's own bf16 conversions (nops._KERNELS off)
     "f16": ({"*": "F16"}, False),
     "f32": ({"*": "F32"}, False),
     "mixed": ({"*": "BF16", "model.norm.weight": "F32", "model.layers.0.mlp.up_proj.weight": "F16"}, True),
 }
 
 
-MIN_COMPARED = {"bf16": 56, "f16": 56, "f32": 56, "mixed": 56}
+MIN_COMPARED = {"bf16": 56, "bf16-no-kernels": 56, "f16": 56, "f32": 56, "mixed": 56}
 """Byte-compared (parameters, output dtype, threads) cells per model, out of 7 x 4 x 2 = 56: today every
 cell. A cell where both paths refuse (the non-finite check) compares no bytes; lowering a number here
 needs a reason."""
@@ -193,6 +212,8 @@ def _run(monkeypatch, backend: str, threads: str, cfg: dict, folders: list[Path]
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_numpy_path_is_bit_identical_to_torch(tmp_path, monkeypatch, model):
     dtypes, lm_head = MODELS[model]
+    if model.endswith("no-kernels"):
+        monkeypatch.setattr(nops, "_KERNELS", None)
     folders = _build(tmp_path / "in", dtypes, lm_head)
     monkeypatch.setattr(engine, "NUMPY_CHUNK", 5000)
     monkeypatch.setattr(engine, "CPU_CHUNK", 7000)
@@ -303,6 +324,8 @@ def test_ties_kernels_are_bit_identical_to_torch(tmp_path, monkeypatch, model):
     from baselines import ties
 
     dtypes, lm_head = MODELS[model]
+    if model.endswith("no-kernels"):  # numpy's bf16 conversions around TIES's kernels
+        monkeypatch.setattr(nops, "_KERNELS", None)
     folders = _build(tmp_path / "in", dtypes, lm_head)
     monkeypatch.setattr(engine, "NUMPY_CHUNK", 5000)
     monkeypatch.setattr(engine, "CPU_CHUNK", 7000)

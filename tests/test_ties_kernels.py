@@ -21,6 +21,7 @@ import torch
 from baselines import ties
 from baselines.ties import DeltaCombiner, ThresholdCounter, shrink_level
 
+
 def _kernels():
     from arm.merge import _kernels
 
@@ -156,6 +157,16 @@ def test_binding_errors_name_the_argument():
         ro = a.copy()
         ro.flags.writeable = False
         k.ties_combine(ro, [a], [-1.0], [1.0], True, 1.0, True, 1.0)
+
+
+def test_bf16_binding_errors():
+    k = _kernels()
+    with pytest.raises(ValueError, match="raw: 6 bytes for 4 bfloat16 values"):
+        k.bf16_widen(np.zeros(6, np.uint8), np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="out: 6 bytes for 4 bfloat16 values"):
+        k.bf16_narrow(np.zeros(4, np.float32), np.zeros(3, np.uint16))
+    with pytest.raises(TypeError, match="src: expected a float32 buffer"):
+        k.bf16_narrow(np.zeros(4, np.float64), np.zeros(4, np.uint16))
 
 
 def test_ties_numpy_path_does_not_import_torch(tmp_path):

@@ -37,6 +37,15 @@ def test_key_follows_the_wheel_and_dtype(cfg):
     assert wheel_model.model_key({**cfg, "vllm": {"max_model_len": 1}}) == key  # serving settings are not the model
 
 
+def test_key_follows_the_converting_packages(cfg, monkeypatch):
+    """Another transformers (the vLLM extra pins 5.19) or gguf may dequantize differently: its own folder."""
+    key = wheel_model.model_key(cfg)
+    versions = wheel_model.converter_versions()
+    assert set(versions) == {"transformers", "gguf"} and "absent" not in versions.values()
+    monkeypatch.setattr(wheel_model, "converter_versions", lambda: {**versions, "transformers": "5.19.0-other"})
+    assert wheel_model.model_key(cfg) != key
+
+
 def test_model_path_wins_over_the_wheel(cfg, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert resolve_model_source({**cfg, "path": str(tmp_path)}, tmp_path / "cache") == tmp_path.resolve()

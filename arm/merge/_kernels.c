@@ -1,4 +1,5 @@
-/* Fused CPU kernels for TIES (baselines/ties.py), built by setuptools as arm.merge._kernels.
+/* Fused CPU kernels for TIES (baselines/ties.py) and the numpy path's bfloat16 conversions
+ * (arm/merge/numpy_ops.py), built by setuptools as arm.merge._kernels.
  *
  * Each kernel does in one pass over a chunk what the torch path does in many (22 passes of the
  * combine for three checkpoints, five for the threshold count), with the same float32 operations
@@ -14,6 +15,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -161,6 +163,30 @@ static Py_ssize_t count_block(const float *c, const float *b, Py_ssize_t n, floa
     if (__builtin_cpu_supports("avx512f")) return count_avx512(c, b, n, lo, hi, cand, above);
 #endif
     return count_scalar(c, b, n, lo, hi, cand, above);
+}
+
+/* bfloat16 <-> float32 for the engine's numpy path (arm/merge/numpy_ops.py): widening is exact (the
+   bf16 bits are the float32's high half); narrowing rounds to nearest even as c10::BFloat16 does,
+   (u + 0x7FFF + lsb) >> 16, and reports whether every value was finite (the engine refuses the
+   tensor otherwise, so a non-finite value's bits are never written). */
+CLONES static void widen_bf16(const uint16_t *restrict src, float *restrict dst, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t u = (uint32_t)src[i] << 16;
+        memcpy(dst + i, &u, 4);
+    }
+}
+
+CLONES static int narrow_bf16(const float *restrict src, uint16_t *restrict dst, Py_ssize_t n)
+{
+    uint32_t bad = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, src + i, 4);
+        bad |= (u & 0x7F800000u) == 0x7F800000u;
+        dst[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
+    return bad == 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -312,13 +338,83 @@ static PyObject *ties_count(PyObject *self, PyObject *args)
     return result;
 }
 
+static int get_bytes(PyObject *obj, Py_buffer *view, int writable, const char *what)
+{
+    int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+    return PyObject_GetBuffer(obj, view, flags);
+}
+
+PyDoc_STRVAR(bf16_widen_doc,
+"bf16_widen(raw, out)\n\n"
+"The bfloat16 values in the bytes of raw (2 per value) widened into the float32 buffer out (exact).");
+
+static PyObject *bf16_widen(PyObject *self, PyObject *args)
+{
+    PyObject *raw_obj, *out_obj;
+    if (!PyArg_ParseTuple(args, "OO", &raw_obj, &out_obj)) return NULL;
+    Py_buffer rv, ov;
+    if (get_bytes(raw_obj, &rv, 0, "raw") != 0) return NULL;
+    if (get_f32(out_obj, &ov, 1, "out") != 0) {
+        PyBuffer_Release(&rv);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Py_ssize_t n = ov.len / 4;
+    if (rv.len != 2 * n) {
+        PyErr_Format(PyExc_ValueError, "raw: %zd bytes for %zd bfloat16 values", rv.len, n);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        widen_bf16((const uint16_t *)rv.buf, (float *)ov.buf, n);
+        Py_END_ALLOW_THREADS
+        Py_INCREF(Py_None);
+        result = Py_None;
+    }
+    PyBuffer_Release(&rv);
+    PyBuffer_Release(&ov);
+    return result;
+}
+
+PyDoc_STRVAR(bf16_narrow_doc,
+"bf16_narrow(src, out) -> bool\n\n"
+"The float32 buffer src rounded to bfloat16 (nearest even, as c10::BFloat16) into the bytes of out\n"
+"(2 per value); True when every value of src is finite.");
+
+static PyObject *bf16_narrow(PyObject *self, PyObject *args)
+{
+    PyObject *src_obj, *out_obj;
+    if (!PyArg_ParseTuple(args, "OO", &src_obj, &out_obj)) return NULL;
+    Py_buffer sv, ov;
+    if (get_f32(src_obj, &sv, 0, "src") != 0) return NULL;
+    if (get_bytes(out_obj, &ov, 1, "out") != 0) {
+        PyBuffer_Release(&sv);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Py_ssize_t n = sv.len / 4;
+    if (ov.len != 2 * n) {
+        PyErr_Format(PyExc_ValueError, "out: %zd bytes for %zd bfloat16 values", ov.len, n);
+    } else {
+        int finite;
+        Py_BEGIN_ALLOW_THREADS
+        finite = narrow_bf16((const float *)sv.buf, (uint16_t *)ov.buf, n);
+        Py_END_ALLOW_THREADS
+        result = PyBool_FromLong(finite);
+    }
+    PyBuffer_Release(&sv);
+    PyBuffer_Release(&ov);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"bf16_widen", bf16_widen, METH_VARARGS, bf16_widen_doc},
+    {"bf16_narrow", bf16_narrow, METH_VARARGS, bf16_narrow_doc},
     {"ties_combine", ties_combine, METH_VARARGS, ties_combine_doc},
     {"ties_count", ties_count, METH_VARARGS, ties_count_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "arm.merge._kernels",
-                                    "Fused CPU kernels for TIES (see _kernels.c).", -1, methods};
+                                    "Fused CPU kernels: TIES, bfloat16 conversions (see _kernels.c).", -1,
+                                    methods};
 
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

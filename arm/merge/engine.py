@@ -506,8 +506,9 @@ def merge(
 ) -> dict[str, Any]:
     """Run ``rule`` over every tensor of ``base`` and ``checkpoints``; write ``out_dir``.
 
-    A CPU merge of an element-wise rule with a numpy twin (``combine_numpy``) runs on numpy alone
-    and never imports torch (see :func:`_numpy_path`); its output is bit-identical."""
+    A CPU merge of an element-wise rule with a numpy twin (``combine_numpy``), or of a rule with a
+    ``merge_numpy`` (TIES with its C kernels), runs on numpy alone and never imports torch (see
+    :func:`_numpy_path`); its output is bit-identical."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     if out_dir.exists() and not settings.overwrite:
@@ -782,10 +783,10 @@ class _NumpyPool:
                     raise RuntimeError(
                         f"method {self.rule.name} produced {part.size} of {n} values for {name!r}"
                     )
-                if not nops.all_finite(part):
-                    raise MergeInputError(_find_nonfinite(name, used_infos))
                 stage = ws.get("out.stage", chunk * 4, np.uint8)
-                staged = nops.store(part, target.dtype, stage, ws.get("out.tmp", chunk, np.uint32)[:n])
+                staged, finite = nops.store_checked(part, target.dtype, stage, ws.get("out.tmp", chunk, np.uint32)[:n])
+                if not finite:
+                    raise MergeInputError(_find_nonfinite(name, used_infos))
             yield staged.copy() if copy else staged
 
     def _merge_whole(
@@ -803,12 +804,13 @@ class _NumpyPool:
         written = 0
         for part in self.rule.merge_numpy(name, inputs):
             with np.errstate(all="ignore"):
-                if not nops.all_finite(part):
-                    raise MergeInputError(_find_nonfinite(name, infos))
-                for s in range(0, part.size, chunk):
+                for s in range(0, part.size, chunk):  # a refused tensor's pieces never reach the output folder
                     piece = part[s : s + chunk]
                     stage = ws.get("out.stage", chunk * 4, np.uint8)
-                    staged = nops.store(piece, target.dtype, stage, ws.get("out.tmp", chunk, np.uint32)[: piece.size])
+                    staged, finite = nops.store_checked(piece, target.dtype, stage,
+                                                        ws.get("out.tmp", chunk, np.uint32)[: piece.size])
+                    if not finite:
+                        raise MergeInputError(_find_nonfinite(name, infos))
                     yield staged.copy() if copy else staged
             written += part.size
         if written != inputs.numel:

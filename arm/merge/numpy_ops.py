@@ -1,7 +1,8 @@
 """Torch-free twins of the float32 CPU ops that element-wise rules and the merge engine use.
 
-A CPU merge of an element-wise rule that has a ``combine_numpy`` (linear, task arithmetic) runs
-on numpy alone, so the command never imports torch (about 2 s of start-up, more than the merge of
+A CPU merge of an element-wise rule that has a ``combine_numpy`` (linear, task arithmetic), or of
+a rule with a ``merge_numpy`` (TIES, whose arithmetic is in arm/merge/_kernels.c), runs on numpy
+alone, so the command never imports torch (about 2 s of start-up, more than the merge of
 a 0.5B model). Every function here gives the same bits as the torch op it replaces, on the same
 float32 inputs (``tests/test_merge_numpy.py`` compares both paths over bf16, fp16 and fp32 models):
 
@@ -13,7 +14,8 @@ float32 inputs (``tests/test_merge_numpy.py`` compares both paths over bf16, fp1
   rounded result, which plain float64 rounding twice is not always;
 * bfloat16 is handled as uint16 bit patterns: widened with ``<< 16`` (exact) and narrowed with
   round-to-nearest-even as in ``c10::BFloat16`` (non-finite values never get there: the engine
-  rejects them first); float16 conversions are IEEE round-to-nearest-even in both libraries.
+  rejects them first) — each in one pass by arm/merge/_kernels.c where it is built, the same
+  formulas; float16 conversions are IEEE round-to-nearest-even in both libraries.
 
 The element-wise ops run with numpy's floating point warnings off (overflow is checked by the
 engine, as in the torch path).
@@ -24,6 +26,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+try:  # arm/merge/_kernels.c (built by setup.py): bfloat16 conversions in one pass, the same bits
+    from arm.merge import _kernels as _KERNELS
+except ImportError:  # not built: the numpy formulas below
+    _KERNELS = None
 
 # safetensors dtypes the numpy path reads and writes as floats
 FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -109,7 +116,10 @@ def add_scaled_(out: np.ndarray, x: np.ndarray, alpha: float, ws: NumpyWorkspace
 def load_float32(raw: np.ndarray, st_dtype: str, out: np.ndarray) -> np.ndarray:
     """Widen the bytes ``raw`` (uint8) of ``out.size`` elements of ``st_dtype`` into ``out``."""
     if st_dtype == "BF16":
-        np.left_shift(raw.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+        if _KERNELS is not None:
+            _KERNELS.bf16_widen(raw, out)
+        else:
+            np.left_shift(raw.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
     elif st_dtype == "F16":
         np.copyto(out, raw.view(np.float16))
     elif st_dtype == "F32":
@@ -140,6 +150,18 @@ def store(part: np.ndarray, st_dtype: str, stage: np.ndarray, tmp: np.ndarray) -
         np.copyto(out16, tmp, casting="unsafe")  # a strided copy of the uint16 halves (199 vs 239 us per 2^18)
         return out16
     raise ValueError(f"numpy path: unsupported output dtype {st_dtype}")  # pragma: no cover
+
+
+def store_checked(part: np.ndarray, st_dtype: str, stage: np.ndarray, tmp: np.ndarray) -> tuple[np.ndarray | None, bool]:
+    """(:func:`store`, whether every value of ``part`` is finite); the engine refuses a tensor with a
+    non-finite value (then nothing of the output is meaningful). bfloat16 output with the C kernels:
+    one pass for both."""
+    if st_dtype == "BF16" and _KERNELS is not None:
+        out16 = stage[: 2 * part.size].view(np.uint16)
+        return out16, _KERNELS.bf16_narrow(part, out16)
+    if not all_finite(part):
+        return None, False
+    return store(part, st_dtype, stage, tmp), True
 
 
 def all_finite(part: np.ndarray) -> bool:

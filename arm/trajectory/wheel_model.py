@@ -66,10 +66,27 @@ def wheel_spec(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return spec
 
 
+CONVERTERS = ("transformers", "gguf")  # the packages whose code dequantizes and converts the weights
+
+
+def converter_versions() -> dict[str, str]:
+    """The installed versions of the converting packages (read from their metadata: no import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in CONVERTERS:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
 def model_key(model_cfg: Mapping[str, Any]) -> str:
-    """The converted folder's content key: the wheel's identity and digest, the dtype, this module's code."""
+    """The converted folder's content key: the wheel's identity and digest, the dtype, this module's code,
+    and the versions of the packages that convert it (another transformers may dequantize differently)."""
     spec = wheel_spec(model_cfg)
-    return content_key("wheel-model", spec, source_digest(sys.modules[__name__]))
+    return content_key("wheel-model", spec, source_digest(sys.modules[__name__]), converter_versions())
 
 
 def model_folder(model_cfg: Mapping[str, Any], cache_dir: Path) -> Path:
