@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall": "median over runs of the whole command (interleaved)",
         "peak_rss": "max over runs of ru_maxrss of the command's process (os.wait4)",
         "io_floor": "benchmarks/io_floor.py: read every byte of the files ours-linear reads (the checkpoints) + write "
-        "one output of the same size, streamed; whole process (same interpreter and imports) and in process "
+        "one output of the same size, in 1 MiB blocks, in as many threads as our merge's workers; whole process (same interpreter and imports) and in process "
         "(beside arm.merge.cli.main), paired with ours each round; two sizes; per byte = marginal time ratio",
         "mergekit": "mergekit 0.1.5, dtype bfloat16, --no-copy-tokenizer --device cpu",
         "ours": "python -m arm.merge.cli --device cpu (float32 math, bfloat16 output)",
@@ -433,8 +433,8 @@ def render_table(results: dict[str, Any]) -> str:
                      f"({BACKEND_ENV}=torch, no C kernels: {torch_path['wall_s']:.2f} s, one run)"]
     floor = results.get("io_floor")
     if floor:
-        rows += ["", "I/O floor (benchmarks/io_floor.py: read every byte ours-linear reads, write one output; medians, "
-                     "paired round by round):", "",
+        rows += ["", "I/O floor (benchmarks/io_floor.py: read every byte ours-linear reads, write one output, 1 MiB "
+                     "blocks, our merge's thread count; medians, paired round by round):", "",
                  "| size | GB read + written | whole process: floor s | ours s | ratio | in process: floor s | ours s | ratio |",
                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for label, x in floor["sizes"].items():

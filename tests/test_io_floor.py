@@ -26,6 +26,11 @@ def test_the_floor_reads_every_input_byte_and_writes_one_output(tmp_path: Path) 
     assert sizes["written_bytes"] == sum(f.stat().st_size for f in input_files(cks[-1:]))
     for f in input_files(cks[-1:]):  # the output is the last input's bytes
         assert (tmp_path / "floor" / f.name).read_bytes() == f.read_bytes()
+    for threads, block in ((1, 1 << 20), (3, 4096)):  # shares of every file, blocks smaller than a file
+        again = floor_copy(cks, tmp_path / f"floor-{threads}", block=block, threads=threads)
+        assert again == {**sizes, "threads": threads}
+        for f in input_files(cks[-1:]):
+            assert (tmp_path / f"floor-{threads}" / f.name).read_bytes() == f.read_bytes()
     proc = subprocess.run([sys.executable, "-m", "benchmarks.io_floor", "--process", "--imports", "numpy",
                            "--inputs", *map(str, cks), "--out", str(tmp_path / "floor2")],
                           capture_output=True, text=True, cwd=REPO)
