@@ -126,6 +126,26 @@ def test_source_digest_of_modules_functions_and_files(tmp_path):
     assert source_digest(sys.modules[__name__]) == source_digest(Path(__file__))
 
 
+def test_an_extension_module_is_keyed_by_its_c_source(tmp_path):
+    """TIES's and the numpy path's C kernels are part of their merges' code: keyed by _kernels.c (the
+    compiled binary where no source sits beside it), never read as Python text."""
+    import types
+
+    from arm.merge import _kernels
+
+    assert "arm.merge._kernels" in {m.__name__ for m in get_method("ties").code_modules()}
+    assert source_digest(_kernels) == source_digest(_kernels)  # reads (a .so is not UTF-8)
+    binary = tmp_path / "mod.cpython-311-x86_64-linux-gnu.so"
+    binary.write_bytes(b"\x7fELF\x88 not text")
+    fake = types.ModuleType("mod")
+    fake.__file__ = str(binary)
+    without_source = source_digest(fake)
+    (tmp_path / "mod.c").write_text("int x;\n")
+    with_source = source_digest(fake)
+    (tmp_path / "mod.c").write_text("int y;\n")
+    assert len({without_source, with_source, source_digest(fake)}) == 3
+
+
 def test_trajectory_key_follows_training_not_serving(compose):
     """What SFT trains is in the trajectory key (TrajectorySpec.key_parts); how the model is served or scheduled
     (model.vllm, model.slurm) and which checkpoints feed the merge are not."""

@@ -82,6 +82,10 @@ def source_digest(*sources: Any) -> str:
 
     digest = hashlib.sha256()
     for source in sources:
+        if isinstance(source, types.ModuleType) and not str(source.__file__).endswith(".py"):
+            digest.update(_compiled_module_bytes(Path(source.__file__)))  # an extension: its C source, as is
+            digest.update(b"\0")
+            continue
         if isinstance(source, types.ModuleType):
             text = Path(source.__file__).read_text(encoding="utf-8")
         elif isinstance(source, types.FunctionType | type):
@@ -91,6 +95,13 @@ def source_digest(*sources: Any) -> str:
         digest.update(normalized_source(text).encode())
         digest.update(b"\0")
     return digest.hexdigest()[:12]
+
+
+def _compiled_module_bytes(path: Path) -> bytes:
+    """What a compiled extension module's behaviour follows: its C source beside it (``_kernels.c`` for
+    ``_kernels.cpython-311-x86_64-linux-gnu.so``; shipped in the wheel too), else the binary itself."""
+    source = path.with_name(path.name.split(".")[0] + ".c")
+    return source.read_bytes() if source.is_file() else path.read_bytes()
 
 
 def to_plain(obj: Any) -> Any:
