@@ -182,3 +182,31 @@ def test_ties_numpy_path_does_not_import_torch(tmp_path):
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False"
+
+
+def test_an_empty_tensor_merges_on_both_paths(tmp_path, monkeypatch):
+    """A zero-size float tensor beside a real one: the numpy path yields one empty part (no zero-step range)."""
+    import json
+
+    from arm.merge.engine import merge_from_config
+    from arm.merge.tensor_io import OutTensor, ShardedWriter
+
+    folders = []
+    for k in range(3):
+        folder = tmp_path / f"m{k}"
+        folder.mkdir()
+        g = torch.Generator().manual_seed(k)
+        tensors = {"a.weight": torch.randn(300, 70, generator=g), "empty.weight": torch.zeros(0, 5)}
+        writer = ShardedWriter(folder, [OutTensor(n, "F32", tuple(t.shape)) for n, t in tensors.items()], 10**9)
+        for n, t in tensors.items():
+            writer.write_tensor(n, t)
+        writer.close()
+        (folder / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}))
+        folders.append(folder)
+    written = []
+    for backend in ("torch", "auto"):
+        monkeypatch.setenv("ARM_MERGE_BACKEND", backend)
+        out = tmp_path / f"out-{backend}"
+        merge_from_config({"name": "ties", "device": "cpu", "density": 0.5}, folders[0], folders[1:], out, progress=False)
+        written.append((out / "model.safetensors").read_bytes())
+    assert written[0] == written[1]

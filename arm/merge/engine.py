@@ -831,7 +831,7 @@ class _NumpyPool:
         from arm.merge import numpy_ops as nops
 
         inputs = NumpyDiskInputs(infos, readers, ws, self.chunk)
-        chunk = min(self.chunk, inputs.numel)
+        chunk = max(1, min(self.chunk, inputs.numel))  # an empty tensor yields one empty part
         written = 0
         for part in self.rule.merge_numpy(name, inputs):
             with np.errstate(all="ignore"):
