@@ -741,7 +741,7 @@ class _NumpyPool:
         # Copies of merged chunks waiting to be written (several threads) live in recycled buffers: a fresh
         # array per chunk page-faults its memory in (on the 1.5B bench model 364k faults, ~2 s of system time).
         self._spare: list[Any] = []
-        self._pooled: set[int] = set()
+        self._pooled: dict[int, Any] = {}  # id -> buffer: held, so an id is never reused by another array
 
     def _copy(self, staged: Any) -> Any:
         """``staged`` copied into a recycled buffer (given back by :meth:`release` once written)."""
@@ -754,7 +754,7 @@ class _NumpyPool:
         if buf is None:  # a chunk of this output dtype (a bf16 chunk needs half an f32 one's bytes)
             buf = np.empty(max(flat.size, self.chunk * staged.dtype.itemsize), dtype=np.uint8)
             with self._lock:
-                self._pooled.add(id(buf))
+                self._pooled[id(buf)] = buf
         out = buf[: flat.size]
         np.copyto(out, flat)
         return out.view(staged.dtype)
@@ -765,7 +765,7 @@ class _NumpyPool:
         while getattr(root, "base", None) is not None:
             root = root.base
         with self._lock:
-            if id(root) in self._pooled:
+            if self._pooled.get(id(root)) is root:
                 self._spare.append(root)
 
     def _resources(self) -> tuple[list[TensorReader], Any]:
