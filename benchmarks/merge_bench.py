@@ -268,7 +268,7 @@ def floor_section(sizes: dict[str, tuple[dict[str, Any], Path, list[Path]]], run
                 "bytes": moved,
                 "ours_bytes_per_s": round(moved / d_ours) if d_ours > 0 else None,
                 "floor_bytes_per_s": round(moved / d_floor) if d_floor > 0 else None,
-                "ours_over_floor_per_byte": round(d_ours / d_floor, 3) if d_floor > 0 else None,
+                "ours_over_floor_per_byte": round(d_ours / d_floor, 3) if d_floor > 0 and d_ours > 0 else None,
             }
     return out
 
@@ -444,7 +444,10 @@ def render_table(results: dict[str, Any]) -> str:
                         f"{x['inproc_ours_s']:.2f} | {x['inproc_ratio']:.2f}× |")
         for form, name in (("inproc", "in process"), ("whole", "whole process")):
             mg = floor.get(f"{form}_marginal")
-            if not mg or mg["ours_over_floor_per_byte"] is None:
+            if not mg:
+                continue
+            if mg["ours_over_floor_per_byte"] is None:  # the larger size was not slower: noise above the difference
+                rows.append(f"\nMarginal, {name}: not measurable (a time difference between the sizes ≤ 0)")
                 continue
             ratio = mg["ours_over_floor_per_byte"]
             mark = f" ({'✓' if ratio <= FLOOR_TARGET else '✗'} ≤ {FLOOR_TARGET}×)" if form == "inproc" else ""
