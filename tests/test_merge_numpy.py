@@ -209,6 +209,14 @@ def _run(monkeypatch, backend: str, threads: str, cfg: dict, folders: list[Path]
     return summary
 
 
+def _assert_same_files(got: Path, want: Path, case: tuple) -> None:
+    """The same file names in both output folders, and every file the same bytes."""
+    names = sorted(p.name for p in want.iterdir())
+    assert names == sorted(p.name for p in got.iterdir()), case
+    for name in names:
+        assert (got / name).read_bytes() == (want / name).read_bytes(), (*case, name)
+
+
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_numpy_path_is_bit_identical_to_torch(tmp_path, monkeypatch, model):
     dtypes, lm_head = MODELS[model]
@@ -240,16 +248,7 @@ def test_numpy_path_is_bit_identical_to_torch(tmp_path, monkeypatch, model):
                     errors += 1
                     continue
                 compared += 1
-                want_dir = tmp_path / f"torch-{i}-{dtype}"
-                names = sorted(p.name for p in want_dir.iterdir())
-                assert names == sorted(p.name for p in out.iterdir())
-                for name in names:
-                    assert (out / name).read_bytes() == (want_dir / name).read_bytes(), (
-                        method,
-                        params,
-                        dtype,
-                        name,
-                    )
+                _assert_same_files(out, tmp_path / f"torch-{i}-{dtype}", (method, params, dtype))
     # A refusal on both sides compares no bytes: the grid must still compare files in most of its cells.
     assert compared >= MIN_COMPARED[model] and compared + errors == len(PARAMS) * 4 * 2, (model, compared, errors)
 
@@ -348,11 +347,7 @@ def test_ties_kernels_are_bit_identical_to_torch(tmp_path, monkeypatch, model):
                 if isinstance(ref, str):
                     continue
                 compared += 1
-                want_dir = tmp_path / f"torch-{i}-{dtype}"
-                names = sorted(p.name for p in want_dir.iterdir())
-                assert names == sorted(p.name for p in out.iterdir())
-                for name in names:
-                    assert (out / name).read_bytes() == (want_dir / name).read_bytes(), (params, dtype, name)
+                _assert_same_files(out, tmp_path / f"torch-{i}-{dtype}", (params, dtype))
     assert compared == len(TIES_PARAMS) * 3 * 2, compared
 
 
