@@ -6,8 +6,8 @@ reads and writes do here, with the resources our merge has: as many threads as o
 (``ARM_MERGE_THREADS``, default the CPU count, at most 4), each a contiguous share of every file, in 1 MiB
 blocks that stay in the CPU's cache (``os.preadv`` into one buffer, ``os.pwrite`` of it into an output
 file sized up front). The first version of this floor (until 2026-12-06) streamed 64 MiB blocks in one
-thread: on the 1.5B bench model it took 7.0–12.6 s where this one takes 1.3–1.6 s (three rounds each,
-one process), i.e. it was no floor — our merge ran faster than it.
+thread: on the 1.5B bench model it took 6.45–17.83 s where this one takes 1.46–1.73 s (three rounds each,
+one process: the command in docs/merging.md), i.e. it was no floor — our merge ran faster than it.
 
 Two forms, each paired with ours:
 

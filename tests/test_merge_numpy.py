@@ -263,13 +263,14 @@ def test_numpy_path_overflow_error_is_the_torch_one(tmp_path, monkeypatch):
     assert not (tmp_path / "b").exists()
 
 
-def test_numpy_path_does_not_import_torch(tmp_path):
+@pytest.mark.parametrize("cfg", [{"name": "linear"}, {"name": "ties", "density": 0.5}])  # TIES: by its C kernels
+def test_numpy_path_does_not_import_torch(tmp_path, cfg):
     import subprocess
 
     folders = _build(tmp_path / "in", {"*": "BF16"})
     code = (
         "import sys; from pathlib import Path; from arm.merge.engine import merge_from_config; "
-        f"merge_from_config({{'name': 'linear', 'device': 'cpu'}}, Path({str(folders[0])!r}), "
+        f"merge_from_config({{**{cfg!r}, 'device': 'cpu'}}, Path({str(folders[0])!r}), "
         f"[Path(p) for p in {[str(f) for f in folders[1:]]!r}], Path({str(tmp_path / 'out')!r}), progress=False); "
         "print('torch' in sys.modules)"
     )
